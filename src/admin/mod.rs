@@ -1,0 +1,330 @@
+//! The admin HTTP server (hyper): `/metrics`, `/healthz`, `/readyz`, `/api/v1/...`, and the
+//! status page at `/`.
+//!
+//! It only reads (the status snapshot, wait-free) and writes operator requests to the
+//! control plane through one channel. Safe by default: it binds loopback unless configured
+//! otherwise (validation refuses a non-loopback address without a token), mutations are
+//! POST/PUT only and need the bearer token when `token_file` is set (compared in constant
+//! time), request bodies are capped at 4 KiB, headers must arrive within 5 s, and at most
+//! 64 admin connections are served at once.
+
+pub mod api;
+mod page;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::control::{AdminError, AdminOp, Command, StatusHandle};
+use crate::proxy::close::CloseSignal;
+
+const MAX_BODY: usize = 4096;
+const MAX_CONNS: usize = 64;
+
+/// What every admin request can see.
+pub struct AdminState {
+    pub status: StatusHandle,
+    pub commands: mpsc::Sender<Command>,
+    /// The bearer token for mutations (`None`: open, which validation allows on loopback
+    /// only). Replaced by reloads.
+    pub token: ArcSwapOption<String>,
+    /// Set once every listener is bound and the first table is published.
+    pub ready: AtomicBool,
+    pub metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// Serves the admin API on `listener` until `stop` closes.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Arc<CloseSignal>) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNS));
+    let stopped = stop.wait();
+    tokio::pin!(stopped);
+    loop {
+        let (sock, _) = tokio::select! {
+            _ = &mut stopped => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    // Out of descriptors: back off like the data plane does.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue; // over the limit: drop the connection
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(sock), svc)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(code: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json(code: StatusCode, body: String) -> Resp {
+    respond(code, "application/json", body)
+}
+
+fn error(code: StatusCode, msg: &str) -> Resp {
+    json(code, api::error_body(msg))
+}
+
+fn method_not_allowed(allow: &'static str) -> Resp {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("method not allowed; use {allow}"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let m = req.method().clone();
+    match segs.as_slice() {
+        [""] => match m {
+            Method::GET | Method::HEAD => respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                page::PAGE.as_bytes(),
+            ),
+            _ => method_not_allowed("GET"),
+        },
+        ["healthz"] => match m {
+            Method::GET | Method::HEAD => respond(StatusCode::OK, "text/plain", "ok\n"),
+            _ => method_not_allowed("GET"),
+        },
+        ["readyz"] => match m {
+            Method::GET | Method::HEAD => {
+                if state.ready.load(Ordering::Acquire) {
+                    respond(StatusCode::OK, "text/plain", "ready\n")
+                } else {
+                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+                }
+            }
+            _ => method_not_allowed("GET"),
+        },
+        ["metrics"] => match m {
+            Method::GET | Method::HEAD => metrics(state),
+            _ => method_not_allowed("GET"),
+        },
+        ["api", "v1", "services"] => match m {
+            Method::GET | Method::HEAD => {
+                let st = state.status.load();
+                match serde_json::to_string(&api::services(&st)) {
+                    Ok(s) => json(StatusCode::OK, s),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
+            _ => method_not_allowed("GET"),
+        },
+        ["api", "v1", "services", service, "backends", addr, action] => {
+            let (allow, want) = match *action {
+                "drain" | "enable" => ("POST", Method::POST),
+                "weight" => ("PUT", Method::PUT),
+                _ => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        &format!("no such action {action:?}: use drain, enable or weight"),
+                    )
+                }
+            };
+            if m != want {
+                return method_not_allowed(allow);
+            }
+            if let Some(r) = check_token(state, &req) {
+                return r;
+            }
+            let service = percent_decode(service);
+            let addr_text = percent_decode(addr);
+            let Ok(addr) = addr_text.parse::<SocketAddr>() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("backend {addr_text:?} is not an IP:PORT address (IPv6 as [::1]:80, percent-encoded)"),
+                );
+            };
+            let op = match *action {
+                "drain" => AdminOp::Drain,
+                "enable" => AdminOp::Enable,
+                _ => match read_weight(req).await {
+                    Ok(w) => AdminOp::Weight(w),
+                    Err(r) => return r,
+                },
+            };
+            mutate(state, service, addr, op).await
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no route {path:?}: see GET /api/v1/services"),
+        ),
+    }
+}
+
+/// `Some(401)` unless the request carries the configured bearer token.
+fn check_token(state: &AdminState, req: &Request<Incoming>) -> Option<Resp> {
+    let want = state.token.load_full()?;
+    let got = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    use subtle::ConstantTimeEq;
+    if bool::from(got.as_bytes().ct_eq(want.as_bytes())) {
+        return None;
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong token: send Authorization: Bearer <token from token_file>",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: u32,
+}
+
+async fn read_weight(req: Request<Incoming>) -> Result<u32, Resp> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "body too large or unreadable: send {\"weight\": N}",
+            ))
+        }
+    };
+    match serde_json::from_slice::<WeightBody>(&body) {
+        Ok(w) if w.weight <= crate::config::defaults::MAX_WEIGHT => Ok(w.weight),
+        Ok(w) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "weight {} is out of range: use 0..=1000 (0 = no new connections)",
+                w.weight
+            ),
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad body: {e}; send {{\"weight\": N}} with N in 0..=1000"),
+        )),
+    }
+}
+
+async fn mutate(state: &AdminState, service: String, addr: SocketAddr, op: AdminOp) -> Resp {
+    let (reply, rx) = oneshot::channel();
+    let cmd = Command::Admin {
+        service,
+        addr,
+        op,
+        reply,
+    };
+    if state.commands.send(cmd).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match rx.await {
+        Ok(Ok(())) => json(StatusCode::OK, r#"{"ok":true}"#.to_string()),
+        Ok(Err(e @ (AdminError::NoService(_) | AdminError::NoBackend(..)))) => {
+            error(StatusCode::NOT_FOUND, &e.to_string())
+        }
+        Ok(Err(e @ AdminError::Removed(_))) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}
+
+fn metrics(state: &AdminState) -> Resp {
+    let Some(handle) = state.metrics else {
+        return error(StatusCode::NOT_FOUND, "metrics are disabled");
+    };
+    let st = state.status.load();
+    for s in &st.services {
+        s.metrics.sync(&s.state);
+        for b in &s.backends {
+            b.metrics.sync(&b.backend);
+        }
+    }
+    crate::metrics::sync_process(
+        st.generation,
+        st.reloads_ok,
+        st.reloads_err,
+        &st.discovery_errors,
+    );
+    respond(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        handle.render(),
+    )
+}
+
+/// Decodes `%XX` escapes (for IPv6 backends like `%5B::1%5D:80`); invalid escapes stay as
+/// they are.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn decodes_ipv6_paths_and_survives_garbage() {
+        assert_eq!(percent_decode("%5B::1%5D:80"), "[::1]:80");
+        assert_eq!(percent_decode("127.0.0.1:80"), "127.0.0.1:80");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("a%20b"), "a b");
+    }
+}

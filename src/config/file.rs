@@ -1,0 +1,434 @@
+//! The serde mirror of `mesh.toml`.
+//!
+//! One struct per table, keys spelled exactly as in the file, unknown keys rejected. Every
+//! optional key is `Option<Spanned<_>>` so that `validate` can resolve `[defaults]` and still
+//! point at the line that set a value. A value with a syntax of its own (a duration, an
+//! address, an enum) is read through [`Parsed`], so a bad one fails here, during
+//! deserialization, with the span of the value itself. Nothing here checks relations between
+//! keys: that is `validate`'s job.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::validate::parse_duration;
+use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol};
+
+/// An optional key whose string value has its own syntax.
+pub type Key<T> = Option<Spanned<Parsed<T>>>;
+/// An optional integer key; `validate` checks its range and names the key.
+pub type Int = Option<Spanned<i64>>;
+
+/// The whole file. Every table is optional: an empty file is a valid configuration.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub defaults: Policy,
+    #[serde(default, rename = "service", deserialize_with = "service_array")]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub discovery: Discovery,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: Key<SocketAddr>,
+    pub token_file: Option<Spanned<String>>,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub format: Key<LogFormat>,
+    pub access_log: Option<bool>,
+}
+
+/// `[defaults]`, and the same keys of one `[[service]]` (see [`Service::policy`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub balance: Key<Balance>,
+    pub connect_timeout: Key<Duration>,
+    pub connect_retries: Int,
+    pub idle_timeout: Key<Duration>,
+    pub drain_timeout: Key<Duration>,
+    pub slow_start: Key<Duration>,
+    pub half_close_timeout: Key<Duration>,
+    pub max_connections: Int,
+    pub proxy_protocol: Key<ProxyProtocol>,
+    pub backlog: Int,
+    pub health: Option<Health>,
+}
+
+/// `[defaults.health]` and `[service.health]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub check: Key<CheckKind>,
+    pub path: Key<HealthPath>,
+    pub interval: Key<Duration>,
+    pub timeout: Key<Duration>,
+    pub rise: Int,
+    pub fall: Int,
+}
+
+/// One `[[service]]`. The policy keys repeat [`Policy`]'s: serde's `flatten` would lose
+/// both `deny_unknown_fields` and the spans.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: Spanned<Parsed<ServiceName>>,
+    pub listen: Option<Spanned<ListenList>>,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    pub dns: Key<DnsTarget>,
+
+    pub balance: Key<Balance>,
+    pub connect_timeout: Key<Duration>,
+    pub connect_retries: Int,
+    pub idle_timeout: Key<Duration>,
+    pub drain_timeout: Key<Duration>,
+    pub slow_start: Key<Duration>,
+    pub half_close_timeout: Key<Duration>,
+    pub max_connections: Int,
+    pub proxy_protocol: Key<ProxyProtocol>,
+    pub backlog: Int,
+    pub health: Option<Health>,
+}
+
+impl Service {
+    /// This service's own policy keys, to be resolved against `[defaults]`.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            balance: self.balance.clone(),
+            connect_timeout: self.connect_timeout.clone(),
+            connect_retries: self.connect_retries.clone(),
+            idle_timeout: self.idle_timeout.clone(),
+            drain_timeout: self.drain_timeout.clone(),
+            slow_start: self.slow_start.clone(),
+            half_close_timeout: self.half_close_timeout.clone(),
+            max_connections: self.max_connections.clone(),
+            proxy_protocol: self.proxy_protocol.clone(),
+            backlog: self.backlog.clone(),
+            health: self.health.clone(),
+        }
+    }
+}
+
+/// `{ addr = "127.0.0.1:9001", weight = 50 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub addr: Spanned<Parsed<SocketAddr>>,
+    pub weight: Option<Weight>,
+}
+
+/// `[discovery]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    pub docker: Option<Docker>,
+    pub dns: Option<Dns>,
+}
+
+/// `[discovery.docker]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Docker {
+    pub endpoint: Key<DockerEndpoint>,
+    pub poll_interval: Key<Duration>,
+}
+
+/// `[discovery.dns]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    pub interval: Key<Duration>,
+    pub resolver: Key<SocketAddr>,
+}
+
+/// The syntax of a string value: what it looks like and how to read it. The error is the
+/// whole message (what is wrong and how to fix it) without the position.
+pub trait FromValue: Sized {
+    /// Completes serde's "invalid type: integer `5`, expected ..." for a non-string value.
+    const EXPECTING: &'static str;
+    fn from_value(s: &str) -> Result<Self, String>;
+}
+
+/// A `T` read from a TOML string by [`FromValue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed<T>(pub T);
+
+impl<'de, T: FromValue> Deserialize<'de> for Parsed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<T: FromValue> Visitor<'_> for V<T> {
+            type Value = Parsed<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(T::EXPECTING)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                T::from_value(s).map(Parsed).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V(PhantomData))
+    }
+}
+
+impl FromValue for Duration {
+    const EXPECTING: &'static str = r#"a duration string such as "250ms" or "2s""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        parse_duration(s)
+    }
+}
+
+impl FromValue for SocketAddr {
+    const EXPECTING: &'static str = r#"an address string such as "0.0.0.0:8080""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        match s.parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => Err(format!(
+                "invalid address {s:?}: port 0 is not allowed, use a port in 1..=65535"
+            )),
+            Ok(a) => Ok(a),
+            Err(_) => Err(format!(
+                r#"invalid address {s:?}: expected IP:PORT, e.g. "0.0.0.0:8080" or "[::]:8080""#
+            )),
+        }
+    }
+}
+
+/// Reads one of a fixed set of keywords.
+fn keyword<T: Copy>(what: &str, s: &str, table: &[(&str, T)]) -> Result<T, String> {
+    table
+        .iter()
+        .find(|(k, _)| *k == s)
+        .map(|&(_, v)| v)
+        .ok_or_else(|| {
+            let names: Vec<String> = table.iter().map(|(k, _)| format!("{k:?}")).collect();
+            format!("invalid {what} {s:?}: use one of {}", names.join(", "))
+        })
+}
+
+impl FromValue for Balance {
+    const EXPECTING: &'static str = r#"one of "round_robin", "least_conn", "p2c", "maglev""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        let table = [
+            ("round_robin", Balance::RoundRobin),
+            ("least_conn", Balance::LeastConn),
+            ("p2c", Balance::P2c),
+            ("maglev", Balance::Maglev),
+        ];
+        keyword("balance", s, &table)
+    }
+}
+
+impl FromValue for ProxyProtocol {
+    const EXPECTING: &'static str = r#"one of "off", "v1", "v2""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        let table = [
+            ("off", ProxyProtocol::Off),
+            ("v1", ProxyProtocol::V1),
+            ("v2", ProxyProtocol::V2),
+        ];
+        keyword("proxy_protocol", s, &table)
+    }
+}
+
+impl FromValue for CheckKind {
+    const EXPECTING: &'static str = r#"one of "none", "tcp", "http""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        let table = [
+            ("none", CheckKind::None),
+            ("tcp", CheckKind::Tcp),
+            ("http", CheckKind::Http),
+        ];
+        keyword("health check", s, &table)
+    }
+}
+
+impl FromValue for LogFormat {
+    const EXPECTING: &'static str = r#"one of "human", "json""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        let table = [("human", LogFormat::Human), ("json", LogFormat::Json)];
+        keyword("log format", s, &table)
+    }
+}
+
+impl FromValue for DnsTarget {
+    const EXPECTING: &'static str = r#"a "NAME:PORT" string such as "tasks.web:80""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        let invalid =
+            || format!(r#"invalid dns target {s:?}: expected NAME:PORT, e.g. "tasks.web:80""#);
+        let (name, port) = s.rsplit_once(':').ok_or_else(invalid)?;
+        let port: u16 = port.parse().map_err(|_| invalid())?;
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !name_ok || port == 0 {
+            return Err(invalid());
+        }
+        Ok(DnsTarget {
+            name: name.to_owned(),
+            port,
+        })
+    }
+}
+
+/// A service name: it becomes a metric label and a URL path segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceName(pub String);
+
+impl ServiceName {
+    pub const MAX_LEN: usize = 64;
+}
+
+impl FromValue for ServiceName {
+    const EXPECTING: &'static str = r#"a name string such as "web""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        const RULE: &str = "use only letters, digits, '.', '_' and '-' \
+                            (names become metric labels and URL path segments)";
+        if s.is_empty() {
+            return Err(format!(
+                r#"service name is empty: {RULE}, e.g. name = "web""#
+            ));
+        }
+        let len = s.chars().count();
+        if len > Self::MAX_LEN {
+            return Err(format!(
+                "service name {s:?} is {len} characters long: use at most {}",
+                Self::MAX_LEN
+            ));
+        }
+        let chars_ok = s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !chars_ok || s == "." || s == ".." {
+            return Err(format!("invalid service name {s:?}: {RULE}"));
+        }
+        Ok(ServiceName(s.to_owned()))
+    }
+}
+
+/// The path of an HTTP health check: it goes into the request line as is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthPath(pub String);
+
+impl FromValue for HealthPath {
+    const EXPECTING: &'static str = r#"a path string such as "/healthz""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!(
+                r#"invalid health path {s:?}: it must start with '/', e.g. "/healthz""#
+            ));
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "invalid health path {s:?}: it must not contain spaces or control characters \
+                 (percent-encode them, e.g. %20)"
+            ));
+        }
+        Ok(HealthPath(s.to_owned()))
+    }
+}
+
+/// Where the Docker Engine API is: a unix socket or a plain-HTTP (socket proxy) address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerEndpoint(pub String);
+
+impl FromValue for DockerEndpoint {
+    const EXPECTING: &'static str = r#"an endpoint string such as "unix:///var/run/docker.sock""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        let ok = match (s.strip_prefix("unix://"), s.strip_prefix("http://")) {
+            (Some(path), _) => path.len() > 1 && path.starts_with('/'),
+            (_, Some(host)) => !host.is_empty() && !host.starts_with('/'),
+            _ => false,
+        };
+        if ok {
+            Ok(DockerEndpoint(s.to_owned()))
+        } else {
+            Err(format!(
+                r#"invalid docker endpoint {s:?}: use "unix:///var/run/docker.sock" or "http://HOST:PORT" (e.g. a read-only socket proxy)"#
+            ))
+        }
+    }
+}
+
+/// A backend weight, 0..=1000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Weight(pub u32);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = i64::deserialize(d)?;
+        let max = super::defaults::MAX_WEIGHT;
+        match u32::try_from(w) {
+            Ok(w) if w <= max => Ok(Weight(w)),
+            _ => Err(de::Error::custom(format!(
+                "weight {w} is out of range: use 0..={max} (0 = no new connections)"
+            ))),
+        }
+    }
+}
+
+/// `listen = ["0.0.0.0:8080", "[::]:8080"]`. A bare string is the common mistake: say so.
+#[derive(Debug)]
+pub struct ListenList(pub Vec<Spanned<Parsed<SocketAddr>>>);
+
+impl<'de> Deserialize<'de> for ListenList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ListenList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"an array of addresses such as ["0.0.0.0:8080"]"#)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Err(E::custom(format!(
+                    "listen must be an array of addresses: write listen = [{s:?}]"
+                )))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut addrs = Vec::new();
+                while let Some(a) = seq.next_element()? {
+                    addrs.push(a);
+                }
+                Ok(ListenList(addrs))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `[[service]]` is an array of tables; `[service]` (single brackets) is the common mistake.
+fn service_array<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Service>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<Service>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of tables: write each service as [[service]] (double brackets)")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut services = Vec::new();
+            while let Some(s) = seq.next_element()? {
+                services.push(s);
+            }
+            Ok(services)
+        }
+    }
+    d.deserialize_seq(V)
+}

@@ -1,0 +1,196 @@
+//! Configuration: `mesh.toml` -> [`Config`].
+//!
+//! The pipeline is `file text -> file::FileConfig (serde mirror, spans) -> validate -> Config`.
+//! Only `validate` converts; everything downstream sees validated types (Durations,
+//! SocketAddrs, enums) and never a raw string. Every error a user can cause is one
+//! [`ConfigError`] whose `Display` is `FILE:LINE:COL: what is wrong and how to fix it`.
+//!
+//! Invariant: this module does no network I/O. It reads the config file and, when
+//! `token_file` is set, the token file.
+
+mod file;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::{parse_duration, ConfigError};
+
+/// Default values, documented in one place (DESIGN.md `[defaults]`).
+pub mod defaults {
+    use std::time::Duration;
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9901";
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const CONNECT_RETRIES: u32 = 2;
+    /// Upper bound for `connect_retries`: the set of tried backends lives on the stack.
+    pub const MAX_CONNECT_RETRIES: u32 = 16;
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const SLOW_START: Duration = Duration::ZERO;
+    pub const HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const BACKLOG: u32 = 1024;
+    pub const WEIGHT: u32 = 100;
+    pub const MAX_WEIGHT: u32 = 1000;
+    /// Keepalive idle time on both sockets: well under the 900 s after which IPVS and many
+    /// middleboxes silently forget a flow.
+    pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+    pub const HEALTH_RISE: u32 = 2;
+    pub const HEALTH_FALL: u32 = 2;
+    pub const HEALTH_PATH: &str = "/healthz";
+    pub const DOCKER_ENDPOINT: &str = "unix:///var/run/docker.sock";
+    pub const DOCKER_POLL_INTERVAL: Duration = Duration::from_millis(500);
+    pub const DNS_INTERVAL: Duration = Duration::from_secs(1);
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it was read from: error messages and reloads name this file.
+    pub path: PathBuf,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    /// `[defaults]` resolved into a service template (empty name, listen and backends):
+    /// what a service created by discovery starts from.
+    pub defaults: ServiceConfig,
+    /// In file order. Names and listen addresses are unique (validated).
+    pub services: Vec<ServiceConfig>,
+    pub discovery: DiscoveryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// The bearer token read from `token_file` (trimmed). `None`: mutations are open,
+    /// which validation allows only on a loopback address.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// One structured line per closed connection at info level (off by default).
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    P2c,
+    Maglev,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    Off,
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub check: CheckKind,
+    /// HTTP path, starts with '/'.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    /// 0..=1000; 0 means "no new connections".
+    pub weight: u32,
+}
+
+/// One service: its published ports, its policy, its static backends.
+/// Every `[defaults]` key is resolved into each service here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub connect_retries: u32,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub slow_start: Duration,
+    pub half_close_timeout: Duration,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    pub proxy_protocol: ProxyProtocol,
+    pub backlog: u32,
+    pub backends: Vec<BackendConfig>,
+    /// `dns = "tasks.web:80"`: the name's A/AAAA records (re-resolved every
+    /// `[discovery.dns] interval`) become backends on that port.
+    pub dns: Option<DnsTarget>,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsTarget {
+    pub name: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DiscoveryConfig {
+    pub docker: Option<DockerDiscoveryConfig>,
+    pub dns: Option<DnsDiscoveryConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerDiscoveryConfig {
+    /// `unix:///var/run/docker.sock` or `http://host:port` (a read-only socket proxy).
+    pub endpoint: String,
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsDiscoveryConfig {
+    pub interval: Duration,
+    /// `None`: the system resolver configuration (/etc/resolv.conf).
+    pub resolver: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Reads and validates `path`. The error's `Display` is one line naming the file,
+    /// line and column.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(path, &e))?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if it had been read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        validate::validate(path, text)
+    }
+
+    /// The longest `drain_timeout` of any service: how long a graceful shutdown may take.
+    pub fn max_drain_timeout(&self) -> Duration {
+        self.services
+            .iter()
+            .map(|s| s.drain_timeout)
+            .max()
+            .unwrap_or(defaults::DRAIN_TIMEOUT)
+    }
+}

@@ -1,0 +1,853 @@
+//! Validation: `mesh.toml` text -> [`Config`], or the first problem as one [`ConfigError`].
+//!
+//! `file` has already rejected malformed values (each at its own span); this module checks
+//! what needs more than one value: ranges that name their key, `[defaults]` resolution,
+//! unique names, overlapping listen addresses, services that could never get a backend,
+//! the admin token. Each error points at the key or value at fault and says how to fix it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{self, FileConfig};
+use super::{
+    defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
+    DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat, ProxyProtocol,
+    ServiceConfig,
+};
+
+/// A configuration that cannot be used. `Display` is one line: `FILE:LINE:COL: message`
+/// (`FILE: cannot read: ...` when the file itself cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{}: cannot read: {message}", path.display())]
+    Io {
+        path: PathBuf,
+        kind: io::ErrorKind,
+        message: String,
+    },
+    /// The file's content is wrong at `line:col` (both 1-based, the column in characters).
+    #[error("{}:{line}:{col}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// `path` could not be read.
+    pub fn io(path: &Path, err: &io::Error) -> ConfigError {
+        ConfigError::Io {
+            path: path.to_owned(),
+            kind: err.kind(),
+            message: err.to_string(),
+        }
+    }
+
+    /// 1-based line and column (in characters) of the fault; `None` for an I/O error.
+    pub fn line_col(&self) -> Option<(usize, usize)> {
+        match self {
+            ConfigError::Io { .. } => None,
+            ConfigError::Invalid { line, col, .. } => Some((*line, *col)),
+        }
+    }
+
+    /// The config file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            ConfigError::Io { path, .. } | ConfigError::Invalid { path, .. } => path,
+        }
+    }
+
+    /// What is wrong and how to fix it, without the file and position.
+    pub fn message(&self) -> &str {
+        match self {
+            ConfigError::Io { message, .. } | ConfigError::Invalid { message, .. } => message,
+        }
+    }
+}
+
+const DURATION_HELP: &str = r#"use a number followed by ms, s, m or h, e.g. "250ms", "2s", "1h""#;
+
+/// Parses `"250ms"`, `"2s"`, `"1.5s"`, `"1m30s"`, `"1h"`, `"100us"`. A unit is required;
+/// negative and empty values are rejected. The error is a complete one-line message.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const NS: [(&str, u128); 5] = [
+        ("us", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    let invalid = || format!("invalid duration {s:?}: {DURATION_HELP}");
+    let too_large = || {
+        let max_h = u64::MAX as u128 / NS[4].1;
+        format!("invalid duration {s:?}: too large, use at most \"{max_h}h\"")
+    };
+    if s.is_empty() {
+        return Err(invalid());
+    }
+    let mut total: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let is_num = |c: char| c.is_ascii_digit() || c == '.';
+        let num_end = rest.find(|c: char| !is_num(c)).unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_end);
+        let unit_end = tail.find(is_num).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        rest = tail;
+
+        let unit_ns = NS.iter().find(|(u, _)| *u == unit).ok_or_else(invalid)?.1;
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if int.is_empty() || (num.contains('.') && frac.is_empty()) || frac.contains('.') {
+            return Err(invalid());
+        }
+        let int: u128 = int.parse().map_err(|_| too_large())?;
+        // Digits past the 12th are below a nanosecond for every unit: drop them.
+        let frac = &frac[..frac.len().min(12)];
+        let frac_ns = match frac {
+            "" => 0,
+            f => f.parse::<u128>().map_err(|_| invalid())? * unit_ns / 10u128.pow(f.len() as u32),
+        };
+        total = int
+            .checked_mul(unit_ns)
+            .and_then(|n| n.checked_add(frac_ns))
+            .and_then(|n| n.checked_add(total))
+            .ok_or_else(too_large)?;
+    }
+    u64::try_from(total)
+        .map(Duration::from_nanos)
+        .map_err(|_| too_large())
+}
+
+/// `d` the way `mesh.toml` writes it: the largest unit that is exact.
+fn fmt_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    let units = [
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+    ];
+    match units.iter().find(|(_, n)| ns >= *n && ns % n == 0) {
+        Some((u, n)) => format!("{}{u}", ns / n),
+        None if ns == 0 => "0s".to_owned(),
+        None => format!("{}us", ns / 1_000),
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// The file being validated: turns spans into positioned errors.
+struct Cx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Cx<'_> {
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, col) = line_col(self.text, span.start);
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    fn line(&self, span: Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+
+    /// A syntax, type or unknown-key error from `toml`, made one line (no snippet).
+    fn toml(&self, e: &toml::de::Error) -> ConfigError {
+        let lines: Vec<&str> = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let message = match lines.join(": ") {
+            m if m.is_empty() => "invalid TOML syntax".to_owned(),
+            m => m,
+        };
+        self.err(e.span().unwrap_or(0..0), message)
+    }
+}
+
+/// The whole pipeline: text -> [`FileConfig`] -> [`Config`].
+pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let cx = Cx { path, text };
+    let file: FileConfig = toml::from_str(text).map_err(|e| cx.toml(&e))?;
+
+    let admin = admin(&cx, &file.admin)?;
+    let log = LogConfig {
+        format: value(file.log.format.as_ref(), LogFormat::Human),
+        access_log: file.log.access_log.unwrap_or(false),
+    };
+    // `[defaults]` on its own: a bad default is an error even where every service overrides
+    // it. Kept as the template for services that discovery creates.
+    let d = resolve(&cx, &file::Policy::default(), &file.defaults)?;
+    let defaults = ServiceConfig {
+        name: String::new(),
+        listen: Vec::new(),
+        balance: d.balance,
+        connect_timeout: d.connect_timeout,
+        connect_retries: d.connect_retries,
+        idle_timeout: d.idle_timeout,
+        drain_timeout: d.drain_timeout,
+        slow_start: d.slow_start,
+        half_close_timeout: d.half_close_timeout,
+        max_connections: d.max_connections,
+        proxy_protocol: d.proxy_protocol,
+        backlog: d.backlog,
+        backends: Vec::new(),
+        dns: None,
+        health: d.health,
+    };
+
+    let mut seen = Seen {
+        names: HashMap::new(),
+        binds: vec![(admin.listen, Owner::Admin)],
+    };
+    let has_docker = file.discovery.docker.is_some();
+    let services = file
+        .services
+        .iter()
+        .map(|s| service(&cx, s, &file.defaults, has_docker, &mut seen))
+        .collect::<Result<Vec<_>, _>>()?;
+    let uses_dns = services.iter().any(|s| s.dns.is_some());
+    let discovery = discovery(&cx, &file.discovery, uses_dns)?;
+
+    Ok(Config {
+        path: path.to_owned(),
+        admin,
+        log,
+        defaults,
+        services,
+        discovery,
+    })
+}
+
+fn admin(cx: &Cx, a: &file::Admin) -> Result<AdminConfig, ConfigError> {
+    let listen = match &a.listen {
+        Some(l) => l.get_ref().0,
+        None => defaults::ADMIN_LISTEN
+            .parse()
+            .expect("defaults::ADMIN_LISTEN is a valid address"),
+    };
+    let Some(token_file) = &a.token_file else {
+        if let Some(l) = &a.listen {
+            if !listen.ip().to_canonical().is_loopback() {
+                let msg = format!(
+                    "admin listen {listen} is not a loopback address and no token_file is set: \
+                     set [admin] token_file, or listen on 127.0.0.1"
+                );
+                return Err(cx.err(l.span(), msg));
+            }
+        }
+        return Ok(AdminConfig {
+            listen,
+            token: None,
+            token_file: None,
+        });
+    };
+    // Relative to the config file, not to whatever directory meshd was started in.
+    let dir = cx.path.parent().unwrap_or(Path::new(""));
+    let path = dir.join(token_file.get_ref());
+    let shown = path.display();
+    let token = std::fs::read_to_string(&path).map_err(|e| {
+        cx.err(
+            token_file.span(),
+            format!("token_file \"{shown}\": cannot read: {e}"),
+        )
+    })?;
+    let token = token.trim();
+    if token.is_empty() {
+        let msg = format!("token_file \"{shown}\" is empty: write the admin bearer token into it");
+        return Err(cx.err(token_file.span(), msg));
+    }
+    Ok(AdminConfig {
+        listen,
+        token: Some(token.to_owned()),
+        token_file: Some(path),
+    })
+}
+
+/// Who binds an address already.
+enum Owner<'f> {
+    Admin,
+    Service(&'f str),
+}
+
+/// What earlier services claimed: names (with their line) and listen addresses.
+struct Seen<'f> {
+    names: HashMap<&'f str, usize>,
+    binds: Vec<(SocketAddr, Owner<'f>)>,
+}
+
+/// Two binds collide: the same port and family, and the same IP or a wildcard on either side.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn conflict(name: &str, addr: SocketAddr, prev: SocketAddr, owner: &Owner) -> String {
+    const WILDCARD: &str = "a wildcard address takes the port on every address";
+    let other = match owner {
+        Owner::Admin => "[admin] listen".to_owned(),
+        Owner::Service(n) if *n == name => {
+            return if prev == addr {
+                format!("service {name:?}: listen {addr} is listed twice: remove one")
+            } else {
+                format!("service {name:?}: listen {addr} overlaps its own {prev}: {WILDCARD}, keep only one of them")
+            };
+        }
+        Owner::Service(n) => format!("service {n:?}"),
+    };
+    if prev == addr {
+        format!("service {name:?}: listen {addr} is already used by {other}")
+    } else {
+        format!("service {name:?}: listen {addr} overlaps {prev} of {other}: {WILDCARD}, use another port")
+    }
+}
+
+fn service<'f>(
+    cx: &Cx,
+    s: &'f file::Service,
+    def: &file::Policy,
+    has_docker: bool,
+    seen: &mut Seen<'f>,
+) -> Result<ServiceConfig, ConfigError> {
+    let name = s.name.get_ref().0 .0.as_str();
+    if let Some(first) = seen.names.insert(name, cx.line(s.name.span())) {
+        let msg = format!(
+            "service {name:?} is defined twice (first at line {first}): service names must be unique"
+        );
+        return Err(cx.err(s.name.span(), msg));
+    }
+
+    let addrs = match &s.listen {
+        Some(l) if !l.get_ref().0.is_empty() => &l.get_ref().0,
+        other => {
+            let span = other.as_ref().map_or(s.name.span(), Spanned::span);
+            let msg =
+                format!(r#"service {name:?} has no listen address: add listen = ["0.0.0.0:8080"]"#);
+            return Err(cx.err(span, msg));
+        }
+    };
+    let mut listen = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let addr = a.get_ref().0;
+        if let Some((prev, owner)) = seen.binds.iter().find(|(b, _)| overlaps(*b, addr)) {
+            return Err(cx.err(a.span(), conflict(name, addr, *prev, owner)));
+        }
+        seen.binds.push((addr, Owner::Service(name)));
+        listen.push(addr);
+    }
+
+    let policy = resolve(cx, &s.policy(), def)?;
+
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        let addr = b.addr.get_ref().0;
+        if backends.iter().any(|x| x.addr == addr) {
+            let msg = format!(
+                "service {name:?}: backend {addr} is listed twice: remove one (weight sets its share)"
+            );
+            return Err(cx.err(b.addr.span(), msg));
+        }
+        backends.push(BackendConfig {
+            addr,
+            weight: b.weight.map_or(defaults::WEIGHT, |w| w.0),
+        });
+    }
+    let dns = s.dns.as_ref().map(|d| d.get_ref().0.clone());
+    if backends.is_empty() && dns.is_none() && !has_docker {
+        let msg = format!(
+            r#"service {name:?} has no backends: add backends = [{{ addr = "127.0.0.1:9001" }}], a dns = "tasks.{name}:80" target, or [discovery.docker]"#
+        );
+        return Err(cx.err(s.name.span(), msg));
+    }
+
+    let Resolved {
+        balance,
+        connect_timeout,
+        connect_retries,
+        idle_timeout,
+        drain_timeout,
+        slow_start,
+        half_close_timeout,
+        max_connections,
+        proxy_protocol,
+        backlog,
+        health,
+    } = policy;
+    Ok(ServiceConfig {
+        name: name.to_owned(),
+        listen,
+        balance,
+        connect_timeout,
+        connect_retries,
+        idle_timeout,
+        drain_timeout,
+        slow_start,
+        half_close_timeout,
+        max_connections,
+        proxy_protocol,
+        backlog,
+        backends,
+        dns,
+        health,
+    })
+}
+
+/// The `[defaults]`-resolved keys of one service.
+#[derive(Debug, PartialEq)]
+struct Resolved {
+    balance: Balance,
+    connect_timeout: Duration,
+    connect_retries: u32,
+    idle_timeout: Duration,
+    drain_timeout: Duration,
+    slow_start: Duration,
+    half_close_timeout: Duration,
+    max_connections: u32,
+    proxy_protocol: ProxyProtocol,
+    backlog: u32,
+    health: HealthConfig,
+}
+
+/// The service's own value if it sets the key, else the `[defaults]` one.
+fn pick<'a, T>(own: &'a Option<Spanned<T>>, def: &'a Option<Spanned<T>>) -> Option<&'a Spanned<T>> {
+    own.as_ref().or(def.as_ref())
+}
+
+fn value<T: Clone>(key: Option<&Spanned<file::Parsed<T>>>, default: T) -> T {
+    key.map_or(default, |k| k.get_ref().0.clone())
+}
+
+/// A duration that must not be zero.
+fn positive(
+    cx: &Cx,
+    name: &str,
+    key: Option<&Spanned<file::Parsed<Duration>>>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match key {
+        Some(k) if k.get_ref().0.is_zero() => {
+            let msg = format!(
+                "{name} must be greater than zero: use e.g. \"{}\"",
+                fmt_duration(default)
+            );
+            Err(cx.err(k.span(), msg))
+        }
+        k => Ok(value(k, default)),
+    }
+}
+
+/// An integer key within `range`; `hint` says what the key means.
+fn int(
+    cx: &Cx,
+    name: &str,
+    key: Option<&Spanned<i64>>,
+    default: u32,
+    range: RangeInclusive<u32>,
+    hint: &str,
+) -> Result<u32, ConfigError> {
+    let Some(k) = key else { return Ok(default) };
+    let v = *k.get_ref();
+    match u32::try_from(v) {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => {
+            let (lo, hi) = (range.start(), range.end());
+            let allowed = if *hi == u32::MAX {
+                format!("{lo} or more")
+            } else {
+                format!("{lo}..={hi}")
+            };
+            Err(cx.err(
+                k.span(),
+                format!("{name} {v} is out of range: use {allowed}{hint}"),
+            ))
+        }
+    }
+}
+
+fn check_name(c: CheckKind) -> &'static str {
+    match c {
+        CheckKind::None => "none",
+        CheckKind::Tcp => "tcp",
+        CheckKind::Http => "http",
+    }
+}
+
+/// Resolves one service's policy keys (`own`) against `[defaults]` (`def`), key by key,
+/// health keys included; a key set nowhere takes [`defaults`].
+fn resolve(cx: &Cx, own: &file::Policy, def: &file::Policy) -> Result<Resolved, ConfigError> {
+    let none = file::Health::default();
+    let oh = own.health.as_ref().unwrap_or(&none);
+    let dh = def.health.as_ref().unwrap_or(&none);
+
+    let check = value(pick(&oh.check, &dh.check), CheckKind::Tcp);
+    let health = HealthConfig {
+        check,
+        path: value(
+            pick(&oh.path, &dh.path),
+            file::HealthPath(defaults::HEALTH_PATH.into()),
+        )
+        .0,
+        interval: positive(
+            cx,
+            "health interval",
+            pick(&oh.interval, &dh.interval),
+            defaults::HEALTH_INTERVAL,
+        )?,
+        timeout: positive(
+            cx,
+            "health timeout",
+            pick(&oh.timeout, &dh.timeout),
+            defaults::HEALTH_TIMEOUT,
+        )?,
+        rise: int(
+            cx,
+            "rise",
+            pick(&oh.rise, &dh.rise),
+            defaults::HEALTH_RISE,
+            1..=u32::MAX,
+            " (consecutive passes before a backend gets traffic)",
+        )?,
+        fall: int(
+            cx,
+            "fall",
+            pick(&oh.fall, &dh.fall),
+            defaults::HEALTH_FALL,
+            1..=u32::MAX,
+            " (consecutive failures before a backend stops getting traffic)",
+        )?,
+    };
+    // Only a service's own `path` is checked: `[defaults.health] path` may serve the
+    // services that choose `check = "http"`.
+    if let Some(p) = oh.path.as_ref().filter(|_| check != CheckKind::Http) {
+        let msg = format!(
+            r#"health path is set but check is "{}": add check = "http", or remove path"#,
+            check_name(check)
+        );
+        return Err(cx.err(p.span(), msg));
+    }
+    if health.timeout > health.interval {
+        let at = pick(&oh.timeout, &dh.timeout).or(pick(&oh.interval, &dh.interval));
+        if let Some(k) = at {
+            let msg = format!(
+                "health timeout {} is longer than interval {}: make timeout at most the interval",
+                fmt_duration(health.timeout),
+                fmt_duration(health.interval)
+            );
+            return Err(cx.err(k.span(), msg));
+        }
+    }
+
+    Ok(Resolved {
+        balance: value(pick(&own.balance, &def.balance), Balance::P2c),
+        connect_timeout: positive(
+            cx,
+            "connect_timeout",
+            pick(&own.connect_timeout, &def.connect_timeout),
+            defaults::CONNECT_TIMEOUT,
+        )?,
+        connect_retries: int(
+            cx,
+            "connect_retries",
+            pick(&own.connect_retries, &def.connect_retries),
+            defaults::CONNECT_RETRIES,
+            0..=defaults::MAX_CONNECT_RETRIES,
+            " (other backends tried after a failed connect)",
+        )?,
+        idle_timeout: positive(
+            cx,
+            "idle_timeout",
+            pick(&own.idle_timeout, &def.idle_timeout),
+            defaults::IDLE_TIMEOUT,
+        )?,
+        drain_timeout: value(
+            pick(&own.drain_timeout, &def.drain_timeout),
+            defaults::DRAIN_TIMEOUT,
+        ),
+        slow_start: value(pick(&own.slow_start, &def.slow_start), defaults::SLOW_START),
+        half_close_timeout: value(
+            pick(&own.half_close_timeout, &def.half_close_timeout),
+            defaults::HALF_CLOSE_TIMEOUT,
+        ),
+        max_connections: int(
+            cx,
+            "max_connections",
+            pick(&own.max_connections, &def.max_connections),
+            0,
+            0..=u32::MAX,
+            " (0 = unlimited)",
+        )?,
+        proxy_protocol: value(
+            pick(&own.proxy_protocol, &def.proxy_protocol),
+            ProxyProtocol::Off,
+        ),
+        backlog: int(
+            cx,
+            "backlog",
+            pick(&own.backlog, &def.backlog),
+            defaults::BACKLOG,
+            1..=65535,
+            " (the listen queue length)",
+        )?,
+        health,
+    })
+}
+
+fn discovery(cx: &Cx, d: &file::Discovery, uses_dns: bool) -> Result<DiscoveryConfig, ConfigError> {
+    let docker = match &d.docker {
+        None => None,
+        Some(k) => Some(DockerDiscoveryConfig {
+            endpoint: k.endpoint.as_ref().map_or_else(
+                || defaults::DOCKER_ENDPOINT.to_owned(),
+                |e| e.get_ref().0 .0.clone(),
+            ),
+            poll_interval: positive(
+                cx,
+                "poll_interval",
+                k.poll_interval.as_ref(),
+                defaults::DOCKER_POLL_INTERVAL,
+            )?,
+        }),
+    };
+    // A service's `dns = ...` target needs the resolver: it runs with defaults when
+    // `[discovery.dns]` is absent.
+    let dns = match &d.dns {
+        Some(k) => Some(DnsDiscoveryConfig {
+            interval: positive(cx, "interval", k.interval.as_ref(), defaults::DNS_INTERVAL)?,
+            resolver: k.resolver.as_ref().map(|r| r.get_ref().0),
+        }),
+        None if uses_dns => Some(DnsDiscoveryConfig {
+            interval: defaults::DNS_INTERVAL,
+            resolver: None,
+        }),
+        None => None,
+    };
+    Ok(DiscoveryConfig { docker, dns })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::file::Key;
+
+    fn key<T>(span: Range<usize>, v: T) -> Key<T> {
+        Some(Spanned::new(span, file::Parsed(v)))
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("250ms", Duration::from_millis(250)),
+            ("2s", Duration::from_secs(2)),
+            ("0s", Duration::ZERO),
+            ("1h", Duration::from_secs(3600)),
+            ("5m", Duration::from_secs(300)),
+            ("100us", Duration::from_micros(100)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1h0m1s", Duration::from_secs(3601)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("0.25ms", Duration::from_micros(250)),
+            ("007s", Duration::from_secs(7)),
+        ];
+        for (s, d) in ok {
+            assert_eq!(parse_duration(s), Ok(d), "{s}");
+        }
+        for s in [
+            "",
+            "5",
+            "0",
+            "s",
+            "-5s",
+            "5 s",
+            " 5s",
+            "5s ",
+            "5parsecs",
+            "5 parsecs",
+            "1.s",
+            ".5s",
+            "1..5s",
+            "1.2.3s",
+            "5ns",
+            "5S",
+            "1h 30m",
+            "5µs",
+            "+5s",
+        ] {
+            let e = parse_duration(s).expect_err(s);
+            assert_eq!(e, format!("invalid duration {s:?}: {DURATION_HELP}"));
+        }
+        assert_eq!(
+            parse_duration("5 parsecs").unwrap_err(),
+            r#"invalid duration "5 parsecs": use a number followed by ms, s, m or h, e.g. "250ms", "2s", "1h""#
+        );
+        for s in [
+            "99999999999999999999999999999999999999999h",
+            "5124096h",
+            "6000000h",
+        ] {
+            let e = parse_duration(s).expect_err(s);
+            assert!(e.ends_with(r#"too large, use at most "5124095h""#), "{e}");
+        }
+        assert!(parse_duration("5124095h").is_ok());
+    }
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        for s in ["0s", "250ms", "2s", "1h", "90s", "100us", "1500ms", "36h"] {
+            let d = parse_duration(s).unwrap();
+            assert_eq!(fmt_duration(d), s);
+        }
+        assert_eq!(fmt_duration(Duration::from_secs(60)), "1m");
+    }
+
+    #[test]
+    fn positions_are_one_based_in_characters() {
+        let text = "a = 1\nwéb = \"x\"\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 4), (1, 5));
+        assert_eq!(line_col(text, 6), (2, 1));
+        // 'é' is two bytes but one column.
+        let eq2 = text.rfind('=').unwrap();
+        assert_eq!(line_col(text, eq2), (2, 5));
+        // Inside a multi-byte char, and past the end: clamped, no panic.
+        assert_eq!(line_col(text, 8), (2, 2));
+        assert_eq!(line_col(text, 1000), (3, 1));
+    }
+
+    #[test]
+    fn admin_default_parses() {
+        assert!(defaults::ADMIN_LISTEN.parse::<SocketAddr>().is_ok());
+    }
+
+    fn cx() -> Cx<'static> {
+        Cx {
+            path: Path::new("mesh.toml"),
+            text: "",
+        }
+    }
+
+    #[test]
+    fn nothing_set_takes_the_defaults() {
+        let p = resolve(&cx(), &file::Policy::default(), &file::Policy::default()).unwrap();
+        assert_eq!(
+            p,
+            Resolved {
+                balance: Balance::P2c,
+                connect_timeout: defaults::CONNECT_TIMEOUT,
+                connect_retries: defaults::CONNECT_RETRIES,
+                idle_timeout: defaults::IDLE_TIMEOUT,
+                drain_timeout: defaults::DRAIN_TIMEOUT,
+                slow_start: defaults::SLOW_START,
+                half_close_timeout: defaults::HALF_CLOSE_TIMEOUT,
+                max_connections: 0,
+                proxy_protocol: ProxyProtocol::Off,
+                backlog: defaults::BACKLOG,
+                health: HealthConfig {
+                    check: CheckKind::Tcp,
+                    path: defaults::HEALTH_PATH.to_owned(),
+                    interval: defaults::HEALTH_INTERVAL,
+                    timeout: defaults::HEALTH_TIMEOUT,
+                    rise: defaults::HEALTH_RISE,
+                    fall: defaults::HEALTH_FALL,
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn service_keys_override_defaults_key_by_key() {
+        let def = file::Policy {
+            balance: key(0..1, Balance::Maglev),
+            connect_retries: Some(Spanned::new(0..1, 5)),
+            drain_timeout: key(0..1, Duration::from_secs(7)),
+            health: Some(file::Health {
+                check: key(0..1, CheckKind::Http),
+                path: key(0..1, file::HealthPath("/ready".into())),
+                interval: key(0..1, Duration::from_secs(5)),
+                rise: Some(Spanned::new(0..1, 4)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let own = file::Policy {
+            balance: key(0..1, Balance::LeastConn),
+            connect_retries: Some(Spanned::new(0..1, 0)),
+            health: Some(file::Health {
+                interval: key(0..1, Duration::from_secs(2)),
+                fall: Some(Spanned::new(0..1, 9)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let p = resolve(&cx(), &own, &def).unwrap();
+        assert_eq!(p.balance, Balance::LeastConn); // service wins
+        assert_eq!(p.connect_retries, 0); // service wins, even with 0
+        assert_eq!(p.drain_timeout, Duration::from_secs(7)); // from [defaults]
+        assert_eq!(p.idle_timeout, defaults::IDLE_TIMEOUT); // set nowhere
+        assert_eq!(
+            p.health,
+            HealthConfig {
+                check: CheckKind::Http,            // [defaults.health]
+                path: "/ready".into(),             // [defaults.health]
+                interval: Duration::from_secs(2),  // [service.health]
+                timeout: defaults::HEALTH_TIMEOUT, // nowhere
+                rise: 4,                           // [defaults.health]
+                fall: 9,                           // [service.health]
+            }
+        );
+    }
+
+    #[test]
+    fn a_service_without_health_table_inherits_defaults_health() {
+        let def = file::Policy {
+            health: Some(file::Health {
+                check: key(0..1, CheckKind::None),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let p = resolve(&cx(), &file::Policy::default(), &def).unwrap();
+        assert_eq!(p.health.check, CheckKind::None);
+    }
+
+    #[test]
+    fn overlap_rules() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlaps(a("0.0.0.0:80"), a("10.0.0.1:80")));
+        assert!(overlaps(a("10.0.0.1:80"), a("0.0.0.0:80")));
+        assert!(overlaps(a("[::]:80"), a("[::1]:80")));
+        assert!(!overlaps(a("0.0.0.0:80"), a("0.0.0.0:81")));
+        assert!(!overlaps(a("10.0.0.1:80"), a("10.0.0.2:80")));
+        assert!(!overlaps(a("0.0.0.0:80"), a("[::]:80")));
+        assert!(!overlaps(a("0.0.0.0:80"), a("[::1]:80")));
+    }
+}

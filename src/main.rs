@@ -1,0 +1,170 @@
+//! The `meshd` binary: command line, logging, exit codes. The only place an error becomes an
+//! exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use meshd::config::{parse_duration, Config, LogFormat};
+use meshd::demo::backend::{BackendMode, BackendOpts};
+
+#[derive(Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "Layer-4 ingress load balancer and routing-mesh proxy"
+)]
+struct Cli {
+    /// Path to mesh.toml.
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    /// Log format (overrides [log] format).
+    #[arg(long, global = true, value_parser = ["human", "json"])]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config: exit 0 if valid, 1 with FILE:LINE:COL: message.
+    Check,
+    /// A self-contained zero-downtime demonstration: real backend tasks behind meshd under
+    /// load, through scale-up, scale-down, rolling updates, a broken release and a kill -9.
+    Demo {
+        /// Seconds per phase (the whole demo runs about 8 phases).
+        #[arg(long, default_value = "6s", value_parser = dur)]
+        phase: Duration,
+        /// Concurrent clients (half keep-alive, half one connection per request).
+        #[arg(long, default_value_t = 40)]
+        clients: usize,
+    },
+    /// Run a demo backend server (used by `meshd demo`, the tests and the images).
+    #[command(hide = true)]
+    Backend {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "backend")]
+        name: String,
+        #[arg(long, value_enum, default_value = "http")]
+        mode: BackendMode,
+        #[arg(long, default_value = "0s", value_parser = dur)]
+        bind_delay: Duration,
+        #[arg(long, default_value = "10s", value_parser = dur)]
+        grace: Duration,
+        #[arg(long)]
+        unhealthy: bool,
+    },
+}
+
+fn dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd.unwrap_or(Cmd::Run) {
+        Cmd::Check => {
+            let Some(path) = cli.config else {
+                eprintln!("meshd check: pass --config FILE");
+                return ExitCode::from(2);
+            };
+            match Config::load(&path) {
+                Ok(cfg) => {
+                    println!(
+                        "{}: ok ({} services, {} listeners)",
+                        path.display(),
+                        cfg.services.len(),
+                        cfg.services.iter().map(|s| s.listen.len()).sum::<usize>()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Demo { phase, clients } => {
+            init_logging(LogFormat::Human);
+            block_on(meshd::demo::scenario::run(
+                meshd::demo::scenario::DemoOpts { phase, clients },
+            ))
+        }
+        Cmd::Backend {
+            listen,
+            name,
+            mode,
+            bind_delay,
+            grace,
+            unhealthy,
+        } => {
+            init_logging(LogFormat::Human);
+            let opts = BackendOpts {
+                listen,
+                name,
+                mode,
+                bind_delay,
+                grace,
+                unhealthy,
+            };
+            block_on(meshd::demo::backend::run(opts))
+        }
+        Cmd::Run => {
+            let Some(path) = cli.config else {
+                eprintln!("meshd: pass --config FILE (see config/mesh.toml for an example)");
+                return ExitCode::from(2);
+            };
+            let cfg = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let format = match cli.log_format.as_deref() {
+                Some("json") => LogFormat::Json,
+                Some(_) => LogFormat::Human,
+                None => cfg.log.format,
+            };
+            init_logging(format);
+            block_on(meshd::app::run(cfg))
+        }
+    }
+}
+
+fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Json => b.json().flatten_event(true).try_init(),
+        LogFormat::Human => b.try_init(),
+    };
+}

@@ -1,0 +1,251 @@
+//! Metric names (DESIGN.md's table, one constant each), their HELP texts, the Prometheus
+//! exporter, and the scrape-time copy of counters.
+//!
+//! How a number reaches Prometheus without costing the connection path anything:
+//! - Connections bump plain atomics in `Backend`/`ServiceState` (no registry call, no label).
+//! - Per-backend metric handles are registered once, when the control plane first sees the
+//!   backend (`BackendMetrics::new`), and at scrape time `sync` copies each atomic into its
+//!   handle. Only the two histograms are recorded per connection, through per-service
+//!   handles registered when the service appears.
+//! - Series of a backend that is gone stop being touched and the exporter drops them after
+//!   `SERIES_IDLE` (counters and gauges only), so label sets stay bounded under churn.
+//!
+//! No label ever carries a client address.
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+
+use crate::table::{Backend, ConnectError, ServiceState, State};
+
+pub const CONNECTIONS: &str = "meshd_connections_total";
+pub const ACTIVE_CONNECTIONS: &str = "meshd_active_connections";
+pub const BYTES: &str = "meshd_bytes_total";
+pub const CONNECT_ERRORS: &str = "meshd_connect_errors_total";
+pub const CONNECT_RETRIES: &str = "meshd_connect_retries_total";
+pub const REJECTED: &str = "meshd_rejected_connections_total";
+pub const BACKEND_UP: &str = "meshd_backend_up";
+pub const BACKEND_DRAINING: &str = "meshd_backend_draining";
+pub const CONNECTION_DURATION: &str = "meshd_connection_duration_seconds";
+pub const CONNECT_DURATION: &str = "meshd_connect_duration_seconds";
+pub const CONFIG_RELOADS: &str = "meshd_config_reloads_total";
+pub const TABLE_GENERATION: &str = "meshd_table_generation";
+pub const BUILD_INFO: &str = "meshd_build_info";
+// Beyond DESIGN.md's table:
+pub const DRAIN_CLOSED: &str = "meshd_drain_closed_connections_total";
+pub const ACCEPT_EXHAUSTED: &str = "meshd_accept_exhausted_total";
+pub const FORWARDED_BYTES: &str = "meshd_forwarded_bytes_total";
+pub const PIPES_CREATED: &str = "meshd_pipes_created_total";
+pub const DISCOVERY_ERRORS: &str = "meshd_discovery_errors_total";
+
+/// How long a series nobody updates survives (a gone backend's last values stay visible
+/// this long).
+pub const SERIES_IDLE: Duration = Duration::from_secs(60);
+
+/// Connection lifetimes: 1 ms to 4 h.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+];
+/// Connect times: 50 µs to 5 s.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder (once per process) and describes every metric.
+pub fn install() -> anyhow::Result<&'static PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h);
+    }
+    let handle = PrometheusBuilder::new()
+        .idle_timeout(
+            MetricKindMask::COUNTER | MetricKindMask::GAUGE,
+            Some(SERIES_IDLE),
+        )
+        .set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), DURATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    let _ = HANDLE.set(handle);
+    HANDLE
+        .get()
+        .ok_or_else(|| anyhow::anyhow!("metrics recorder not installed"))
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CONNECTIONS, "Connections established to a backend.");
+    describe_gauge!(
+        ACTIVE_CONNECTIONS,
+        "Open connections to a backend (draining ones included)."
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes forwarded; direction rx is from the client, tx is to the client."
+    );
+    describe_counter!(CONNECT_ERRORS, "Failed connects to a backend, by reason.");
+    describe_counter!(
+        CONNECT_RETRIES,
+        "Connects retried on another backend after a failure."
+    );
+    describe_counter!(
+        REJECTED,
+        "Client connections closed without a backend, by reason."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 if the backend is healthy and active (may get new connections)."
+    );
+    describe_gauge!(
+        BACKEND_DRAINING,
+        "1 while the backend drains: no new connections, existing ones finish."
+    );
+    describe_histogram!(
+        CONNECTION_DURATION,
+        Unit::Seconds,
+        "Lifetime of forwarded connections."
+    );
+    describe_histogram!(
+        CONNECT_DURATION,
+        Unit::Seconds,
+        "Time to connect to a backend."
+    );
+    describe_counter!(CONFIG_RELOADS, "Configuration reloads, by result.");
+    describe_gauge!(TABLE_GENERATION, "Generation of the routing table in use.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label names the meshd build."
+    );
+    describe_counter!(
+        DRAIN_CLOSED,
+        "Connections closed because their backend's drain_timeout (or shutdown) passed."
+    );
+    describe_counter!(
+        ACCEPT_EXHAUSTED,
+        "Accepts that failed for lack of file descriptors or buffers (the listener backs off)."
+    );
+    describe_counter!(
+        FORWARDED_BYTES,
+        Unit::Bytes,
+        "Bytes forwarded, by mode: splice (zero-copy) or copy (buffered fallback)."
+    );
+    describe_counter!(
+        PIPES_CREATED,
+        "Pipes created for splice (pooled and reused)."
+    );
+    describe_counter!(
+        DISCOVERY_ERRORS,
+        "Failed discovery polls, by provider; the last good state is kept."
+    );
+}
+
+/// Per-backend handles, registered when the backend first appears.
+#[derive(Debug)]
+pub struct BackendMetrics {
+    connections: Counter,
+    active: Gauge,
+    rx: Counter,
+    tx: Counter,
+    errors: [Counter; 5],
+    up: Gauge,
+    draining: Gauge,
+    drain_closed: Counter,
+}
+
+impl BackendMetrics {
+    pub fn new(service: &str, backend: &str) -> BackendMetrics {
+        let s = service.to_string();
+        let b = backend.to_string();
+        let sb = [("service", s.clone()), ("backend", b.clone())];
+        let err = |r: ConnectError| metrics::counter!(CONNECT_ERRORS, "service" => s.clone(), "backend" => b.clone(), "reason" => r.reason());
+        BackendMetrics {
+            connections: metrics::counter!(CONNECTIONS, &sb),
+            active: metrics::gauge!(ACTIVE_CONNECTIONS, &sb),
+            rx: metrics::counter!(BYTES, "service" => s.clone(), "backend" => b.clone(), "direction" => "rx"),
+            tx: metrics::counter!(BYTES, "service" => s.clone(), "backend" => b.clone(), "direction" => "tx"),
+            errors: ConnectError::ALL.map(err),
+            up: metrics::gauge!(BACKEND_UP, &sb),
+            draining: metrics::gauge!(BACKEND_DRAINING, &sb),
+            drain_closed: metrics::counter!(DRAIN_CLOSED, &sb),
+        }
+    }
+
+    /// Copies the backend's atomics into the handles (called at scrape time).
+    pub fn sync(&self, b: &Backend) {
+        let st = &b.stats;
+        self.connections
+            .absolute(st.connections.load(Ordering::Relaxed));
+        self.active.set(b.active() as f64);
+        self.rx.absolute(st.bytes_rx.load(Ordering::Relaxed));
+        self.tx.absolute(st.bytes_tx.load(Ordering::Relaxed));
+        for (c, a) in self.errors.iter().zip(&st.connect_errors) {
+            c.absolute(a.load(Ordering::Relaxed));
+        }
+        self.up.set(if b.is_usable() { 1.0 } else { 0.0 });
+        self.draining.set(if b.state() == State::Draining {
+            1.0
+        } else {
+            0.0
+        });
+        self.drain_closed
+            .absolute(st.drain_closed.load(Ordering::Relaxed));
+    }
+}
+
+/// Per-service handles for the counters kept in `ServiceState`.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    retries: Counter,
+    no_backend: Counter,
+    max_conn: Counter,
+}
+
+impl ServiceMetrics {
+    pub fn new(service: &str) -> ServiceMetrics {
+        let s = service.to_string();
+        ServiceMetrics {
+            retries: metrics::counter!(CONNECT_RETRIES, "service" => s.clone()),
+            no_backend: metrics::counter!(REJECTED, "service" => s.clone(), "reason" => "no_backend"),
+            max_conn: metrics::counter!(REJECTED, "service" => s, "reason" => "max_connections"),
+        }
+    }
+
+    pub fn sync(&self, s: &ServiceState) {
+        self.retries.absolute(s.retries.load(Ordering::Relaxed));
+        self.no_backend
+            .absolute(s.rejected_no_backend.load(Ordering::Relaxed));
+        self.max_conn
+            .absolute(s.rejected_max_connections.load(Ordering::Relaxed));
+    }
+}
+
+/// Process-wide series, copied at scrape time.
+pub fn sync_process(
+    generation: u64,
+    reloads_ok: u64,
+    reloads_err: u64,
+    discovery_errors: &[(&'static str, u64)],
+) {
+    use crate::proxy::{forward, listener, splice};
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(TABLE_GENERATION).set(generation as f64);
+    metrics::counter!(CONFIG_RELOADS, "result" => "ok").absolute(reloads_ok);
+    metrics::counter!(CONFIG_RELOADS, "result" => "error").absolute(reloads_err);
+    metrics::counter!(ACCEPT_EXHAUSTED)
+        .absolute(listener::ACCEPT_EXHAUSTED.load(Ordering::Relaxed));
+    metrics::counter!(FORWARDED_BYTES, "mode" => "splice")
+        .absolute(forward::SPLICED_BYTES.load(Ordering::Relaxed));
+    metrics::counter!(FORWARDED_BYTES, "mode" => "copy")
+        .absolute(forward::COPIED_BYTES.load(Ordering::Relaxed));
+    metrics::counter!(PIPES_CREATED).absolute(splice::PIPES_CREATED.load(Ordering::Relaxed));
+    for (provider, n) in discovery_errors {
+        metrics::counter!(DISCOVERY_ERRORS, "provider" => *provider).absolute(*n);
+    }
+}

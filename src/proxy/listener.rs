@@ -1,0 +1,134 @@
+//! Listening sockets (socket2) and the accept loop.
+//!
+//! Per accepted connection the loop does: one wait-free table `load()`, the service's
+//! `max_connections` check (one atomic add), one `Arc` clone of the service snapshot, and a
+//! task spawn. Backend choice and connect happen in the connection's own task, so a slow
+//! backend never holds up accepting.
+//!
+//! Running out of file descriptors (EMFILE/ENFILE, or the kernel out of buffers) must not
+//! spin a core, which is what an accept loop that simply retries does (tokio#3529): the loop
+//! backs off from 5 ms up to 100 ms, counts every failure, logs at most once a second, and
+//! resumes at the first accept that succeeds.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use super::close::CloseSignal;
+use super::conn::{self, Shared};
+use super::connect::keepalive;
+use crate::table::{ServiceState, TableHandle};
+
+/// Accepts that failed because descriptors or kernel memory ran out.
+pub static ACCEPT_EXHAUSTED: AtomicU64 = AtomicU64::new(0);
+
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// Binds a listening socket: SO_REUSEADDR, IPV6_V6ONLY for IPv6 (so `[::]:P` and
+/// `0.0.0.0:P` can both be listed), the given backlog, and TCP_NODELAY plus keepalive, which
+/// Linux copies to every accepted socket (no per-connection setsockopt).
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nodelay(true)?;
+    s.set_tcp_keepalive(&keepalive())?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(s.into())
+}
+
+/// What an accept loop needs.
+pub struct AcceptLoop {
+    pub listener: TcpListener,
+    pub service: Arc<ServiceState>,
+    pub table: TableHandle,
+    pub shared: &'static Shared,
+    pub tracker: TaskTracker,
+    /// Closed to stop accepting (listener removed by a reload, or shutdown).
+    pub stop: Arc<CloseSignal>,
+}
+
+impl AcceptLoop {
+    pub async fn run(self) {
+        let AcceptLoop {
+            listener,
+            service,
+            table,
+            shared,
+            tracker,
+            stop,
+        } = self;
+        let stopped = stop.wait();
+        tokio::pin!(stopped);
+        let mut backoff = BACKOFF_MIN;
+        let mut last_log: Option<tokio::time::Instant> = None;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = &mut stopped => return,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((sock, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    let guard = table.load();
+                    let Some(svc) = guard.service(&service) else {
+                        service.rejected_no_backend.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    let max = u64::from(svc.config.max_connections);
+                    let live = service.active.fetch_add(1, Ordering::Relaxed);
+                    if max > 0 && live >= max {
+                        service.active.fetch_sub(1, Ordering::Relaxed);
+                        service
+                            .rejected_max_connections
+                            .fetch_add(1, Ordering::Relaxed);
+                        // An RST tells the client at once that it was turned away.
+                        let _ = SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                        continue;
+                    }
+                    let svc = svc.clone();
+                    drop(guard);
+                    tracker.spawn(conn::serve(sock, peer, svc, shared));
+                }
+                Err(e) if is_exhaustion(&e) => {
+                    ACCEPT_EXHAUSTED.fetch_add(1, Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    if last_log.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                        last_log = Some(now);
+                        tracing::warn!(
+                            service = &*service.name,
+                            error = %e,
+                            "accept failed: out of file descriptors or buffers; pausing this listener up to 100ms"
+                        );
+                    }
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                // ECONNABORTED and friends: that one connection is gone; keep accepting.
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn is_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

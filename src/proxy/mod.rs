@@ -1,0 +1,18 @@
+//! The data plane: listening sockets, the accept loop, and each connection's life from
+//! backend pick to the last byte.
+//!
+//! ```text
+//! listener::AcceptLoop ─► conn::serve ─► connect (retry elsewhere) ─► forward (splice | copy)
+//! ```
+//!
+//! Invariants: nothing in this module takes a lock on the accept path or per byte (the
+//! only mutex is `CloseSignal`'s waiter registry, touched once when a connection starts
+//! forwarding and once when it ends); `splice` holds the crate's only `unsafe`.
+
+pub mod close;
+pub mod conn;
+pub mod connect;
+pub mod forward;
+pub mod listener;
+pub mod proxy_protocol;
+pub mod splice;

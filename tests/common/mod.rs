@@ -1,0 +1,320 @@
+//! Test harness: start the real `meshd` binary and real backend processes on ephemeral
+//! loopback ports, wait on `/readyz` and on conditions instead of sleeping, read until EOF.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meshd");
+
+/// A port that was free a moment ago (bound then released; the kernel does not hand it out
+/// again soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "meshd-test-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running meshd.
+pub struct Meshd {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    pub dir: TempDir,
+    pub log: PathBuf,
+}
+
+impl Meshd {
+    /// Writes `toml` (with `{admin}` replaced by a free admin address) and starts meshd;
+    /// waits for /readyz.
+    pub fn start(toml: &str) -> Meshd {
+        Meshd::start_with(toml, |_| {})
+    }
+
+    pub fn start_with(toml: &str, tweak: impl FnOnce(&mut Command)) -> Meshd {
+        let m = Meshd::spawn(toml, tweak);
+        let ok = wait_until(Duration::from_secs(15), || {
+            matches!(http_get(m.admin, "/readyz"), Some((200, _)))
+        });
+        assert!(ok, "meshd did not become ready; log:\n{}", m.log_text());
+        m
+    }
+
+    /// Starts meshd without waiting for readiness.
+    pub fn spawn(toml: &str, tweak: impl FnOnce(&mut Command)) -> Meshd {
+        let dir = TempDir::new("meshd");
+        let admin = addr(free_port());
+        let text = toml.replace("{admin}", &admin.to_string());
+        let text = if text.contains("[admin]") {
+            text
+        } else {
+            format!("[admin]\nlisten = \"{admin}\"\n\n{text}")
+        };
+        let config = dir.0.join("mesh.toml");
+        std::fs::write(&config, text).expect("write config");
+        let log = dir.0.join("meshd.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        tweak(&mut cmd);
+        let child = cmd.spawn().expect("spawn meshd");
+        Meshd {
+            child,
+            admin,
+            config,
+            dir,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for exit; returns the exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn services(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.admin, "/api/v1/services").expect("admin reachable");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("json")
+    }
+
+    pub fn backend(&self, service: &str, addr: &str) -> serde_json::Value {
+        let s = self.services();
+        s["services"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["name"] == service))
+            .and_then(|svc| {
+                svc["backends"]
+                    .as_array()
+                    .and_then(|b| b.iter().find(|b| b["addr"] == addr))
+            })
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn healthy(&self, service: &str) -> u64 {
+        let s = self.services();
+        s["services"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["name"] == service))
+            .and_then(|svc| svc["healthy_backends"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// The sum of all samples of metric `name` whose labels contain every `k="v"` in `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (_, text) = http_get(self.admin, "/metrics").expect("metrics");
+        metric_sum(&text, name, labels)
+    }
+}
+
+impl Drop for Meshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (head, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (n, l) = match head.find('{') {
+            Some(i) => (&head[..i], &head[i..]),
+            None => (head, ""),
+        };
+        if n != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// A real backend process (`meshd backend`).
+pub struct Backend {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub name: String,
+}
+
+impl Backend {
+    pub fn http(name: &str) -> Backend {
+        Backend::start(name, "http", &[])
+    }
+
+    pub fn echo(name: &str) -> Backend {
+        Backend::start(name, "echo", &[])
+    }
+
+    pub fn start(name: &str, mode: &str, extra: &[&str]) -> Backend {
+        let b = Backend::spawn_on(free_port(), name, mode, extra);
+        let delayed = extra.contains(&"--bind-delay");
+        if !delayed {
+            assert!(
+                wait_until(Duration::from_secs(10), || TcpStream::connect(b.addr)
+                    .is_ok()),
+                "backend {name} did not start"
+            );
+        }
+        b
+    }
+
+    pub fn spawn_on(port: u16, name: &str, mode: &str, extra: &[&str]) -> Backend {
+        let addr = addr(port);
+        let child = Command::new(BIN)
+            .args([
+                "backend",
+                "--listen",
+                &addr.to_string(),
+                "--name",
+                name,
+                "--mode",
+                mode,
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn backend");
+        Backend {
+            child,
+            addr,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One HTTP/1.1 GET with `Connection: close`; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, &[], "")
+}
+
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Some((code, body))
+}
+
+/// GET / through the proxy; returns the answering backend's name (its body).
+pub fn who(addr: SocketAddr) -> Option<String> {
+    match http_get(addr, "/") {
+        Some((200, body)) => Some(body.trim().to_string()),
+        _ => None,
+    }
+}
