@@ -25,3 +25,13 @@ pub fn raise_nofile() -> std::io::Result<u64> {
     #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
     Ok(lim.rlim_cur as u64)
 }
+
+/// Sends `sig` to process `pid` (the demo's orchestrator signals its own children).
+pub fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) takes two integers and reads no memory of ours.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

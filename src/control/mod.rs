@@ -249,7 +249,7 @@ impl Control {
                     }
                     Some(e) => {
                         self.reloads_err += 1;
-                        tracing::error!("config reload rejected, keeping the running config: {e}");
+                        tracing::error!(error = %e, "config reload rejected, keeping the running config: {e}");
                     }
                 }
                 self.last_reload = Some(ReloadResult {
@@ -261,7 +261,7 @@ impl Control {
             }
             Command::ReloadFailed(e) => {
                 self.reloads_err += 1;
-                tracing::error!("config reload rejected, keeping the running config: {e}");
+                tracing::error!(error = %e, "config reload rejected, keeping the running config: {e}");
                 self.last_reload = Some(ReloadResult {
                     at: SystemTime::now(),
                     error: Some(e),
@@ -634,7 +634,7 @@ impl Control {
             tracing::info!(
                 service = &*s.state.name,
                 backend = &*e.backend.addr_label,
-                check = ?cfg.health.check,
+                check = crate::health::check_name(cfg.health.check),
                 "backend added"
             );
             s.backends.push(e);
@@ -676,6 +676,14 @@ impl Control {
                     service = &*s.state.name,
                     backend = &*b.backend.addr_label,
                     "backend up: health check passed"
+                );
+            }
+            // Never healthy yet: a task still starting up, not an outage.
+            Health::Down if b.up_since.is_none() => {
+                tracing::info!(
+                    service = &*s.state.name,
+                    backend = &*b.backend.addr_label,
+                    "backend not ready yet: health check failing"
                 );
             }
             Health::Down => {

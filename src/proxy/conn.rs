@@ -87,6 +87,10 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
+        if failures > 0 {
+            // A retry is counted only when another backend is actually tried.
+            svc.state.retries.fetch_add(1, Ordering::Relaxed);
+        }
         tried.push(i);
         let b = &svc.backends[i];
         b.active.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +117,6 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
                     return;
                 }
                 failures += 1;
-                svc.state.retries.fetch_add(1, Ordering::Relaxed);
             }
         }
     };
