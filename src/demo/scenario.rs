@@ -1457,16 +1457,10 @@ fn summary(view: &ServiceView) -> String {
 
 /// Sends `sig` to `child` unless it has been reaped already.
 fn send_signal(child: &Child, sig: libc::c_int) -> std::io::Result<()> {
-    let Some(pid) = child.id() else {
-        return Ok(());
-    };
-    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
-    // SAFETY: kill(2) reads no memory of ours. `pid` is our child and has not been reaped
-    // (`id()` is None once it has), so it cannot name a recycled pid.
-    if unsafe { libc::kill(pid, sig) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // `id()` is None once the child was reaped, so the pid cannot have been recycled.
+    child
+        .id()
+        .map_or(Ok(()), |pid| crate::sys::send_signal(pid, sig))
 }
 
 /// A loopback address whose port was free a moment ago.
