@@ -92,11 +92,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         admin_state.clone(),
         admin_stop.clone(),
     ));
+    // Discovery providers. DNS targets follow reloads.
+    let (dns_tx, dns_rx) = tokio::sync::watch::channel(crate::discovery::dns::targets(&config));
+    if let Some(dns) = &config.discovery.dns {
+        tokio::spawn(crate::discovery::dns::run(
+            dns.clone(),
+            dns_rx,
+            cmd_tx.clone(),
+        ));
+    }
+
     let reloader = tokio::spawn(watch_reloads(
         config.path.clone(),
         hup,
         cmd_tx.clone(),
         admin_state.clone(),
+        dns_tx,
     ));
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(
@@ -150,6 +161,7 @@ async fn watch_reloads(
     mut hup: tokio::signal::unix::Signal,
     commands: mpsc::Sender<Command>,
     admin: Arc<AdminState>,
+    dns_targets: tokio::sync::watch::Sender<Vec<crate::discovery::dns::Target>>,
 ) {
     let (ftx, mut frx) = mpsc::channel::<()>(1);
     let _watcher = watch_file(&path, ftx);
@@ -185,6 +197,7 @@ async fn watch_reloads(
             }
             Ok(cfg) => {
                 let token = cfg.admin.token.clone().map(Arc::new);
+                let targets = crate::discovery::dns::targets(&cfg);
                 let (tx, rx) = oneshot::channel();
                 if commands
                     .send(Command::Reload(Box::new(cfg), tx))
@@ -195,6 +208,11 @@ async fn watch_reloads(
                 }
                 if let Ok(Ok(())) = rx.await {
                     admin.token.store(token);
+                    dns_targets.send_if_modified(|t| {
+                        let changed = *t != targets;
+                        *t = targets;
+                        changed
+                    });
                 }
             }
         }

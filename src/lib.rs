@@ -26,6 +26,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

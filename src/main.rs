@@ -19,6 +19,10 @@ struct Cli {
     /// Path to mesh.toml.
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
+    /// Worker threads for the proxy (default: one per core). 1 runs a single-threaded
+    /// event loop, like HAProxy's `nbthread 1`.
+    #[arg(long, global = true, env = "MESHD_THREADS")]
+    threads: Option<usize>,
     /// Log format (overrides [log] format).
     #[arg(long, global = true, value_parser = ["human", "json"])]
     log_format: Option<String>,
@@ -90,9 +94,10 @@ fn main() -> ExitCode {
         }
         Cmd::Demo { phase, clients } => {
             init_logging(LogFormat::Human);
-            block_on(meshd::demo::scenario::run(
-                meshd::demo::scenario::DemoOpts { phase, clients },
-            ))
+            block_on(
+                None,
+                meshd::demo::scenario::run(meshd::demo::scenario::DemoOpts { phase, clients }),
+            )
         }
         Cmd::Backend {
             listen,
@@ -111,7 +116,7 @@ fn main() -> ExitCode {
                 grace,
                 unhealthy,
             };
-            block_on(meshd::demo::backend::run(opts))
+            block_on(None, meshd::demo::backend::run(opts))
         }
         Cmd::Run => {
             let Some(path) = cli.config else {
@@ -131,16 +136,25 @@ fn main() -> ExitCode {
                 None => cfg.log.format,
             };
             init_logging(format);
-            block_on(meshd::app::run(cfg))
+            block_on(cli.threads, meshd::app::run(cfg))
         }
     }
 }
 
-fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+fn block_on(
+    threads: Option<usize>,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshd: cannot start the runtime: {e}");

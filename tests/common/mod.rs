@@ -239,7 +239,10 @@ impl Backend {
     }
 
     pub fn spawn_on(port: u16, name: &str, mode: &str, extra: &[&str]) -> Backend {
-        let addr = addr(port);
+        Backend::spawn_on_addr(addr(port), name, mode, extra)
+    }
+
+    pub fn spawn_on_addr(addr: SocketAddr, name: &str, mode: &str, extra: &[&str]) -> Backend {
         let child = Command::new(BIN)
             .args([
                 "backend",

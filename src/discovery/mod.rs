@@ -1,0 +1,7 @@
+//! Discovery providers: they produce desired services and endpoints and send them to the
+//! control plane as `Command`s. Invariant: they never touch the routing table.
+//!
+//! - `dns`: A/AAAA records of a name (e.g. Swarm's `tasks.web`) become a configured
+//!   service's backends.
+
+pub mod dns;

@@ -1,0 +1,138 @@
+//! Measures heap allocations per proxied connection on meshd's runtime threads: the accept
+//! loop, the connection task, connect and forward. Runs meshd in-process (so a counting
+//! global allocator sees it) against an echo backend and clients on other threads, whose
+//! allocations are not counted.
+//!
+//! The bound asserted is the connection's own state: its task, the two sockets'
+//! registrations with the I/O driver, plus amortised growth of pooled structures. Anything
+//! formatted or boxed per connection on the hot path would push it past the bound.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{addr, free_port, wait_until};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Set on meshd's runtime threads only.
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if COUNTED.with(|c| c.get()) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if COUNTED.with(|c| c.get()) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn echo_server() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    a
+}
+
+fn one_connection(listen: std::net::SocketAddr) {
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+}
+
+#[test]
+fn allocations_per_connection_are_the_connections_own_state() {
+    let backend = echo_server();
+    let listen = addr(free_port());
+    let admin = addr(free_port());
+    let dir = common::TempDir::new("alloc");
+    let path = dir.0.join("mesh.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[[service]]\nname = \"svc\"\nlisten = [\"{listen}\"]\n\
+             balance = \"p2c\"\nbackends = [{{ addr = \"{backend}\" }}]\n[service.health]\ncheck = \"none\"\n"
+        ),
+    )
+    .unwrap();
+    let cfg = meshd::config::Config::load(&path).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| COUNTED.with(|c| c.set(true)))
+        .build()
+        .unwrap();
+    rt.spawn(async move {
+        let _ = meshd::app::run(cfg).await;
+    });
+    assert!(wait_until(Duration::from_secs(10), || {
+        matches!(common::http_get(admin, "/readyz"), Some((200, _)))
+    }));
+
+    // Warm up: pools, slabs and the timer wheel reach their working size.
+    for _ in 0..2000 {
+        one_connection(listen);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    const N: u64 = 5000;
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for _ in 0..N {
+        one_connection(listen);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = ALLOCS.load(Ordering::Relaxed);
+    let per_conn = (after - before) as f64 / N as f64;
+    println!(
+        "allocations per proxied connection on meshd's threads: {per_conn:.2} ({} over {N})",
+        after - before
+    );
+    // Measured (by allocation size and a backtrace of each kind, 2026-11-22): the task,
+    // ~1.7 KiB (1); the two sockets' ScheduledIo registrations with tokio's I/O driver,
+    // ~300 B each (2); tokio's deregistration batch when a socket closes, 32 B (1); the
+    // histograms' sample blocks, amortised (0.03). None is meshd's own code: a
+    // per-connection string, Box or Vec on the hot path would add at least one more.
+    assert!(per_conn <= 4.5, "{per_conn:.2} allocations per connection");
+    rt.shutdown_background();
+}
