@@ -103,7 +103,16 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
                 b.consecutive_failures.store(0, Ordering::Relaxed);
                 break (s, b);
             }
-            Err(e) => {
+            Err(connect::Failure::Local(_)) => {
+                // Out of descriptors or ports here: retrying elsewhere fails the same way,
+                // and the backend is not to blame.
+                b.active.fetch_sub(1, Ordering::Relaxed);
+                svc.state
+                    .rejected_no_backend
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(connect::Failure::Backend(e)) => {
                 b.active.fetch_sub(1, Ordering::Relaxed);
                 b.stats.connect_errors[e as usize].fetch_add(1, Ordering::Relaxed);
                 let n = b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
