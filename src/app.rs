@@ -92,12 +92,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         admin_state.clone(),
         admin_stop.clone(),
     ));
-    // Discovery providers. DNS targets follow reloads.
+    // Discovery providers. DNS targets follow reloads; the Docker provider's settings are
+    // read at start (changing [discovery.docker] needs a restart).
     let (dns_tx, dns_rx) = tokio::sync::watch::channel(crate::discovery::dns::targets(&config));
     if let Some(dns) = &config.discovery.dns {
         tokio::spawn(crate::discovery::dns::run(
             dns.clone(),
             dns_rx,
+            cmd_tx.clone(),
+        ));
+    }
+    if let Some(docker) = &config.discovery.docker {
+        tokio::spawn(crate::discovery::docker::run(
+            docker.clone(),
+            config.defaults.clone(),
             cmd_tx.clone(),
         ));
     }

@@ -61,6 +61,9 @@ enum Cmd {
         grace: Duration,
         #[arg(long)]
         unhealthy: bool,
+        /// Exit with status 1 at start, before binding (a release that crashes on start).
+        #[arg(long)]
+        crash_on_start: bool,
     },
 }
 
@@ -106,8 +109,13 @@ fn main() -> ExitCode {
             bind_delay,
             grace,
             unhealthy,
+            crash_on_start,
         } => {
             init_logging(LogFormat::Human);
+            if crash_on_start {
+                eprintln!("meshd backend: --crash-on-start: exiting with status 1");
+                return ExitCode::FAILURE;
+            }
             let opts = BackendOpts {
                 listen,
                 name,

@@ -3,5 +3,7 @@
 //!
 //! - `dns`: A/AAAA records of a name (e.g. Swarm's `tasks.web`) become a configured
 //!   service's backends.
+//! - `docker`: labelled Swarm services become mesh services, their running tasks backends.
 
 pub mod dns;
+pub mod docker;

@@ -1,0 +1,448 @@
+//! `mesh.*` service labels -> mesh services.
+//!
+//! A Swarm service opts in with `mesh.publish=PUBLISHED:TARGET` (several pairs
+//! comma-separated: one mesh service per pair). The other labels override the `[defaults]`
+//! template:
+//!
+//! | label | value | default |
+//! | --- | --- | --- |
+//! | `mesh.publish` | `8080:80` or `8080:80,8443:443` | (required: the opt-in) |
+//! | `mesh.balance` | `round_robin`, `least_conn`, `p2c`, `maglev` | `[defaults] balance` |
+//! | `mesh.health` | `none`, `tcp`, `http` | `[defaults.health] check` |
+//! | `mesh.health.path` | `/healthz` (needs `mesh.health=http`, or http as the default) | `[defaults.health] path` |
+//! | `mesh.proxy_protocol` | `off`, `v1`, `v2` | `[defaults] proxy_protocol` |
+//! | `mesh.network` | the name or ID of the network to reach the tasks on | the one meshd shares with them |
+//! | `mesh.listen` | the IP to listen on, e.g. `0.0.0.0`, `::`, `10.1.2.3` | `0.0.0.0` |
+//!
+//! Invariant: pure functions, no I/O. A label that does not parse is one [`LabelError`]
+//! line naming the Swarm service and the label; that service is skipped, the others go on.
+//! An unknown `mesh.*` label is only a warning: a newer meshd's labels must not take a
+//! service down on an older meshd during an upgrade.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use crate::config::{Balance, CheckKind, ProxyProtocol, ServiceConfig};
+
+pub const PUBLISH: &str = "mesh.publish";
+pub const BALANCE: &str = "mesh.balance";
+pub const HEALTH: &str = "mesh.health";
+pub const HEALTH_PATH: &str = "mesh.health.path";
+pub const PROXY_PROTOCOL: &str = "mesh.proxy_protocol";
+pub const NETWORK: &str = "mesh.network";
+pub const LISTEN: &str = "mesh.listen";
+
+const KNOWN: [&str; 7] = [
+    PUBLISH,
+    BALANCE,
+    HEALTH,
+    HEALTH_PATH,
+    PROXY_PROTOCOL,
+    NETWORK,
+    LISTEN,
+];
+
+/// Longest mesh service name (the config's rule: names become metric labels and URL path
+/// segments).
+const MAX_NAME: usize = 64;
+
+/// A label that cannot be used. `Display`: `service "web": label mesh.publish="80:abc":
+/// expected PUBLISHED:TARGET ports, e.g. 8080:80`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("service {service:?}: label {label}={value:?}: {problem}")]
+pub struct LabelError {
+    /// The Swarm service's name.
+    pub service: String,
+    pub label: String,
+    pub value: String,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+/// A Swarm service's parsed `mesh.*` labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshLabels {
+    /// (published, target) pairs, in label order, published ports unique.
+    pub ports: Vec<(u16, u16)>,
+    pub listen_ip: IpAddr,
+    /// `mesh.network`: the network (name or ID) to reach the tasks on.
+    pub network: Option<String>,
+    pub balance: Option<Balance>,
+    pub check: Option<CheckKind>,
+    pub path: Option<String>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Unknown `mesh.*` labels, each as a one-line warning.
+    pub warnings: Vec<String>,
+}
+
+/// One mesh service to create from a Swarm service: its settings (without backends) and
+/// the task port its backends use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshService {
+    pub config: ServiceConfig,
+    pub target: u16,
+}
+
+/// Reads `labels` of Swarm service `service`: `Ok(None)` when it has not opted in (no
+/// `mesh.publish`).
+pub fn parse(
+    service: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<MeshLabels>, LabelError> {
+    let Some(publish) = labels.get(PUBLISH) else {
+        return Ok(None);
+    };
+    let err = |label: &str, value: &str, problem: String| LabelError {
+        service: service.to_owned(),
+        label: label.to_owned(),
+        value: value.to_owned(),
+        problem,
+    };
+    let ports = parse_ports(publish).map_err(|p| err(PUBLISH, publish, p))?;
+
+    let listen_ip = match labels.get(LISTEN) {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some(v) => v.trim().parse().map_err(|_| {
+            err(
+                LISTEN,
+                v,
+                "expected an IP address to listen on, e.g. 0.0.0.0, :: or 10.0.0.5".into(),
+            )
+        })?,
+    };
+    let balance = keyword(labels, BALANCE, &BALANCES).map_err(|(v, p)| err(BALANCE, &v, p))?;
+    let check = keyword(labels, HEALTH, &CHECKS).map_err(|(v, p)| err(HEALTH, &v, p))?;
+    let proxy_protocol = keyword(labels, PROXY_PROTOCOL, &PROXY_PROTOCOLS)
+        .map_err(|(v, p)| err(PROXY_PROTOCOL, &v, p))?;
+    let path = match labels.get(HEALTH_PATH) {
+        None => None,
+        Some(v) => {
+            if !v.starts_with('/') || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(err(
+                    HEALTH_PATH,
+                    v,
+                    "expected a path starting with '/' and without spaces, e.g. /healthz".into(),
+                ));
+            }
+            Some(v.clone())
+        }
+    };
+    let network = match labels.get(NETWORK).map(|v| v.trim()) {
+        None => None,
+        Some("") => {
+            return Err(err(
+                NETWORK,
+                "",
+                "expected a network name or ID, e.g. mesh".into(),
+            ))
+        }
+        Some(v) => Some(v.to_owned()),
+    };
+    let warnings = labels
+        .keys()
+        .filter(|k| k.starts_with("mesh.") && !KNOWN.contains(&k.as_str()))
+        .map(|k| {
+            format!(
+                "service {service:?}: unknown label {k} ignored: meshd reads {}",
+                KNOWN.join(", ")
+            )
+        })
+        .collect();
+    Ok(Some(MeshLabels {
+        ports,
+        listen_ip,
+        network,
+        balance,
+        check,
+        path,
+        proxy_protocol,
+        warnings,
+    }))
+}
+
+/// The mesh services of Swarm service `service`: `defaults` (the `[defaults]` template)
+/// with the labels' overrides, one per published port, without backends. Named `service`
+/// for one port, `service-PUBLISHED` for several.
+pub fn services(
+    service: &str,
+    labels: &MeshLabels,
+    defaults: &ServiceConfig,
+) -> Result<Vec<MeshService>, LabelError> {
+    let err = |label: &str, value: String, problem: String| LabelError {
+        service: service.to_owned(),
+        label: label.to_owned(),
+        value,
+        problem,
+    };
+    let mut template = defaults.clone();
+    template.backends.clear();
+    template.dns = None;
+    if let Some(b) = labels.balance {
+        template.balance = b;
+    }
+    if let Some(c) = labels.check {
+        template.health.check = c;
+    }
+    if let Some(p) = labels.proxy_protocol {
+        template.proxy_protocol = p;
+    }
+    if let Some(path) = &labels.path {
+        if template.health.check != CheckKind::Http {
+            return Err(err(
+                HEALTH_PATH,
+                path.clone(),
+                "the health check is not http: add the label mesh.health=http".into(),
+            ));
+        }
+        template.health.path = path.clone();
+    }
+    let several = labels.ports.len() > 1;
+    let mut out = Vec::with_capacity(labels.ports.len());
+    for &(published, target) in &labels.ports {
+        let name = if several {
+            format!("{service}-{published}")
+        } else {
+            service.to_owned()
+        };
+        if name.is_empty()
+            || name.chars().count() > MAX_NAME
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(err(
+                PUBLISH,
+                labels
+                    .ports
+                    .iter()
+                    .map(|(p, t)| format!("{p}:{t}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!(
+                    "the mesh service name {name:?} is not usable: at most {MAX_NAME} letters, \
+                     digits, '.', '_' or '-' (rename the Swarm service)"
+                ),
+            ));
+        }
+        let mut config = template.clone();
+        config.name = name;
+        config.listen = vec![SocketAddr::new(labels.listen_ip, published)];
+        out.push(MeshService { config, target });
+    }
+    Ok(out)
+}
+
+fn parse_ports(s: &str) -> Result<Vec<(u16, u16)>, String> {
+    const EXPECTED: &str =
+        "expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443)";
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|&p| p != 0);
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for pair in s.split(',') {
+        let (published, target) = pair
+            .split_once(':')
+            .and_then(|(a, b)| Some((port(a)?, port(b)?)))
+            .ok_or_else(|| EXPECTED.to_owned())?;
+        if out.iter().any(|(p, _)| *p == published) {
+            return Err(format!(
+                "published port {published} is listed twice: publish each port once"
+            ));
+        }
+        out.push((published, target));
+    }
+    Ok(out)
+}
+
+const BALANCES: [(&str, Balance); 4] = [
+    ("round_robin", Balance::RoundRobin),
+    ("least_conn", Balance::LeastConn),
+    ("p2c", Balance::P2c),
+    ("maglev", Balance::Maglev),
+];
+const CHECKS: [(&str, CheckKind); 3] = [
+    ("none", CheckKind::None),
+    ("tcp", CheckKind::Tcp),
+    ("http", CheckKind::Http),
+];
+const PROXY_PROTOCOLS: [(&str, ProxyProtocol); 3] = [
+    ("off", ProxyProtocol::Off),
+    ("v1", ProxyProtocol::V1),
+    ("v2", ProxyProtocol::V2),
+];
+
+/// The value of label `key` from `table`; the error is (value, problem).
+fn keyword<T: Copy>(
+    labels: &BTreeMap<String, String>,
+    key: &str,
+    table: &[(&str, T)],
+) -> Result<Option<T>, (String, String)> {
+    let Some(v) = labels.get(key) else {
+        return Ok(None);
+    };
+    table
+        .iter()
+        .find(|(k, _)| *k == v.trim())
+        .map(|&(_, t)| Some(t))
+        .ok_or_else(|| {
+            let names: Vec<&str> = table.iter().map(|(k, _)| *k).collect();
+            (v.clone(), format!("expected one of {}", names.join(", ")))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn defaults() -> ServiceConfig {
+        Config::parse(std::path::Path::new("mesh.toml"), "[discovery.docker]\n")
+            .unwrap()
+            .defaults
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn err(pairs: &[(&str, &str)]) -> String {
+        let l = labels(pairs);
+        match parse("web", &l) {
+            Err(e) => e.to_string(),
+            Ok(Some(m)) => services("web", &m, &defaults()).unwrap_err().to_string(),
+            Ok(None) => panic!("not opted in"),
+        }
+    }
+
+    #[test]
+    fn not_opted_in_without_publish() {
+        assert_eq!(parse("web", &labels(&[("mesh.balance", "p2c")])), Ok(None));
+        assert_eq!(parse("web", &BTreeMap::new()), Ok(None));
+    }
+
+    #[test]
+    fn one_port_keeps_the_name_and_defaults() {
+        let d = defaults();
+        let m = parse("web", &labels(&[("mesh.publish", "8080:80")]))
+            .unwrap()
+            .unwrap();
+        let s = services("web", &m, &d).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].target, 80);
+        assert_eq!(s[0].config.name, "web");
+        assert_eq!(s[0].config.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
+        assert!(s[0].config.backends.is_empty());
+        let mut expect = d.clone();
+        expect.name = "web".into();
+        expect.listen = s[0].config.listen.clone();
+        assert_eq!(s[0].config, expect);
+    }
+
+    #[test]
+    fn several_ports_and_overrides() {
+        let m = parse(
+            "api",
+            &labels(&[
+                ("mesh.publish", " 8080:80 , 8443:443"),
+                ("mesh.balance", "maglev"),
+                ("mesh.health", "http"),
+                ("mesh.health.path", "/ready"),
+                ("mesh.proxy_protocol", "v2"),
+                ("mesh.listen", "::"),
+                ("mesh.network", "front"),
+                ("mesh.colour", "blue"),
+                ("com.example.other", "x"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(m.network.as_deref(), Some("front"));
+        assert_eq!(m.warnings.len(), 1);
+        assert!(m.warnings[0].contains("unknown label mesh.colour"), "{m:?}");
+        let s = services("api", &m, &defaults()).unwrap();
+        let names: Vec<&str> = s.iter().map(|s| s.config.name.as_str()).collect();
+        assert_eq!(names, ["api-8080", "api-8443"]);
+        assert_eq!(s[1].target, 443);
+        assert_eq!(s[1].config.listen, vec!["[::]:8443".parse().unwrap()]);
+        assert_eq!(s[0].config.balance, Balance::Maglev);
+        assert_eq!(s[0].config.health.check, CheckKind::Http);
+        assert_eq!(s[0].config.health.path, "/ready");
+        assert_eq!(s[0].config.proxy_protocol, ProxyProtocol::V2);
+    }
+
+    #[test]
+    fn errors_name_the_service_and_the_label() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("mesh.publish", "80:abc")],
+                r#"service "web": label mesh.publish="80:abc": expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443)"#,
+            ),
+            (
+                &[("mesh.publish", "8080")],
+                r#"service "web": label mesh.publish="8080": expected PUBLISHED:TARGET ports"#,
+            ),
+            (
+                &[("mesh.publish", "0:80")],
+                r#"label mesh.publish="0:80": expected PUBLISHED:TARGET"#,
+            ),
+            (
+                &[("mesh.publish", "8080:80,")],
+                r#"label mesh.publish="8080:80,": expected"#,
+            ),
+            (
+                &[("mesh.publish", "8080:80,8080:81")],
+                "published port 8080 is listed twice",
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.balance", "random")],
+                r#"label mesh.balance="random": expected one of round_robin, least_conn, p2c, maglev"#,
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.health", "grpc")],
+                r#"label mesh.health="grpc": expected one of none, tcp, http"#,
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.proxy_protocol", "v3")],
+                r#"label mesh.proxy_protocol="v3": expected one of off, v1, v2"#,
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.listen", "localhost")],
+                r#"label mesh.listen="localhost": expected an IP address"#,
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.health.path", "healthz")],
+                r#"label mesh.health.path="healthz": expected a path starting with '/'"#,
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.health.path", "/h")],
+                r#"label mesh.health.path="/h": the health check is not http: add the label mesh.health=http"#,
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.network", " ")],
+                r#"label mesh.network="": expected a network name or ID"#,
+            ),
+        ];
+        for (pairs, want) in cases {
+            let got = err(pairs);
+            assert!(got.contains(want), "{pairs:?}:\n got  {got}\n want {want}");
+            assert!(got.starts_with(r#"service "web": label mesh."#), "{got}");
+            assert!(!got.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let name = "s".repeat(62);
+        let m = parse(&name, &labels(&[("mesh.publish", "8080:1,8081:2")]))
+            .unwrap()
+            .unwrap();
+        let e = services(&name, &m, &defaults()).unwrap_err().to_string();
+        assert!(e.contains("is not usable"), "{e}");
+        // One port: the Swarm name itself (at most 63 characters) is fine.
+        let m = parse(&name, &labels(&[("mesh.publish", "1:1")]))
+            .unwrap()
+            .unwrap();
+        assert!(services(&name, &m, &defaults()).is_ok());
+    }
+}

@@ -1,0 +1,459 @@
+//! Docker Swarm discovery: labelled Swarm services become mesh services, their running
+//! tasks the backends, on every node that runs meshd.
+//!
+//! ```text
+//!  /events (service, node) ──trigger──┐
+//!                                     ▼
+//!  every poll_interval (150 ms while a service updates):
+//!    GET /services (label mesh.publish), /tasks, /nodes ──► state::Tracker::observe
+//!        (pure: labels -> ServiceConfig, routable tasks -> backends, retired task IDs)
+//!    changed? ──► Command::Services(Source::Docker, list) ──► control plane (drains, health)
+//!    failed?  ──► Command::DiscoveryFailed("docker"), the last good list stays
+//! ```
+//!
+//! Swarm has no task events (moby#37403), so tasks are polled; events only make the next
+//! poll happen at once. A task told to stop (`DesiredState` shutdown/remove) is still
+//! running for ~2 s before it gets SIGTERM when it is on an overlay network: a poll every
+//! 500 ms (150 ms during a rolling update) removes it from meshd well inside that window,
+//! and the control plane drains its connections.
+//!
+//! Only managers answer for the swarm: on a worker, point `endpoint` at a manager through a
+//! read-only socket proxy (see docs/swarm.md).
+//!
+//! Layout: [`client`] (the HTTP client and its errors), [`api`] (the engine's objects),
+//! [`labels`] (`mesh.*` -> `ServiceConfig`), [`state`] (the pure task-state logic), and
+//! here the loop that ties them to the control plane.
+
+pub mod api;
+pub mod client;
+pub mod labels;
+pub mod state;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+pub use client::{ApiError, Client};
+pub use state::{Desired, OwnNetworks, Snapshot, Tracker};
+
+use crate::config::{DockerDiscoveryConfig, ServiceConfig};
+use crate::control::{Command, Source};
+
+/// The poll interval while an opted-in service is in a rolling update or rollback, and for
+/// a while after an event.
+pub const FAST_POLL: Duration = Duration::from_millis(150);
+/// How long polls stay fast after a service or node event.
+const FAST_AFTER_EVENT: Duration = Duration::from_secs(5);
+/// At most one failure line per this long (the first failure is logged at once).
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(30);
+/// Consecutive failures back off from the poll interval up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often meshd re-reads which networks its own container is on.
+const OWN_REFRESH: Duration = Duration::from_secs(30);
+/// The event stream is reopened after this long without a byte (a dead proxy connection
+/// must not hang it forever; events are only triggers, so nothing is lost).
+const EVENTS_IDLE: Duration = Duration::from_secs(600);
+const EVENTS_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Tasks the orchestrator wants running, and the ones it is stopping: a task seen stopping
+/// is retired for good ([`Tracker`]).
+const TASKS_FILTER: &str = r#"{"desired-state":["running","shutdown","remove"]}"#;
+/// Only the services that opted in.
+const SERVICES_FILTER: &str = r#"{"label":["mesh.publish"]}"#;
+const EVENTS_FILTER: &str = r#"{"type":["service","node"]}"#;
+
+/// The provider's name in `Command::DiscoveryFailed` (and the status page).
+pub const PROVIDER: &str = "docker";
+
+/// Runs the Docker provider until the control plane goes away: polls the engine at
+/// `cfg.endpoint`, builds mesh services from `defaults` (the `[defaults]` template) and
+/// the `mesh.*` labels, and sends `Command::Services(Source::Docker, ..)` whenever the list
+/// changes.
+pub async fn run(
+    cfg: DockerDiscoveryConfig,
+    defaults: ServiceConfig,
+    commands: mpsc::Sender<Command>,
+) {
+    let client = match Client::new(&cfg.endpoint) {
+        Ok(c) => c,
+        Err(e) => {
+            // The config validator accepts only usable endpoints; this is a safety net.
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    tracing::info!(
+        endpoint = client.endpoint(),
+        poll_interval_ms = cfg.poll_interval.as_millis() as u64,
+        "docker discovery: starting"
+    );
+    Provider::new(cfg, defaults, client, commands).run().await;
+}
+
+struct Provider {
+    cfg: DockerDiscoveryConfig,
+    defaults: ServiceConfig,
+    client: Client,
+    commands: mpsc::Sender<Command>,
+    tracker: Tracker,
+    /// The last list sent (`None`: nothing sent yet).
+    sent: Option<Vec<ServiceConfig>>,
+    /// Warnings of the last poll: a warning is logged when it first appears.
+    warnings: BTreeSet<String>,
+    /// Services in an update at the last poll.
+    updating: Vec<String>,
+    negotiated: bool,
+    own: Own,
+    failures: Failures,
+    /// Wakes the loop for an immediate poll (the event stream).
+    trigger: Arc<Notify>,
+    events: Option<JoinHandle<()>>,
+}
+
+/// meshd's own container and the networks it is attached to.
+#[derive(Default)]
+struct Own {
+    /// `None`: not in a container (or cannot tell); never looked up.
+    container: Option<String>,
+    networks: Option<OwnNetworks>,
+    checked: Option<Instant>,
+}
+
+/// Failure accounting for the log.
+#[derive(Default)]
+struct Failures {
+    /// Consecutive failed polls and when the streak began.
+    streak: u64,
+    since: Option<Instant>,
+    logged_at: Option<Instant>,
+    /// Failures not logged since the last line.
+    unlogged: u64,
+}
+
+impl Provider {
+    fn new(
+        cfg: DockerDiscoveryConfig,
+        defaults: ServiceConfig,
+        client: Client,
+        commands: mpsc::Sender<Command>,
+    ) -> Provider {
+        Provider {
+            cfg,
+            defaults,
+            client,
+            commands,
+            tracker: Tracker::default(),
+            sent: None,
+            warnings: BTreeSet::new(),
+            updating: Vec::new(),
+            negotiated: false,
+            own: Own {
+                container: own_container_id(),
+                ..Own::default()
+            },
+            failures: Failures::default(),
+            trigger: Arc::new(Notify::new()),
+            events: None,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut fast_until: Option<Instant> = None;
+        loop {
+            let fast = match self.poll().await {
+                Ok(updating) => {
+                    self.failures.recovered();
+                    updating
+                }
+                Err(e) => {
+                    if matches!(e, ApiError::Connect { .. })
+                        || matches!(&e, ApiError::Status { status: 400, .. })
+                    {
+                        // The engine may have restarted or been upgraded: ask its version again.
+                        self.negotiated = false;
+                    }
+                    self.failures.failed(&e);
+                    if self
+                        .commands
+                        .send(Command::DiscoveryFailed(PROVIDER))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    false
+                }
+            };
+            let now = Instant::now();
+            let delay = if self.failures.streak > 0 {
+                let n = self.failures.streak.min(8) as u32;
+                (self.cfg.poll_interval * 2u32.saturating_pow(n - 1))
+                    .min(MAX_BACKOFF.max(self.cfg.poll_interval))
+            } else if fast || fast_until.is_some_and(|t| now < t) {
+                FAST_POLL.min(self.cfg.poll_interval)
+            } else {
+                self.cfg.poll_interval
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.trigger.notified() => {
+                    fast_until = Some(Instant::now() + FAST_AFTER_EVENT);
+                }
+                _ = self.commands.closed() => return,
+            }
+        }
+    }
+
+    /// One poll; `Ok(true)` while an opted-in service is updating.
+    async fn poll(&mut self) -> Result<bool, ApiError> {
+        if !self.negotiated {
+            let v = self.client.negotiate().await?;
+            self.negotiated = true;
+            tracing::info!(
+                engine = v.version.as_str(),
+                engine_api = v.api_version.as_str(),
+                api = self.client.api_version().unwrap_or(""),
+                "docker discovery: connected"
+            );
+            if self.events.is_none() {
+                self.events = Some(tokio::spawn(watch_events(
+                    self.client.clone(),
+                    self.trigger.clone(),
+                )));
+            }
+        }
+        self.refresh_own().await;
+
+        let services_path = format!(
+            "/services?filters={}",
+            client::encode_query(SERVICES_FILTER)
+        );
+        let tasks_path = format!("/tasks?filters={}", client::encode_query(TASKS_FILTER));
+        let (services, tasks, nodes) = tokio::try_join!(
+            self.client.get::<Vec<api::Service>>(&services_path),
+            self.client.get::<Vec<api::Task>>(&tasks_path),
+            self.client.get::<Vec<api::Node>>("/nodes"),
+        )?;
+        let snap = Snapshot {
+            services,
+            tasks,
+            nodes,
+        };
+        let desired = self
+            .tracker
+            .observe(&snap, &self.defaults, self.own.networks.as_ref());
+        self.report(&desired);
+        let updating = !desired.updating.is_empty();
+        if self.sent.as_ref() != Some(&desired.services) {
+            for line in state::changes(self.sent.as_deref().unwrap_or(&[]), &desired.services) {
+                tracing::info!("docker discovery: {line}");
+            }
+            if self
+                .commands
+                .send(Command::Services(Source::Docker, desired.services.clone()))
+                .await
+                .is_err()
+            {
+                return Ok(updating);
+            }
+            self.sent = Some(desired.services);
+        }
+        Ok(updating)
+    }
+
+    /// Logs warnings when they first appear and update phases when they change.
+    fn report(&mut self, d: &Desired) {
+        for w in &d.warnings {
+            if !self.warnings.contains(w) {
+                tracing::warn!("docker discovery: {w}");
+            }
+        }
+        self.warnings = d.warnings.iter().cloned().collect();
+        if d.updating != self.updating {
+            if d.updating.is_empty() {
+                tracing::info!("docker discovery: no rolling update in progress");
+            } else {
+                tracing::info!(
+                    poll_ms = FAST_POLL.min(self.cfg.poll_interval).as_millis() as u64,
+                    "docker discovery: rolling update in progress: {}",
+                    d.updating.join(", ")
+                );
+            }
+            self.updating.clone_from(&d.updating);
+        }
+    }
+
+    /// Reads which networks meshd's own container is on (when it runs in one), at most
+    /// every [`OWN_REFRESH`]. A failure leaves the networks unknown: tasks are then reached
+    /// on their only non-ingress network (or `mesh.network`).
+    async fn refresh_own(&mut self) {
+        let Some(id) = &self.own.container else {
+            return;
+        };
+        if self.own.checked.is_some_and(|t| t.elapsed() < OWN_REFRESH) {
+            return;
+        }
+        self.own.checked = Some(Instant::now());
+        let networks = match self
+            .client
+            .get::<api::Container>(&format!("/containers/{id}/json"))
+            .await
+        {
+            Ok(c) => {
+                let mut set = OwnNetworks::new();
+                for (name, n) in c.network_settings.networks {
+                    if !n.network_id.is_empty() {
+                        set.insert(n.network_id);
+                    }
+                    set.insert(name);
+                }
+                Some(set)
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "docker discovery: cannot read meshd's own container ({e}); tasks are reached on their only non-ingress network"
+                );
+                None
+            }
+        };
+        if networks != self.own.networks {
+            if let Some(n) = &networks {
+                tracing::info!(
+                    container = id.get(..12).unwrap_or(id),
+                    "docker discovery: meshd's container is on networks: {}",
+                    n.iter().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            self.own.networks = networks;
+        }
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        if let Some(h) = self.events.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Failures {
+    fn failed(&mut self, e: &ApiError) {
+        let now = Instant::now();
+        self.streak += 1;
+        self.since.get_or_insert(now);
+        let first = self.streak == 1;
+        if first || self.logged_at.is_none_or(|t| now - t >= FAILURE_LOG_EVERY) {
+            let more = if self.unlogged > 0 {
+                format!(
+                    " ({} more failed polls since the last message)",
+                    self.unlogged
+                )
+            } else {
+                String::new()
+            };
+            tracing::error!(
+                reason = e.reason(),
+                "{e}; keeping the last good state{more}"
+            );
+            self.logged_at = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.streak > 0 {
+            tracing::info!(
+                failed_polls = self.streak,
+                down_ms = self.since.map_or(0, |t| t.elapsed().as_millis() as u64),
+                "docker discovery: the engine answers again"
+            );
+        }
+        self.streak = 0;
+        self.since = None;
+        self.unlogged = 0;
+    }
+}
+
+/// Subscribes to service and node events; each one (and each reconnect) wakes the poll
+/// loop. Reconnects with a back-off when the stream fails or ends.
+async fn watch_events(client: Client, trigger: Arc<Notify>) {
+    let path = format!("/events?filters={}", client::encode_query(EVENTS_FILTER));
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match client.stream(&path).await {
+            Ok(mut body) => {
+                tracing::debug!("docker discovery: subscribed to service and node events");
+                backoff = Duration::from_secs(1);
+                // Events missed while disconnected: one poll covers them.
+                trigger.notify_one();
+                let mut line: Vec<u8> = Vec::new();
+                loop {
+                    let frame = match tokio::time::timeout(EVENTS_IDLE, body.frame()).await {
+                        Ok(Some(Ok(f))) => f,
+                        Ok(Some(Err(e))) => {
+                            tracing::debug!(error = %e, "docker discovery: event stream failed");
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    line.extend_from_slice(&data);
+                    while let Some(i) = line.iter().position(|&b| b == b'\n') {
+                        let one: Vec<u8> = line.drain(..=i).collect();
+                        if let Ok(ev) = serde_json::from_slice::<api::Event>(&one) {
+                            tracing::debug!(
+                                kind = ev.kind.as_str(),
+                                action = ev.action.as_str(),
+                                name = ev.actor.attributes.get("name").map_or("", String::as_str),
+                                "docker discovery: event"
+                            );
+                            trigger.notify_one();
+                        }
+                    }
+                    if line.len() > 1 << 20 {
+                        line.clear();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("{e} (event stream; polling continues)");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(EVENTS_MAX_BACKOFF);
+    }
+}
+
+/// meshd's own container ID, when it runs in a Docker container: the engine bind-mounts
+/// `/etc/hostname` etc. from `/var/lib/docker/containers/<id>/`, which
+/// `/proc/self/mountinfo` shows (with cgroup v1 and v2 alike).
+fn own_container_id() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    container_id_from_mountinfo(&text)
+}
+
+fn container_id_from_mountinfo(text: &str) -> Option<String> {
+    for line in text.lines() {
+        let mut rest = line;
+        while let Some(i) = rest.find("/containers/") {
+            rest = &rest[i + "/containers/".len()..];
+            let id: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+            if id.len() == 64 && rest[64..].starts_with('/') {
+                return Some(id);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! The provider loop against a fake engine on a unix socket that serves recorded answers.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+
+use super::*;
+use crate::config::Config;
+
+macro_rules! fixture {
+    ($name:literal) => {
+        include_str!(concat!("../../../tests/fixtures/docker/", $name))
+    };
+}
+
+#[derive(Default)]
+struct Answers {
+    version: String,
+    services: String,
+    tasks: String,
+    nodes: String,
+    /// Every data call answers this status and body instead.
+    fail: Option<(u16, String)>,
+    /// Paths asked, in order.
+    asked: Vec<String>,
+}
+
+struct FakeEngine {
+    answers: Arc<Mutex<Answers>>,
+    endpoint: String,
+    dir: PathBuf,
+}
+
+impl Drop for FakeEngine {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl FakeEngine {
+    fn start(tag: &str) -> FakeEngine {
+        let dir =
+            std::env::temp_dir().join(format!("meshd-fake-docker-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("docker.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let answers = Arc::new(Mutex::new(Answers {
+            version: fixture!("version.json").into(),
+            services: fixture!("services.json").into(),
+            tasks: fixture!("tasks-steady.json").into(),
+            nodes: fixture!("nodes.json").into(),
+            ..Answers::default()
+        }));
+        let a = answers.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let a = a.clone();
+                            async move { Ok::<_, Infallible>(answer(&a, &req)) }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        FakeEngine {
+            answers,
+            endpoint: format!("unix://{}", sock.display()),
+            dir,
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Answers)) {
+        f(&mut self.answers.lock().unwrap());
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.answers.lock().unwrap().asked.clone()
+    }
+}
+
+fn answer(a: &Mutex<Answers>, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let mut a = a.lock().unwrap();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    a.asked.push(pq);
+    let path = req.uri().path();
+    let (status, body) = if path == "/version" {
+        (200, a.version.clone())
+    } else if let Some((code, body)) = &a.fail {
+        (*code, body.clone())
+    } else if path.ends_with("/services") {
+        (200, a.services.clone())
+    } else if path.ends_with("/tasks") {
+        (200, a.tasks.clone())
+    } else if path.ends_with("/nodes") {
+        (200, a.nodes.clone())
+    } else if path.ends_with("/events") {
+        (
+            200,
+            fixture!("events.jsonl")
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+                + "\n",
+        )
+    } else {
+        (404, r#"{"message":"page not found"}"#.to_owned())
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+fn config(endpoint: &str) -> DockerDiscoveryConfig {
+    DockerDiscoveryConfig {
+        endpoint: endpoint.to_owned(),
+        poll_interval: Duration::from_millis(40),
+    }
+}
+
+fn defaults() -> ServiceConfig {
+    Config::parse(std::path::Path::new("mesh.toml"), "[discovery.docker]\n")
+        .unwrap()
+        .defaults
+}
+
+enum Got {
+    Services(Vec<ServiceConfig>),
+    Failed,
+}
+
+async fn next(rx: &mut mpsc::Receiver<Command>) -> Got {
+    let cmd = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a command within 5 s")
+        .expect("provider alive");
+    match cmd {
+        Command::Services(Source::Docker, list) => Got::Services(list),
+        Command::DiscoveryFailed("docker") => Got::Failed,
+        _ => panic!("unexpected command"),
+    }
+}
+
+fn endpoint_count(list: &[ServiceConfig]) -> usize {
+    assert_eq!(list.len(), 1);
+    list[0].backends.len()
+}
+
+#[tokio::test]
+async fn sends_on_change_only_and_keeps_state_on_failure() {
+    let engine = FakeEngine::start("loop");
+    let (tx, mut rx) = mpsc::channel(16);
+    let provider = tokio::spawn(run(config(&engine.endpoint), defaults(), tx));
+
+    let Got::Services(list) = next(&mut rx).await else {
+        panic!("expected services first")
+    };
+    assert_eq!(list[0].name, "meshfix-web");
+    assert_eq!(endpoint_count(&list), 3);
+
+    // A rolling update tells one task to stop: it drops out at the next poll.
+    engine.set(|a| {
+        a.services = fixture!("services-stop-first.json").into();
+        a.tasks = fixture!("tasks-stop-first.json").into();
+    });
+    let Got::Services(list) = next(&mut rx).await else {
+        panic!("expected services")
+    };
+    assert_eq!(endpoint_count(&list), 2);
+
+    // Nothing changes: nothing is sent (several polls at 40 ms, 150 ms while updating).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), rx.recv())
+            .await
+            .is_err(),
+        "a command was sent although nothing changed"
+    );
+
+    // The engine fails: counted, nothing else.
+    engine.set(|a| a.fail = Some((500, r#"{"message":"boom"}"#.into())));
+    assert!(matches!(next(&mut rx).await, Got::Failed));
+
+    // It answers again with the pre-update state (a lagging manager): the stopped task
+    // stays out, so the list is unchanged and nothing is sent.
+    engine.set(|a| {
+        a.fail = None;
+        a.services = fixture!("services.json").into();
+        a.tasks = fixture!("tasks-steady.json").into();
+    });
+    loop {
+        match tokio::time::timeout(Duration::from_millis(800), rx.recv()).await {
+            Err(_) => break,
+            Ok(Some(Command::DiscoveryFailed(_))) => continue,
+            Ok(Some(Command::Services(_, list))) => {
+                panic!("resurrected: {} endpoints", endpoint_count(&list))
+            }
+            Ok(_) => panic!("unexpected command"),
+        }
+    }
+
+    let asked = engine.asked();
+    assert_eq!(asked[0], "/version");
+    assert!(asked.iter().any(|p| p
+        == "/v1.41/tasks?filters=%7B%22desired-state%22%3A%5B%22running%22%2C%22shutdown%22%2C%22remove%22%5D%7D"));
+    assert!(asked
+        .iter()
+        .any(|p| p == "/v1.41/services?filters=%7B%22label%22%3A%5B%22mesh.publish%22%5D%7D"));
+    assert!(asked.iter().any(|p| p == "/v1.41/nodes"));
+    assert!(asked
+        .iter()
+        .any(|p| p.starts_with("/v1.41/events?filters=")));
+
+    // The provider ends when the control plane goes away.
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(2), provider)
+        .await
+        .expect("provider ends")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn refuses_an_engine_too_old() {
+    let engine = FakeEngine::start("old");
+    engine.set(|a| {
+        a.version = r#"{"Version":"1.11.2","ApiVersion":"1.23","MinAPIVersion":"1.12"}"#.into()
+    });
+    let (tx, mut rx) = mpsc::channel(16);
+    let provider = tokio::spawn(run(config(&engine.endpoint), defaults(), tx));
+    assert!(matches!(next(&mut rx).await, Got::Failed));
+    assert!(matches!(next(&mut rx).await, Got::Failed));
+    assert!(engine.asked().iter().all(|p| p == "/version"));
+    let mut c = Client::new(&engine.endpoint).unwrap();
+    assert_eq!(
+        c.negotiate().await.unwrap_err().to_string(),
+        format!(
+            "docker discovery: the engine at {} serves API 1.23 at most; meshd needs 1.24 or newer (Docker 1.12+): upgrade Docker",
+            engine.endpoint
+        )
+    );
+    provider.abort();
+}
+
+#[tokio::test]
+async fn pins_the_newest_common_version() {
+    let engine = FakeEngine::start("new");
+    engine.set(|a| {
+        a.version = r#"{"Version":"99.0","ApiVersion":"1.99","MinAPIVersion":"1.44"}"#.into()
+    });
+    let mut c = Client::new(&engine.endpoint).unwrap();
+    c.negotiate().await.unwrap();
+    assert_eq!(c.api_version(), Some("1.50"));
+    let nodes: Vec<api::Node> = c.get("/nodes").await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert!(engine.asked().contains(&"/v1.50/nodes".to_string()));
+}
+
+#[test]
+fn finds_its_own_container_id() {
+    let id = "65f48d0e2afe993707eb76f8aa40b7dc9ccd071be6d1364727b8e6520e1c62cb";
+    let mountinfo = format!(
+        "1 0 0:1 / / rw - fuse-overlayfs fuse-overlayfs rw\n\
+         7 1 254:1 /var/lib/docker/containers/{id}/resolv.conf /etc/resolv.conf rw - ext4 /dev/vda rw\n"
+    );
+    assert_eq!(
+        container_id_from_mountinfo(&mountinfo),
+        Some(id.to_string())
+    );
+    assert_eq!(
+        container_id_from_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+        None
+    );
+    assert_eq!(
+        container_id_from_mountinfo("x /var/lib/docker/containers/abc/hostname y\n"),
+        None
+    );
+}

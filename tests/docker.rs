@@ -1,0 +1,776 @@
+//! Docker Swarm discovery end to end, on the real Docker engine of this machine.
+//!
+//! What it does:
+//! 1. skips (printing why) only when `docker info` fails: no engine;
+//! 2. probes the kernel (IPVS, VXLAN) and prints what Swarm can and cannot do here;
+//! 3. builds the static binary and the `FROM scratch` image with deploy/build-image.sh (no
+//!    registry: `meshd backend` is the app image too);
+//! 4. initialises a one-node swarm only if there is none, creates an attachable overlay
+//!    network and a labelled 3-replica app service (`--endpoint-mode dnsrr`: no IPVS needed);
+//! 5. runs meshd as a container on that overlay with docker.sock mounted read-only, its
+//!    published port on 127.0.0.1;
+//! 6. under 40 clients doing HTTP GETs through meshd, runs a stop-first update, a
+//!    start-first update, scale 3 -> 6 -> 2 and a broken update that Swarm rolls back,
+//!    asserting 0 failed requests and printing per-step counts;
+//! 7. leaves the machine as it found it, also on failure (a Drop guard): removes what it
+//!    created, leaves the swarm only if it created it.
+//!
+//! The swarm part is bounded by [`BUDGET`]; the image build (a release build, minutes on a
+//! cold cache) is bounded separately. Set `MESHD_DOCKER_TARGET_DIR` to reuse a static build
+//! directory (default: target/static).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{free_port, wait_until, TempDir};
+
+/// The whole swarm part (after the image is built).
+const BUDGET: Duration = Duration::from_secs(300);
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
+const CLIENTS: usize = 40;
+/// Each client's pause between requests: bounded load (at most ~40 / 20 ms = 2000 req/s).
+const CLIENT_PAUSE: Duration = Duration::from_millis(20);
+
+// === docker commands ===
+
+/// The output of a finished command.
+struct Out {
+    ok: bool,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `docker ARGS` with a timeout (killed at the deadline).
+fn docker_out(args: &[&str], timeout: Duration) -> Out {
+    run_cmd(Command::new("docker").args(args), timeout)
+}
+
+fn run_cmd(cmd: &mut Command, timeout: Duration) -> Out {
+    let shown = format!("{cmd:?}");
+    let mut child = match cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return Out {
+                ok: false,
+                code: None,
+                stdout: String::new(),
+                stderr: format!("cannot run {shown}: {e}"),
+            }
+        }
+    };
+    // Read both pipes on threads so a chatty command cannot block on a full pipe.
+    let mut so = child.stdout.take().expect("stdout piped");
+    let mut se = child.stderr.take().expect("stderr piped");
+    let to = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let te = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let end = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = to.join().unwrap_or_default();
+    let mut stderr = te.join().unwrap_or_default();
+    if status.is_none() {
+        stderr.push_str(&format!("\n(killed after {}s: {shown})", timeout.as_secs()));
+    }
+    Out {
+        ok: status.is_some_and(|s| s.success()),
+        code: status.and_then(|s| s.code()),
+        stdout,
+        stderr,
+    }
+}
+
+/// Runs `docker ARGS`; panics with the command and its error output if it fails.
+fn docker(args: &[&str], timeout: Duration) -> String {
+    let o = docker_out(args, timeout);
+    assert!(
+        o.ok,
+        "`docker {}` failed (exit {:?}):\n{}{}",
+        args.join(" "),
+        o.code,
+        o.stderr.trim(),
+        o.stdout.trim()
+    );
+    o.stdout.trim().to_string()
+}
+
+const T: Duration = Duration::from_secs(60);
+
+// === cleanup ===
+
+/// Everything the test created; removed on drop (success or panic), in dependency order.
+#[derive(Default)]
+struct Created {
+    containers: Vec<String>,
+    services: Vec<String>,
+    networks: Vec<String>,
+    images: Vec<String>,
+    /// The test initialised the swarm: leave it.
+    swarm: bool,
+    /// docker_gwbridge did not exist before: remove it after leaving the swarm.
+    gwbridge: bool,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        let t = Duration::from_secs(30);
+        for c in &self.containers {
+            let _ = docker_out(&["rm", "-f", c], t);
+        }
+        for s in &self.services {
+            let _ = docker_out(&["service", "rm", s], t);
+        }
+        // Networks go once the tasks' containers are gone (stop grace included).
+        for n in &self.networks {
+            let gone = wait_until(Duration::from_secs(60), || {
+                docker_out(&["network", "rm", n], t).ok
+                    || !docker_out(&["network", "inspect", n], t).ok
+            });
+            if !gone {
+                eprintln!("cleanup: could not remove network {n}");
+            }
+        }
+        if self.swarm {
+            let o = docker_out(&["swarm", "leave", "--force"], t);
+            if !o.ok {
+                eprintln!("cleanup: docker swarm leave: {}", o.stderr.trim());
+            }
+        }
+        if self.gwbridge {
+            let _ = wait_until(Duration::from_secs(20), || {
+                docker_out(&["network", "rm", "docker_gwbridge"], t).ok
+                    || !docker_out(&["network", "inspect", "docker_gwbridge"], t).ok
+            });
+        }
+        for i in &self.images {
+            let _ = docker_out(&["rmi", "-f", i], t);
+        }
+        eprintln!("cleanup: done (left the machine as found)");
+    }
+}
+
+// === load ===
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    /// Answers by version (body), and the first few failures' descriptions.
+    versions: Mutex<Vec<(String, u64)>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn add_version(&self, v: &str) {
+        let mut vs = self.versions.lock().expect("lock");
+        match vs.iter_mut().find(|(k, _)| k == v) {
+            Some((_, n)) => *n += 1,
+            None => vs.push((v.to_string(), 1)),
+        }
+    }
+
+    fn versions(&self) -> String {
+        let mut vs = self.versions.lock().expect("lock").clone();
+        vs.sort();
+        vs.iter()
+            .map(|(v, n)| format!("{v}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// CLIENTS threads doing GET / through meshd, one connection per request; the current
+/// step's tally can be swapped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Arc<Tally>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Arc::new(Tally::default())));
+        let threads = (0..CLIENTS)
+            .map(|_| {
+                let stop = stop.clone();
+                let tally = tally.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = tally.lock().expect("lock").clone();
+                        match get(addr) {
+                            Ok(v) => {
+                                t.ok.fetch_add(1, Ordering::Relaxed);
+                                t.add_version(&v);
+                            }
+                            Err(e) => {
+                                t.failed.fetch_add(1, Ordering::Relaxed);
+                                let mut es = t.errors.lock().expect("lock");
+                                if es.len() < 10 {
+                                    es.push(e);
+                                }
+                            }
+                        }
+                        std::thread::sleep(CLIENT_PAUSE);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            tally,
+            threads,
+        }
+    }
+
+    /// Starts counting a new step; returns the previous step's tally.
+    fn next_step(&self) -> Arc<Tally> {
+        std::mem::replace(
+            &mut *self.tally.lock().expect("lock"),
+            Arc::new(Tally::default()),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One GET / with `Connection: close`: Ok(body) for a 200, else what went wrong.
+fn get(addr: SocketAddr) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: meshd\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    if !text.starts_with("HTTP/1.1 200") {
+        let first = text.lines().next().unwrap_or("");
+        return Err(if text.is_empty() {
+            "closed without an answer".to_string()
+        } else {
+            format!("answer: {first}")
+        });
+    }
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.trim().to_string())
+        .unwrap_or_default())
+}
+
+// === the test ===
+
+struct Step {
+    name: String,
+    secs: f64,
+    tally: Arc<Tally>,
+    retries: u64,
+}
+
+fn admin_json(admin: SocketAddr) -> Option<serde_json::Value> {
+    let (code, body) = common::http_get(admin, "/api/v1/services")?;
+    (code == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+fn service_json(admin: SocketAddr, name: &str) -> Option<serde_json::Value> {
+    admin_json(admin)?["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+}
+
+fn healthy(admin: SocketAddr, name: &str) -> u64 {
+    service_json(admin, name)
+        .and_then(|s| s["healthy_backends"].as_u64())
+        .unwrap_or(0)
+}
+
+fn retries(admin: SocketAddr, name: &str) -> u64 {
+    service_json(admin, name)
+        .and_then(|s| s["connect_retries"].as_u64())
+        .unwrap_or(0)
+}
+
+/// An IPv4 address of this machine to advertise the swarm on (not a Docker bridge).
+fn advertise_addr() -> Option<String> {
+    let o = run_cmd(
+        Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]),
+        Duration::from_secs(5),
+    );
+    o.stdout.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let dev = f.nth(1)?;
+        if dev.starts_with("docker") || dev.starts_with("br-") || dev.starts_with("veth") {
+            return None;
+        }
+        let cidr = f.nth(1)?;
+        Some(cidr.split('/').next()?.to_string())
+    })
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn swarm_rolling_updates_and_scaling_with_zero_failures() {
+    // 1. An engine?
+    let info = docker_out(
+        &[
+            "info",
+            "--format",
+            "{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}",
+        ],
+        Duration::from_secs(20),
+    );
+    if !info.ok {
+        println!(
+            "SKIPPED: no Docker engine (`docker info` failed: {})",
+            info.stderr.trim().lines().next().unwrap_or("no output")
+        );
+        return;
+    }
+    let swarm_state = info.stdout.trim().to_string();
+
+    // 2. What this kernel can do.
+    let ipvs = Path::new("/proc/sys/net/ipv4/vs").exists();
+    println!(
+        "probe: IPVS {}",
+        if ipvs {
+            "present"
+        } else {
+            "absent (no /proc/sys/net/ipv4/vs): no ingress routing mesh and no VIPs; the test uses --endpoint-mode dnsrr and meshd"
+        }
+    );
+    let vx = run_cmd(
+        Command::new("ip").args(["-d", "link", "show", "type", "vxlan"]),
+        Duration::from_secs(5),
+    );
+    println!(
+        "probe: `ip link show type vxlan`: {}",
+        if vx.ok { "supported" } else { vx.stderr.trim() }
+    );
+
+    // 3. The image: our own static binary, no registry.
+    let tag = format!("meshd:dockertest-{}", std::process::id());
+    let mut created = Created::default();
+    let target_dir = std::env::var_os("MESHD_DOCKER_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/static"));
+    let t0 = Instant::now();
+    created.images.push(tag.clone());
+    let b = run_cmd(
+        Command::new(repo().join("deploy/build-image.sh"))
+            .arg(&tag)
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .current_dir(repo()),
+        BUILD_TIMEOUT,
+    );
+    assert!(
+        b.ok,
+        "deploy/build-image.sh failed (exit {:?}):\n{}",
+        b.code, b.stderr
+    );
+    println!(
+        "image: {} in {:.0}s",
+        b.stdout.trim(),
+        t0.elapsed().as_secs_f64()
+    );
+    let start = Instant::now();
+    let budget_left = || BUDGET.saturating_sub(start.elapsed());
+
+    // 4. The swarm, the network, the app service.
+    match swarm_state.as_str() {
+        "inactive false" => {
+            let addr = advertise_addr().expect("an IPv4 address of this machine (ip -4 addr)");
+            created.gwbridge = !docker_out(&["network", "inspect", "docker_gwbridge"], T).ok;
+            docker(&["swarm", "init", "--advertise-addr", &addr], T);
+            created.swarm = true;
+            println!("swarm: initialised a one-node swarm on {addr} (left again at the end)");
+        }
+        "active true" => println!("swarm: using the existing swarm (this node is a manager)"),
+        other => {
+            println!(
+                "SKIPPED: this engine is in swarm state {other:?} (LocalNodeState ControlAvailable): \
+                 the test needs a manager node or no swarm at all"
+            );
+            return;
+        }
+    }
+    let id = std::process::id();
+    let net = format!("meshtest-{id}");
+    let svc = format!("meshtest-web-{id}");
+    let lb = format!("meshtest-lb-{id}");
+    created.networks.push(net.clone());
+    let o = docker_out(
+        &[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--attachable",
+            &net,
+        ],
+        T,
+    );
+    assert!(
+        o.ok,
+        "overlay network: `docker network create --driver overlay --attachable` failed: {} \
+         (overlay networks need VXLAN in the kernel)",
+        o.stderr.trim()
+    );
+    println!("probe: attachable overlay network {net}: created");
+    let backend_args = |v: &str, extra: &str| {
+        format!("backend --listen 0.0.0.0:80 --mode http --grace 5s --name {v}{extra}")
+    };
+    created.services.push(svc.clone());
+    let args_v1 = backend_args("v1", "");
+    let mut create: Vec<&str> = vec![
+        "service",
+        "create",
+        "--quiet",
+        "--detach",
+        "--name",
+        &svc,
+        "--network",
+        &net,
+        "--endpoint-mode",
+        "dnsrr",
+        "--no-resolve-image",
+        "--replicas",
+        "3",
+        "--stop-grace-period",
+        "10s",
+        "--label",
+        "mesh.publish=8080:80",
+        "--label",
+        "mesh.health=http",
+        "--label",
+        "mesh.health.path=/healthz",
+        "--update-parallelism",
+        "1",
+        "--update-delay",
+        "1s",
+        &tag,
+    ];
+    create.extend(args_v1.split(' '));
+    docker(&create, T);
+
+    // 5. meshd on the overlay, its port on loopback.
+    let dir = TempDir::new("docker");
+    std::fs::write(dir.0.join("token"), "dockertest\n").expect("token");
+    std::fs::write(
+        dir.0.join("mesh.toml"),
+        r#"[admin]
+listen = "0.0.0.0:9901"
+token_file = "token"
+
+[defaults]
+connect_timeout = "500ms"
+drain_timeout = "15s"
+
+[defaults.health]
+interval = "250ms"
+timeout = "200ms"
+rise = 2
+fall = 2
+
+[discovery.docker]
+endpoint = "unix:///var/run/docker.sock"
+poll_interval = "500ms"
+"#,
+    )
+    .expect("config");
+    let port = free_port();
+    let admin_port = free_port();
+    let proxy = SocketAddr::from(([127, 0, 0, 1], port));
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    created.containers.push(lb.clone());
+    let p1 = format!("127.0.0.1:{port}:8080");
+    let p2 = format!("127.0.0.1:{admin_port}:9901");
+    let vol = format!("{}:/etc/meshd:ro", dir.0.display());
+    docker(
+        &[
+            "run",
+            "--detach",
+            "--name",
+            &lb,
+            "--network",
+            &net,
+            "--publish",
+            &p1,
+            "--publish",
+            &p2,
+            "--volume",
+            "/var/run/docker.sock:/var/run/docker.sock:ro",
+            "--volume",
+            &vol,
+            "--env",
+            "RUST_LOG=info",
+            &tag,
+            "--config",
+            "/etc/meshd/mesh.toml",
+        ],
+        T,
+    );
+    let logs = || {
+        let o = docker_out(&["logs", &lb], T);
+        format!("{}{}", o.stdout, o.stderr)
+    };
+    let ready = wait_until(Duration::from_secs(90).min(budget_left()), || {
+        healthy(admin, &svc) == 3
+    });
+    assert!(
+        ready,
+        "meshd did not get 3 healthy backends for {svc}; tasks:\n{}\nmeshd log:\n{}",
+        docker_out(&["service", "ps", "--no-trunc", &svc], T).stdout,
+        logs()
+    );
+    println!(
+        "ready: meshd routes {svc} to 3 healthy tasks after {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+
+    // 6. Steps under load.
+    let load = Load::start(proxy);
+    let mut steps: Vec<Step> = Vec::new();
+    let mut step_start = Instant::now();
+    let mut retries_before = retries(admin, &svc);
+    let mut finish = |name: &str, steps: &mut Vec<Step>| {
+        let tally = load.next_step();
+        let r = retries(admin, &svc);
+        let s = Step {
+            name: name.to_string(),
+            secs: step_start.elapsed().as_secs_f64(),
+            tally,
+            retries: r.saturating_sub(retries_before),
+        };
+        println!(
+            "step {:<40} {:>5.1}s {:>7} ok {:>4} failed  retries {:>3}  {}",
+            s.name,
+            s.secs,
+            s.tally.ok.load(Ordering::Relaxed),
+            s.tally.failed.load(Ordering::Relaxed),
+            s.retries,
+            s.tally.versions()
+        );
+        for e in s.tally.errors.lock().expect("lock").iter() {
+            println!("      failure: {e}");
+        }
+        steps.push(s);
+        retries_before = r;
+        step_start = Instant::now();
+    };
+    let settle = |n: u64, v: &str| {
+        // Converged: meshd has exactly n healthy backends, and every answer comes from v.
+        let ok = wait_until(Duration::from_secs(60).min(budget_left()), || {
+            healthy(admin, &svc) == n
+                && service_json(admin, &svc)
+                    .and_then(|s| s["backends"].as_array().map(|b| b.len() as u64))
+                    == Some(n)
+        });
+        assert!(
+            ok,
+            "meshd did not settle on {n} backends; tasks:\n{}\nmeshd log:\n{}",
+            docker_out(&["service", "ps", &svc], T).stdout,
+            logs()
+        );
+        let all_v = (0..20).all(|_| get(proxy).is_ok_and(|b| b == v));
+        assert!(all_v, "after the step, not every answer comes from {v}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+
+    std::thread::sleep(Duration::from_secs(3));
+    finish("baseline (3 x v1)", &mut steps);
+
+    let args = backend_args("v2", "");
+    docker(
+        &[
+            "service",
+            "update",
+            "--quiet",
+            "--update-order",
+            "stop-first",
+            "--args",
+            &args,
+            &svc,
+        ],
+        Duration::from_secs(120).min(budget_left()),
+    );
+    settle(3, "v2");
+    finish("update v1 -> v2 (stop-first)", &mut steps);
+
+    let args = backend_args("v3", "");
+    docker(
+        &[
+            "service",
+            "update",
+            "--quiet",
+            "--update-order",
+            "start-first",
+            "--args",
+            &args,
+            &svc,
+        ],
+        Duration::from_secs(120).min(budget_left()),
+    );
+    settle(3, "v3");
+    finish("update v2 -> v3 (start-first)", &mut steps);
+
+    docker(
+        &["service", "scale", &format!("{svc}=6")],
+        Duration::from_secs(120).min(budget_left()),
+    );
+    settle(6, "v3");
+    finish("scale 3 -> 6", &mut steps);
+
+    docker(
+        &["service", "scale", &format!("{svc}=2")],
+        Duration::from_secs(120).min(budget_left()),
+    );
+    settle(2, "v3");
+    finish("scale 6 -> 2", &mut steps);
+
+    // A broken release: it would answer /healthz with 503 (meshd never admits it) and it
+    // exits at start (--crash-on-start), which is what Swarm itself can see without a
+    // HEALTHCHECK (a scratch image has no shell for --health-cmd): the update fails
+    // within --update-monitor and Swarm rolls back to v3.
+    let args = backend_args("v4", " --unhealthy --crash-on-start");
+    let o = docker_out(
+        &[
+            "service",
+            "update",
+            "--quiet",
+            "--update-order",
+            "start-first",
+            "--update-failure-action",
+            "rollback",
+            "--update-monitor",
+            "5s",
+            "--update-max-failure-ratio",
+            "0",
+            "--args",
+            &args,
+            &svc,
+        ],
+        Duration::from_secs(120).min(budget_left()),
+    );
+    println!(
+        "broken update: `docker service update` exit {:?}: {}",
+        o.code,
+        o.stderr.trim().lines().last().unwrap_or("")
+    );
+    let rolled_back = wait_until(Duration::from_secs(90).min(budget_left()), || {
+        docker_out(
+            &[
+                "service",
+                "inspect",
+                "--format",
+                "{{.UpdateStatus.State}}",
+                &svc,
+            ],
+            T,
+        )
+        .stdout
+        .trim()
+            == "rollback_completed"
+    });
+    assert!(
+        rolled_back,
+        "Swarm did not roll the broken update back; tasks:\n{}",
+        docker_out(&["service", "ps", "--no-trunc", &svc], T).stdout
+    );
+    let message = docker_out(
+        &[
+            "service",
+            "inspect",
+            "--format",
+            "{{.UpdateStatus.Message}}",
+            &svc,
+        ],
+        T,
+    )
+    .stdout;
+    let failed_tasks = docker_out(&["service", "ps", "--format", "{{.Error}}", &svc], T)
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    println!(
+        "broken update: Swarm says {:?}; {failed_tasks} v4 task(s) failed",
+        message.trim()
+    );
+    settle(2, "v3");
+    finish("broken update v4 -> rolled back to v3", &mut steps);
+
+    drop(load);
+    let total_ok: u64 = steps
+        .iter()
+        .map(|s| s.tally.ok.load(Ordering::Relaxed))
+        .sum();
+    let total_failed: u64 = steps
+        .iter()
+        .map(|s| s.tally.failed.load(Ordering::Relaxed))
+        .sum();
+    println!(
+        "total: {total_ok} requests answered, {total_failed} failed, in {:.0}s (swarm part)",
+        start.elapsed().as_secs_f64()
+    );
+    let log = logs();
+    let discovery_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("docker discovery"))
+        .take(12)
+        .collect();
+    println!("meshd log (docker discovery, first lines):");
+    for l in discovery_lines {
+        println!("  {l}");
+    }
+    assert_eq!(
+        total_failed, 0,
+        "requests failed (see the per-step lines); meshd log:\n{log}"
+    );
+    assert!(
+        start.elapsed() < BUDGET,
+        "the swarm part took longer than {BUDGET:?}"
+    );
+}
