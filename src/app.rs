@@ -38,11 +38,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("splice(2) unavailable: forwarding with a buffered copy");
         Mode::Copy
     };
-    let metrics = match crate::metrics::install() {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::warn!(error = %e, "metrics exporter not installed: /metrics disabled");
-            None
+    let metrics = if !config.admin.metrics {
+        tracing::info!("[admin] metrics = false: no metrics are recorded, /metrics answers 404");
+        None
+    } else {
+        match crate::metrics::install() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics exporter not installed: /metrics disabled");
+                None
+            }
         }
     };
 

@@ -57,7 +57,7 @@ const ERRORS: &[(&str, &str)] = &[
     ),
     (
         "[admin]\ntoken = \"secret\"\n",
-        "mesh.toml:2:1: unknown field `token`, expected `listen` or `token_file`",
+        "mesh.toml:2:1: unknown field `token`, expected one of `listen`, `token_file`, `metrics`",
     ),
     (
         "[discovery.consul]\n",
@@ -399,6 +399,7 @@ fn token_file_is_read_trimmed_and_relative_to_the_config() {
             listen: addr("0.0.0.0:9901"),
             token: Some("s3cret".into()),
             token_file: Some(dir.join("token")),
+            metrics: true,
         }
     );
 }
@@ -442,6 +443,7 @@ fn empty_file_is_the_default_config() {
                 listen: addr("127.0.0.1:9901"),
                 token: None,
                 token_file: None,
+                metrics: true,
             },
             log: LogConfig {
                 format: LogFormat::Human,
@@ -507,6 +509,7 @@ fn design_example() {
                 listen: addr("127.0.0.1:9901"),
                 token: None,
                 token_file: None,
+                metrics: true,
             },
             log: LogConfig {
                 format: LogFormat::Human,

@@ -46,6 +46,7 @@ pub struct FileConfig {
 pub struct Admin {
     pub listen: Key<SocketAddr>,
     pub token_file: Option<Spanned<String>>,
+    pub metrics: Option<bool>,
 }
 
 /// `[log]`

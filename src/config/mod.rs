@@ -67,6 +67,9 @@ pub struct AdminConfig {
     /// which validation allows only on a loopback address.
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// `[admin] metrics = false` turns the Prometheus exporter off (no recorder is
+    /// installed; /metrics answers 404). For measuring what metrics cost.
+    pub metrics: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

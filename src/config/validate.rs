@@ -268,6 +268,7 @@ fn admin(cx: &Cx, a: &file::Admin) -> Result<AdminConfig, ConfigError> {
             listen,
             token: None,
             token_file: None,
+            metrics: a.metrics.unwrap_or(true),
         });
     };
     // Relative to the config file, not to whatever directory meshd was started in.
@@ -289,6 +290,7 @@ fn admin(cx: &Cx, a: &file::Admin) -> Result<AdminConfig, ConfigError> {
         listen,
         token: Some(token.to_owned()),
         token_file: Some(path),
+        metrics: a.metrics.unwrap_or(true),
     })
 }
 
