@@ -22,14 +22,7 @@ fn svc(
     extra: &str,
     health: &str,
 ) -> String {
-    let b: Vec<String> = backends
-        .iter()
-        .map(|a| format!("{{ addr = \"{a}\" }}"))
-        .collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nbackends = [{}]\n{extra}\n[service.health]\n{health}\n",
-        b.join(", ")
-    )
+    service_toml(name, listen, backends, extra, health)
 }
 
 const FAST_HTTP: &str =

@@ -344,14 +344,7 @@ fn service_checked(
     extra: &str,
     health: &str,
 ) -> String {
-    let b: Vec<String> = backends
-        .iter()
-        .map(|a| format!("{{ addr = \"{a}\" }}"))
-        .collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nbackends = [{}]\n{extra}\n[service.health]\n{health}\n\n",
-        b.join(", ")
-    )
+    service_toml(name, listen, backends, extra, health)
 }
 
 /// Replaces the config the way an editor saves (write a temp file, rename it over), which

@@ -321,3 +321,22 @@ pub fn who(addr: SocketAddr) -> Option<String> {
         _ => None,
     }
 }
+
+/// A `[[service]]` table: `extra` lines go into the service, `health` into its
+/// `[service.health]`.
+pub fn service_toml(
+    name: &str,
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    extra: &str,
+    health: &str,
+) -> String {
+    let b: Vec<String> = backends
+        .iter()
+        .map(|a| format!("{{ addr = \"{a}\" }}"))
+        .collect();
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nbackends = [{}]\n{extra}\n[service.health]\n{health}\n\n",
+        b.join(", ")
+    )
+}
