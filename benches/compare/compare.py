@@ -314,8 +314,11 @@ def cfg_haproxy(work, name, services, threads, splice, maxconn):
         "    timeout server 1h\n"
         "    backlog 4096\n"
     )
-    if splice:
+    if splice == "auto":
+        # HAProxy decides per transfer; on loopback it mostly keeps recv/send.
         text += "    option splice-auto\n"
+    elif splice:
+        text += "    option splice-request\n    option splice-response\n"
     for svc, listen, backend in services:
         text += (
             f"frontend f_{svc}\n    bind 127.0.0.1:{listen}\n    default_backend b_{svc}\n"
@@ -454,7 +457,8 @@ class Bench:
             if not ok:
                 raise RuntimeError(f"meshd did not become ready (see {self.work}/{tag}.log)")
         elif name in ("haproxy", "haproxy_splice"):
-            cfg = cfg_haproxy(self.work, tag, services, threads, name == "haproxy_splice", self.maxconn)
+            splice = self.a.haproxy_splice if name == "haproxy_splice" else None
+            cfg = cfg_haproxy(self.work, tag, services, threads, splice, self.maxconn)
             proc = self.procs.start(tag, self.taskset(cpus, ["haproxy", "-db", "-f", cfg]))
         elif name == "nginx":
             cfg = cfg_nginx_stream(self.work, tag, services, threads, self.nofile)
@@ -623,13 +627,16 @@ class Bench:
 
     # -----------------------------------------------------------------------------------
 
-    def run(self):
-        a = self.a
+    def check_ports(self):
         for port in [BACKEND_HTTP, BACKEND_BULK, BACKEND_SINK] + [
             v for k in PORTS for v in PORTS[k].values()
         ]:
             if not port_free(port):
                 raise RuntimeError(f"port {port} is in use: stop whatever holds it first")
+
+    def run(self):
+        a = self.a
+        self.check_ports()
         targets = a.targets
         workloads = a.workloads
         log(f"targets {targets}; workloads {workloads}; {a.rounds} rounds of {a.dur}s; "
@@ -779,6 +786,7 @@ def meta(a, idle_n, elapsed):
             "load_cpus": a.load_cpus,
             "backend_cpus": a.backend_cpus,
             "backend_workers": a.backend_workers,
+            "haproxy_splice": a.haproxy_splice,
             "wrk_conns": a.wrk_conns,
             "idle_conns": idle_n,
             "nofile": a.nofile,
@@ -891,8 +899,8 @@ def verdicts(s):
     return checks
 
 
-def colw(hib):
-    return 12 if hib is None else 26
+def colw(hib, label=""):
+    return max(12 if hib is None else 26, len(label) + 2)
 
 
 def fmt_num(v):
@@ -936,7 +944,7 @@ def table_text(doc, markdown=False):
             lines.append("|" + " --- |" * (len(ms) + 1))
         else:
             lines.append(f"\n== {titles[w]}  [value (x direct, x HAProxy)]")
-            lines.append(f"{'target':16s}" + "".join(f"{u:>{colw(h)}s}" for m, u, h in ms))
+            lines.append(f"{'target':16s}" + "".join(f"{u:>{colw(h, u)}s}" for m, u, h in ms))
         for t in targets:
             if t not in s[w]:
                 continue
@@ -953,7 +961,7 @@ def table_text(doc, markdown=False):
                 lines.append(f"| {LABELS[t]} | " + " | ".join(cells) + " |")
             else:
                 lines.append(f"{LABELS[t]:16s}" + "".join(
-                    f"{c:>{colw(h)}s}" for c, (_m, _u, h) in zip(cells, ms)))
+                    f"{c:>{colw(h, u)}s}" for c, (_m, u, h) in zip(cells, ms)))
         dist = {LABELS[t]: f"{s[w][t]['n']}/{s[w][t]['n_rounds']}" for t in s[w]
                 if s[w][t].get("n_disturbed")}
         if dist:
@@ -1048,7 +1056,8 @@ def chart(doc, png):
     st = doc["meta"]["settings"]
     fig.suptitle(
         f"meshd vs HAProxy 2.6 / nginx stream, {st['threads']} proxy thread(s), "
-        f"{st['rounds']}x{st['dur_s']}s medians (HAProxy = 1.0; red dashes = meshd target)",
+        f"{st['rounds']}x{st['dur_s']}s medians; HAProxy = 1.0, red dashes = meshd target; "
+        f"HAProxy+splice = splice {st.get('haproxy_splice', 'auto')}",
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -1238,6 +1247,7 @@ class Profiler:
 
     def run(self, names):
         b = self.b
+        b.check_ports()
         b.start_backends()
         report = {"n": self.n, "proxies": {}}
         for name in names:
@@ -1384,6 +1394,7 @@ def main():
     r.add_argument("--quiet-wait", type=float, default=60.0)
     r.add_argument("--quiet-pct", type=float, default=10.0)
     r.add_argument("--foreign-max", type=float, default=15.0)
+    r.add_argument("--haproxy-splice", choices=["forced", "auto"], default="forced")
     r.add_argument("--retries", type=int, default=3)
     r.add_argument("--targets", default=",".join(TARGETS))
     r.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -1402,6 +1413,7 @@ def main():
     pr.add_argument("--idle-conns", type=int, default=100)
     pr.add_argument("--nofile", type=int, required=True)
     pr.add_argument("--proxies", default="meshd,haproxy,haproxy_splice,nginx")
+    pr.add_argument("--haproxy-splice", choices=["forced", "auto"], default="forced")
     s = sub.add_parser("sink")
     s.add_argument("--port", type=int, required=True)
     c = sub.add_parser("idle-client")

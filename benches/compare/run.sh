@@ -7,6 +7,7 @@
 #   benches/compare/run.sh profile             # syscalls per connection (strace -c), CPU per
 #                                              # request (perf stat), hot symbols (perf record)
 #                                              # for each proxy -> $OUT_DIR/profile/
+#                                              # (PROXIES=meshd,haproxy,... PROFILE_CONNS=5000)
 #
 # Environment (all optional):
 #   DUR=5            seconds per measurement (wrk -d, iperf3 -t)
@@ -19,6 +20,9 @@
 #   LOAD_CPUS=0      taskset CPU list for wrk / iperf3 -c / the idle client
 #   BACKEND_CPUS=0   taskset CPU list for the backends (nginx http, iperf3 -s, the idle sink)
 #   BACKEND_WORKERS=1  nginx worker_processes of the HTTP backend
+#   HAPROXY_SPLICE=forced  HAProxy+splice uses `option splice-request` + `splice-response`
+#                    (forced); `auto` = `option splice-auto`, which on loopback mostly keeps
+#                    recv/send (see docs/BENCHMARKS.md)
 #   WRK_CONNS=50     wrk connections
 #   IDLE_CONNS=10000 idle connections held through each proxy (capped by the open-files limit:
 #                    the proxy needs two descriptors per connection)
@@ -28,6 +32,7 @@
 #   OUT_DIR=bench-out   OUT=$OUT_DIR/compare.json   PNG=${OUT%.json}.png
 #   QUIET_WAIT=60    before each measurement wait up to this many seconds for the machine to
 #                    be quiet (total CPU busy < QUIET_PCT=10 % of a core); 0 = do not wait.
+#                    With ROUNDS=1 (smoke) the defaults are QUIET_WAIT=0 RETRIES=0.
 #                    Every measurement also records the CPU that processes other than the
 #                    benchmark's used meanwhile; above FOREIGN_MAX=15 (% of a core) the
 #                    measurement is taken again, up to RETRIES=3 times.
@@ -147,6 +152,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
+if (( ROUNDS <= 1 )); then QUIET_WAIT="${QUIET_WAIT:-0}"; RETRIES="${RETRIES:-0}"; fi
 say "proxy cpus $PROXY_CPUS, load generator cpus $LOAD_CPUS, backend cpus $BACKEND_CPUS, $THREADS proxy thread(s)"
 say "$ROUNDS round(s) x $DUR s; work dir $WORK"
 if [[ "$CMD" == profile ]]; then
@@ -154,7 +160,9 @@ if [[ "$CMD" == profile ]]; then
     --work "$WORK" --outdir "$OUT_DIR/profile" --meshd "$MESHD" --n "${PROFILE_CONNS:-5000}" \
     --dur "$DUR" --threads "$THREADS" \
     --proxy-cpus "$PROXY_CPUS" --load-cpus "$LOAD_CPUS" --backend-cpus "$BACKEND_CPUS" \
-    --backend-workers "$BACKEND_WORKERS" --wrk-conns "$WRK_CONNS" --nofile "$NOFILE" &
+    --backend-workers "$BACKEND_WORKERS" --wrk-conns "$WRK_CONNS" --nofile "$NOFILE" \
+    --haproxy-splice "${HAPROXY_SPLICE:-forced}" \
+    --proxies "${PROXIES:-meshd,haproxy,haproxy_splice,nginx}" &
   PYPID=$!
   wait "$PYPID"
   exit 0
@@ -166,6 +174,7 @@ fi
   --backend-workers "$BACKEND_WORKERS" --wrk-conns "$WRK_CONNS" --idle-conns "$IDLE_CONNS" \
   --nofile "$NOFILE" --quiet-wait "${QUIET_WAIT:-60}" --quiet-pct "${QUIET_PCT:-10}" \
   --foreign-max "${FOREIGN_MAX:-15}" --retries "${RETRIES:-3}" \
+  --haproxy-splice "${HAPROXY_SPLICE:-forced}" \
   --targets "$TARGETS" --workloads "$WORKLOADS" &
 PYPID=$!
 wait "$PYPID"
