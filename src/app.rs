@@ -84,7 +84,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let control_task = tokio::spawn(control.run(cmd_rx));
 
+    // The desired-state feed: what the Docker provider reads, served to followers.
+    let (feed_tx, feed_rx) =
+        tokio::sync::watch::channel(crate::discovery::feed::FeedState::default());
     let admin_state = Arc::new(AdminState {
+        feed: config.discovery.docker.as_ref().map(|_| feed_rx),
         status: status.clone(),
         commands: cmd_tx.clone(),
         token: ArcSwapOption::from(config.admin.token.clone().map(Arc::new)),
@@ -112,6 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             docker.clone(),
             config.defaults.clone(),
             cmd_tx.clone(),
+            feed_tx,
         ));
     }
 

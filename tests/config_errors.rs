@@ -553,6 +553,9 @@ fn design_example() {
                 docker: Some(DockerDiscoveryConfig {
                     endpoint: "unix:///var/run/docker.sock".into(),
                     poll_interval: Duration::from_millis(500),
+                    managers: Vec::new(),
+                    token: None,
+                    token_file: None,
                 }),
                 dns: Some(DnsDiscoveryConfig {
                     interval: Duration::from_secs(1),
@@ -731,8 +734,54 @@ fn backends_may_come_from_discovery_alone() {
         Some(DockerDiscoveryConfig {
             endpoint: "http://docker-proxy:2375".into(),
             poll_interval: Duration::from_secs(2),
+            managers: Vec::new(),
+            token: None,
+            token_file: None,
         })
     );
+}
+
+#[test]
+fn docker_managers_need_host_port_and_a_token() {
+    check_err(
+        "[discovery.docker]
+managers = [\"m1:9901\", \"m2\"]
+token_file = \"t\"
+",
+        "mesh.toml:2:24: manager \"m2\" is not HOST:PORT: use the admin address of meshd on a \
+         manager, e.g. \"manager1:9901\" or \"10.0.0.2:9901\"",
+    );
+    check_err(
+        "[discovery.docker]\nmanagers = [\"m1:9901\", \"m1:9901\"]\n",
+        "mesh.toml:2:24: manager \"m1:9901\" is listed twice",
+    );
+    check_err(
+        "[discovery.docker]\nmanagers = [\"http://m1:9901\"]\n",
+        "mesh.toml:2:13: manager \"http://m1:9901\" is not HOST:PORT: use the admin address of \
+         meshd on a manager, e.g. \"manager1:9901\" or \"10.0.0.2:9901\"",
+    );
+    check_err(
+        "[discovery.docker]\nmanagers = [\"m1:9901\"]\n",
+        "mesh.toml:2:12: managers needs a token: set [discovery.docker] token_file to a file \
+         holding the managers' admin token ([admin] token_file on the managers)",
+    );
+    check_err(
+        "[discovery.docker]\nmanagers = [\"m1:9901\"]\ntoken_file = \"/nonexistent/t\"\n",
+        "mesh.toml:3:14: token_file \"/nonexistent/t\": cannot read: No such file or directory \
+         (os error 2)",
+    );
+    let dir = scratch("managers");
+    std::fs::write(dir.join("feed-token"), "f33d\n").unwrap();
+    let c = Config::parse(
+        &dir.join("mesh.toml"),
+        "[discovery.docker]\nmanagers = [\"manager1:9901\", \"[fd00::2]:9901\"]\n\
+         token_file = \"feed-token\"\n",
+    )
+    .unwrap();
+    let d = c.discovery.docker.unwrap();
+    assert_eq!(d.managers, vec!["manager1:9901", "[fd00::2]:9901"]);
+    assert_eq!(d.token.as_deref(), Some("f33d"));
+    assert_eq!(d.token_file, Some(dir.join("feed-token")));
 }
 
 #[test]

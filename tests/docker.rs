@@ -39,6 +39,9 @@ const CLIENTS: usize = 40;
 /// Each client's pause between requests: bounded load (at most ~40 / 20 ms = 2000 req/s).
 const CLIENT_PAUSE: Duration = Duration::from_millis(20);
 
+/// One test at a time: each may initialise the swarm and leave it again.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 // === docker commands ===
 
 /// The output of a finished command.
@@ -351,8 +354,30 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-#[test]
-fn swarm_rolling_updates_and_scaling_with_zero_failures() {
+/// What [`setup`] made: the image, the swarm (if it had to), the overlay network and the
+/// labelled app service (3 x v1), all removed when `created` drops.
+struct Swarm {
+    created: Created,
+    tag: String,
+    net: String,
+    svc: String,
+    /// When the swarm part began ([`BUDGET`] counts from here).
+    start: Instant,
+}
+
+impl Swarm {
+    fn budget_left(&self) -> Duration {
+        BUDGET.saturating_sub(self.start.elapsed())
+    }
+}
+
+fn backend_args(v: &str, extra: &str) -> String {
+    format!("backend --listen 0.0.0.0:80 --mode http --grace 5s --name {v}{extra}")
+}
+
+/// Steps 1-4 (see the top of the file); `None` when the machine has no engine or its swarm
+/// state does not allow the test (printed as SKIPPED).
+fn setup(tag_name: &str) -> Option<Swarm> {
     // 1. An engine?
     let info = docker_out(
         &[
@@ -367,7 +392,7 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
             "SKIPPED: no Docker engine (`docker info` failed: {})",
             info.stderr.trim().lines().next().unwrap_or("no output")
         );
-        return;
+        return None;
     }
     let swarm_state = info.stdout.trim().to_string();
 
@@ -391,7 +416,7 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
     );
 
     // 3. The image: our own static binary, no registry.
-    let tag = format!("meshd:dockertest-{}", std::process::id());
+    let tag = format!("meshd:{tag_name}-{}", std::process::id());
     let mut created = Created::default();
     let target_dir = std::env::var_os("MESHD_DOCKER_TARGET_DIR")
         .map(PathBuf::from)
@@ -416,7 +441,6 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
         t0.elapsed().as_secs_f64()
     );
     let start = Instant::now();
-    let budget_left = || BUDGET.saturating_sub(start.elapsed());
 
     // 4. The swarm, the network, the app service.
     match swarm_state.as_str() {
@@ -433,13 +457,12 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
                 "SKIPPED: this engine is in swarm state {other:?} (LocalNodeState ControlAvailable): \
                  the test needs a manager node or no swarm at all"
             );
-            return;
+            return None;
         }
     }
     let id = std::process::id();
-    let net = format!("meshtest-{id}");
-    let svc = format!("meshtest-web-{id}");
-    let lb = format!("meshtest-lb-{id}");
+    let net = format!("{tag_name}-{id}");
+    let svc = format!("{tag_name}-web-{id}");
     created.networks.push(net.clone());
     let o = docker_out(
         &[
@@ -459,9 +482,6 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
         o.stderr.trim()
     );
     println!("probe: attachable overlay network {net}: created");
-    let backend_args = |v: &str, extra: &str| {
-        format!("backend --listen 0.0.0.0:80 --mode http --grace 5s --name {v}{extra}")
-    };
     created.services.push(svc.clone());
     let args_v1 = backend_args("v1", "");
     let mut create: Vec<&str> = vec![
@@ -494,6 +514,25 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
     ];
     create.extend(args_v1.split(' '));
     docker(&create, T);
+    Some(Swarm {
+        created,
+        tag,
+        net,
+        svc,
+        start,
+    })
+}
+
+#[test]
+fn swarm_rolling_updates_and_scaling_with_zero_failures() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut sw) = setup("meshtest") else {
+        return;
+    };
+    let (tag, net, svc, start) = (sw.tag.clone(), sw.net.clone(), sw.svc.clone(), sw.start);
+    let budget_left = || BUDGET.saturating_sub(start.elapsed());
+    let created = &mut sw.created;
+    let lb = format!("meshtest-lb-{}", std::process::id());
 
     // 5. meshd on the overlay, its port on loopback.
     let dir = TempDir::new("docker");
@@ -773,4 +812,212 @@ poll_interval = "500ms"
         start.elapsed() < BUDGET,
         "the swarm part took longer than {BUDGET:?}"
     );
+}
+
+/// Runs meshd as container `name` on `net` with `dir` mounted at /etc/meshd, reading
+/// `/etc/meshd/{config}`, with docker.sock mounted read-only when `socket` (a manager
+/// node) and not at all otherwise (a worker: it cannot read the swarm itself).
+fn run_meshd(
+    sw: &mut Swarm,
+    name: &str,
+    dir: &Path,
+    config: &str,
+    socket: bool,
+    publish: &[String],
+) {
+    sw.created.containers.push(name.to_string());
+    let vol = format!("{}:/etc/meshd:ro", dir.display());
+    let cfg = format!("/etc/meshd/{config}");
+    let mut args: Vec<&str> = vec!["run", "--detach", "--name", name, "--network", &sw.net];
+    for p in publish {
+        args.extend(["--publish", p.as_str()]);
+    }
+    if socket {
+        args.extend(["--volume", "/var/run/docker.sock:/var/run/docker.sock:ro"]);
+    }
+    args.extend([
+        "--volume",
+        &vol,
+        "--env",
+        "RUST_LOG=info",
+        &sw.tag,
+        "--config",
+        &cfg,
+    ]);
+    docker(&args, T);
+}
+
+fn container_logs(name: &str) -> String {
+    let o = docker_out(&["logs", name], T);
+    format!("{}{}", o.stdout, o.stderr)
+}
+
+/// The manager a worker's meshd follows now: the last "following meshd on manager X" line.
+fn followed(worker: &str) -> Option<String> {
+    container_logs(worker)
+        .lines()
+        .rev()
+        .find_map(|l| l.split("following meshd on manager ").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+}
+
+/// Several nodes: two meshd "managers" (containers with the engine socket) and one meshd
+/// "worker" (a container without it) on the overlay, each its own network namespace. The
+/// worker follows a manager's feed; when that manager goes away it fails over to the other
+/// and keeps the last good table meanwhile; with both gone it still serves.
+#[test]
+fn swarm_workers_follow_a_manager_and_fail_over() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut sw) = setup("meshfollow") else {
+        return;
+    };
+    let id = std::process::id();
+    let svc = sw.svc.clone();
+    let (m1, m2, w) = (
+        format!("meshfollow-m1-{id}"),
+        format!("meshfollow-m2-{id}"),
+        format!("meshfollow-w-{id}"),
+    );
+    let dir = TempDir::new("docker-follow");
+    std::fs::write(dir.0.join("token"), "followtest\n").expect("token");
+    let common = r#"[admin]
+listen = "0.0.0.0:9901"
+token_file = "token"
+
+[defaults]
+connect_timeout = "500ms"
+drain_timeout = "15s"
+
+[defaults.health]
+interval = "250ms"
+timeout = "200ms"
+"#;
+    std::fs::write(
+        dir.0.join("manager.toml"),
+        format!("{common}\n[discovery.docker]\npoll_interval = \"500ms\"\n"),
+    )
+    .expect("config");
+    std::fs::write(
+        dir.0.join("worker.toml"),
+        format!(
+            "{common}\n[discovery.docker]\nmanagers = [\"{m1}:9901\", \"{m2}:9901\"]\ntoken_file = \"token\"\n"
+        ),
+    )
+    .expect("config");
+    run_meshd(&mut sw, &m1, &dir.0, "manager.toml", true, &[]);
+    run_meshd(&mut sw, &m2, &dir.0, "manager.toml", true, &[]);
+    let port = free_port();
+    let admin_port = free_port();
+    let proxy = SocketAddr::from(([127, 0, 0, 1], port));
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    run_meshd(
+        &mut sw,
+        &w,
+        &dir.0,
+        "worker.toml",
+        false,
+        &[
+            format!("127.0.0.1:{port}:8080"),
+            format!("127.0.0.1:{admin_port}:9901"),
+        ],
+    );
+    let ready = wait_until(Duration::from_secs(90).min(sw.budget_left()), || {
+        healthy(admin, &svc) == 3
+    });
+    assert!(
+        ready,
+        "the worker's meshd did not get 3 healthy backends for {svc}; worker log:\n{}\nmanager log:\n{}",
+        container_logs(&w),
+        container_logs(&m1)
+    );
+    let first = followed(&w).expect("the worker logs which manager it follows");
+    println!(
+        "ready: the worker (no engine socket) routes {svc} to 3 healthy tasks, following {first}, after {:.1}s",
+        sw.start.elapsed().as_secs_f64()
+    );
+
+    let load = Load::start(proxy);
+    let mut total_failed = 0;
+    let mut step = |name: &str| {
+        let t = load.next_step();
+        let (ok, failed) = (
+            t.ok.load(Ordering::Relaxed),
+            t.failed.load(Ordering::Relaxed),
+        );
+        println!(
+            "step {name:<52} {ok:>6} ok {failed:>4} failed  {}",
+            t.versions()
+        );
+        for e in t.errors.lock().expect("lock").iter() {
+            println!("      failure: {e}");
+        }
+        total_failed += failed;
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    step("baseline: worker follows a manager");
+
+    // The followed manager's node goes away.
+    let (gone, other) = if first.starts_with(&m1) {
+        (&m1, &m2)
+    } else {
+        (&m2, &m1)
+    };
+    docker(&["rm", "--force", gone], T);
+    let failed_over = wait_until(Duration::from_secs(20), || {
+        followed(&w).is_some_and(|f| f.starts_with(other.as_str()))
+    });
+    assert!(
+        failed_over,
+        "the worker did not fail over to {other}; worker log:\n{}",
+        container_logs(&w)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    step(&format!("manager {gone} removed: failed over"));
+
+    // The swarm changes: the change reaches the worker through the other manager.
+    docker(
+        &["service", "scale", &format!("{svc}=5")],
+        Duration::from_secs(120).min(sw.budget_left()),
+    );
+    let scaled = wait_until(Duration::from_secs(60).min(sw.budget_left()), || {
+        healthy(admin, &svc) == 5
+    });
+    assert!(
+        scaled,
+        "the worker did not see the scale to 5 through {other}; worker log:\n{}",
+        container_logs(&w)
+    );
+    step("scale 3 -> 5, seen through the second manager");
+
+    // Every manager gone: the last good table stays, and the failures are counted.
+    docker(&["rm", "--force", other], T);
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        healthy(admin, &svc),
+        5,
+        "the worker lost its table when the managers went away"
+    );
+    let errors = common::http_get(admin, "/metrics")
+        .map(|(_, body)| {
+            common::metric_sum(
+                &body,
+                "meshd_discovery_errors_total",
+                &[("provider", "docker")],
+            )
+        })
+        .unwrap_or(0.0);
+    step("every manager gone: the last good table serves");
+    drop(load);
+    let log = container_logs(&w);
+    println!("worker log (docker discovery):");
+    for l in log
+        .lines()
+        .filter(|l| l.contains("docker discovery"))
+        .take(12)
+    {
+        println!("  {l}");
+    }
+    println!("meshd_discovery_errors_total{{provider=\"docker\"}} on the worker: {errors}");
+    assert!(errors >= 2.0, "failures not counted: {errors}");
+    assert_eq!(total_failed, 0, "requests failed; worker log:\n{log}");
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::control::{AdminError, AdminOp, Command, StatusHandle};
+use crate::discovery::feed::{self, FeedBody, FeedRx};
 use crate::proxy::close::CloseSignal;
 
 const MAX_BODY: usize = 4096;
@@ -43,6 +44,9 @@ pub struct AdminState {
     /// Set once every listener is bound and the first table is published.
     pub ready: AtomicBool,
     pub metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
+    /// The Docker provider's desired state, served to followers (`None`: no
+    /// `[discovery.docker]`).
+    pub feed: Option<FeedRx>,
 }
 
 /// Serves the admin API on `listener` until `stop` closes.
@@ -81,10 +85,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Arc<Clos
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<Either<Full<Bytes>, FeedBody>>;
 
 fn respond(code: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Either::Left(Full::new(body.into())));
     *r.status_mut() = code;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -152,6 +156,10 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             }
             _ => method_not_allowed("GET"),
         },
+        ["api", "v1", "discovery", "docker"] => match m {
+            Method::GET => discovery_feed(state, &req),
+            _ => method_not_allowed("GET"),
+        },
         ["api", "v1", "services", service, "backends", addr, action] => {
             let (allow, want) = match *action {
                 "drain" | "enable" => ("POST", Method::POST),
@@ -214,6 +222,42 @@ fn check_token(state: &AdminState, req: &Request<Incoming>) -> Option<Resp> {
     r.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     Some(r)
+}
+
+/// `GET /api/v1/discovery/docker`: the desired-state stream for meshd on other nodes
+/// (JSON lines, see `discovery::feed`). Read-only, but it describes the cluster, so it
+/// always needs the token: without `[admin] token_file` it is refused.
+fn discovery_feed(state: &AdminState, req: &Request<Incoming>) -> Resp {
+    if state.token.load().is_none() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this meshd serves its discovery state only with a token: set [admin] token_file",
+        );
+    }
+    if let Some(r) = check_token(state, req) {
+        return r;
+    }
+    let Some(rx) = &state.feed else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no [discovery.docker] on this node: it has no Swarm state to serve",
+        );
+    };
+    // A provider that has ended (its sender dropped) serves nothing, not its last state.
+    if rx.has_changed().is_err() || !rx.borrow().serving {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node does not read a Swarm manager's engine (not yet, or it follows a manager itself): ask another manager",
+        );
+    }
+    let mut r = Response::new(Either::Right(feed::subscribe(rx.clone())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 #[derive(Deserialize)]

@@ -151,6 +151,11 @@ pub struct Discovery {
 pub struct Docker {
     pub endpoint: Key<DockerEndpoint>,
     pub poll_interval: Key<Duration>,
+    /// Admin addresses (`HOST:PORT`) of meshd on Swarm managers, followed when the local
+    /// engine cannot answer for the swarm (a worker node).
+    pub managers: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The managers' admin bearer token, for following them.
+    pub token_file: Option<Spanned<String>>,
 }
 
 /// `[discovery.dns]`

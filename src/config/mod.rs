@@ -166,6 +166,13 @@ pub struct DockerDiscoveryConfig {
     /// `unix:///var/run/docker.sock` or `http://host:port` (a read-only socket proxy).
     pub endpoint: String,
     pub poll_interval: Duration,
+    /// `HOST:PORT` admin addresses of meshd on Swarm managers. Empty: this node reads its
+    /// own engine only. Otherwise, whenever the local engine cannot answer for the swarm
+    /// (a worker, no socket), meshd follows the desired state these managers serve.
+    pub managers: Vec<String>,
+    /// The bearer token the managers' admin API expects (read from `token_file`).
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

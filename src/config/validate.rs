@@ -271,27 +271,37 @@ fn admin(cx: &Cx, a: &file::Admin) -> Result<AdminConfig, ConfigError> {
             metrics: a.metrics.unwrap_or(true),
         });
     };
-    // Relative to the config file, not to whatever directory meshd was started in.
+    let (token, path) = read_token(cx, token_file, "the admin bearer token")?;
+    Ok(AdminConfig {
+        listen,
+        token: Some(token),
+        token_file: Some(path),
+        metrics: a.metrics.unwrap_or(true),
+    })
+}
+
+/// Reads a bearer token from `file` (relative to the config file, not to whatever directory
+/// meshd was started in): trimmed, not empty.
+fn read_token(
+    cx: &Cx,
+    file: &Spanned<String>,
+    what: &str,
+) -> Result<(String, PathBuf), ConfigError> {
     let dir = cx.path.parent().unwrap_or(Path::new(""));
-    let path = dir.join(token_file.get_ref());
+    let path = dir.join(file.get_ref());
     let shown = path.display();
     let token = std::fs::read_to_string(&path).map_err(|e| {
         cx.err(
-            token_file.span(),
+            file.span(),
             format!("token_file \"{shown}\": cannot read: {e}"),
         )
     })?;
     let token = token.trim();
     if token.is_empty() {
-        let msg = format!("token_file \"{shown}\" is empty: write the admin bearer token into it");
-        return Err(cx.err(token_file.span(), msg));
+        let msg = format!("token_file \"{shown}\" is empty: write {what} into it");
+        return Err(cx.err(file.span(), msg));
     }
-    Ok(AdminConfig {
-        listen,
-        token: Some(token.to_owned()),
-        token_file: Some(path),
-        metrics: a.metrics.unwrap_or(true),
-    })
+    Ok((token.to_owned(), path))
 }
 
 /// Who binds an address already.
@@ -623,6 +633,42 @@ fn resolve(cx: &Cx, own: &file::Policy, def: &file::Policy) -> Result<Resolved, 
     })
 }
 
+/// `managers = ["HOST:PORT", ...]`: admin addresses of meshd on Swarm managers. Host
+/// names are resolved at each connection attempt (Swarm's DNS names them).
+fn managers(
+    cx: &Cx,
+    list: Option<&Spanned<Vec<Spanned<String>>>>,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<String> = Vec::new();
+    for m in list.get_ref() {
+        let s = m.get_ref().trim();
+        let ok = s.rsplit_once(':').is_some_and(|(host, port)| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            !host.is_empty()
+                && !host.contains('/')
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            return Err(cx.err(
+                m.span(),
+                format!(
+                    "manager {s:?} is not HOST:PORT: use the admin address of meshd on a \
+                     manager, e.g. \"manager1:9901\" or \"10.0.0.2:9901\""
+                ),
+            ));
+        }
+        if out.iter().any(|o| o == s) {
+            return Err(cx.err(m.span(), format!("manager {s:?} is listed twice")));
+        }
+        out.push(s.to_owned());
+    }
+    Ok(out)
+}
+
 fn discovery(cx: &Cx, d: &file::Discovery, uses_dns: bool) -> Result<DiscoveryConfig, ConfigError> {
     let docker = match &d.docker {
         None => None,
@@ -637,7 +683,36 @@ fn discovery(cx: &Cx, d: &file::Discovery, uses_dns: bool) -> Result<DiscoveryCo
                 k.poll_interval.as_ref(),
                 defaults::DOCKER_POLL_INTERVAL,
             )?,
+            managers: managers(cx, k.managers.as_ref())?,
+            token: None,
+            token_file: None,
         }),
+    };
+    let docker = match (docker, d.docker.as_ref()) {
+        (Some(mut dc), Some(k)) => {
+            match (&k.token_file, &k.managers) {
+                (Some(f), _) => {
+                    let (token, path) = read_token(
+                        cx,
+                        f,
+                        "the managers' admin bearer token ([admin] token_file on the managers)",
+                    )?;
+                    dc.token = Some(token);
+                    dc.token_file = Some(path);
+                }
+                (None, Some(m)) if !dc.managers.is_empty() => {
+                    return Err(cx.err(
+                        m.span(),
+                        "managers needs a token: set [discovery.docker] token_file to a file \
+                         holding the managers' admin token ([admin] token_file on the managers)"
+                            .to_owned(),
+                    ));
+                }
+                _ => {}
+            }
+            Some(dc)
+        }
+        (dc, _) => dc,
     };
     // A service's `dns = ...` target needs the resolver: it runs with defaults when
     // `[discovery.dns]` is absent.

@@ -3,7 +3,10 @@
 //!
 //! - `dns`: A/AAAA records of a name (e.g. Swarm's `tasks.web`) become a configured
 //!   service's backends.
-//! - `docker`: labelled Swarm services become mesh services, their running tasks backends.
+//! - `docker`: labelled Swarm services become mesh services, their running tasks backends;
+//!   on nodes whose engine cannot answer for the swarm, read from meshd on a manager.
+//! - `feed`: the desired-state feed a manager's meshd serves to the other nodes.
 
 pub mod dns;
 pub mod docker;
+pub mod feed;

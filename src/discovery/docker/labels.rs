@@ -44,7 +44,7 @@ const KNOWN: [&str; 7] = [
 
 /// Longest mesh service name (the config's rule: names become metric labels and URL path
 /// segments).
-const MAX_NAME: usize = 64;
+pub(crate) const MAX_NAME: usize = 64;
 
 /// A label that cannot be used. `Display`: `service "web": label mesh.publish="80:abc":
 /// expected PUBLISHED:TARGET ports, e.g. 8080:80`.
@@ -252,18 +252,18 @@ fn parse_ports(s: &str) -> Result<Vec<(u16, u16)>, String> {
     Ok(out)
 }
 
-const BALANCES: [(&str, Balance); 4] = [
+pub(crate) const BALANCES: [(&str, Balance); 4] = [
     ("round_robin", Balance::RoundRobin),
     ("least_conn", Balance::LeastConn),
     ("p2c", Balance::P2c),
     ("maglev", Balance::Maglev),
 ];
-const CHECKS: [(&str, CheckKind); 3] = [
+pub(crate) const CHECKS: [(&str, CheckKind); 3] = [
     ("none", CheckKind::None),
     ("tcp", CheckKind::Tcp),
     ("http", CheckKind::Http),
 ];
-const PROXY_PROTOCOLS: [(&str, ProxyProtocol); 3] = [
+pub(crate) const PROXY_PROTOCOLS: [(&str, ProxyProtocol); 3] = [
     ("off", ProxyProtocol::Off),
     ("v1", ProxyProtocol::V1),
     ("v2", ProxyProtocol::V2),

@@ -26,6 +26,7 @@
 
 pub mod api;
 pub mod client;
+pub mod follow;
 pub mod labels;
 pub mod state;
 
@@ -42,6 +43,7 @@ pub use state::{Desired, OwnNetworks, Snapshot, Tracker};
 
 use crate::config::{DockerDiscoveryConfig, ServiceConfig};
 use crate::control::{Command, Source};
+use crate::discovery::feed::FeedTx;
 
 /// The poll interval while an opted-in service is in a rolling update or rollback, and for
 /// a while after an event.
@@ -58,6 +60,14 @@ const OWN_REFRESH: Duration = Duration::from_secs(30);
 /// must not hang it forever; events are only triggers, so nothing is lost).
 const EVENTS_IDLE: Duration = Duration::from_secs(600);
 const EVENTS_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// With `managers` listed: consecutive failed polls of an engine that answered before,
+/// after which this node follows a manager instead.
+const FOLLOW_AFTER_FAILURES: u64 = 2;
+/// While following, how often the local engine is asked whether it answers for the swarm
+/// now (a worker promoted to manager).
+const ENGINE_REPROBE: Duration = Duration::from_secs(30);
+/// While following: back-off after every listed manager failed in a row.
+const FOLLOW_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Tasks the orchestrator wants running, and the ones it is stopping: a task seen stopping
 /// is retired for good ([`Tracker`]).
@@ -72,11 +82,14 @@ pub const PROVIDER: &str = "docker";
 /// Runs the Docker provider until the control plane goes away: polls the engine at
 /// `cfg.endpoint`, builds mesh services from `defaults` (the `[defaults]` template) and
 /// the `mesh.*` labels, and sends `Command::Services(Source::Docker, ..)` whenever the list
-/// changes.
+/// changes. What it reads is published on `feed` for followers. With `cfg.managers`
+/// listed, it follows meshd on those managers whenever the local engine cannot answer for
+/// the swarm ([`follow`]).
 pub async fn run(
     cfg: DockerDiscoveryConfig,
     defaults: ServiceConfig,
     commands: mpsc::Sender<Command>,
+    feed: FeedTx,
 ) {
     let client = match Client::new(&cfg.endpoint) {
         Ok(c) => c,
@@ -89,9 +102,12 @@ pub async fn run(
     tracing::info!(
         endpoint = client.endpoint(),
         poll_interval_ms = cfg.poll_interval.as_millis() as u64,
+        managers = cfg.managers.join(",").as_str(),
         "docker discovery: starting"
     );
-    Provider::new(cfg, defaults, client, commands).run().await;
+    Provider::new(cfg, defaults, client, commands, feed)
+        .run()
+        .await;
 }
 
 struct Provider {
@@ -112,6 +128,10 @@ struct Provider {
     /// Wakes the loop for an immediate poll (the event stream).
     trigger: Arc<Notify>,
     events: Option<JoinHandle<()>>,
+    /// What followers on other nodes are served.
+    feed: FeedTx,
+    /// The engine has answered a whole poll at least once.
+    ever_ok: bool,
 }
 
 /// meshd's own container and the networks it is attached to.
@@ -140,6 +160,7 @@ impl Provider {
         defaults: ServiceConfig,
         client: Client,
         commands: mpsc::Sender<Command>,
+        feed: FeedTx,
     ) -> Provider {
         Provider {
             cfg,
@@ -158,10 +179,27 @@ impl Provider {
             failures: Failures::default(),
             trigger: Arc::new(Notify::new()),
             events: None,
+            feed,
+            ever_ok: false,
         }
     }
 
     async fn run(mut self) {
+        loop {
+            self.read_engine().await;
+            if self.commands.is_closed() {
+                return;
+            }
+            self.follow().await;
+            if self.commands.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Polls the local engine until the control plane goes away, or, with `managers`
+    /// listed, until the engine cannot answer for the swarm.
+    async fn read_engine(&mut self) {
         let mut fast_until: Option<Instant> = None;
         loop {
             let fast = match self.poll().await {
@@ -176,7 +214,36 @@ impl Provider {
                         // The engine may have restarted or been upgraded: ask its version again.
                         self.negotiated = false;
                     }
+                    if !self.cfg.managers.is_empty()
+                        && (!self.ever_ok || self.failures.streak + 1 >= FOLLOW_AFTER_FAILURES)
+                    {
+                        let line = format!(
+                            "docker discovery: the local engine cannot answer for the swarm ({e}); \
+                             following meshd on the managers {}",
+                            self.cfg.managers.join(", ")
+                        );
+                        if self.ever_ok {
+                            tracing::warn!("{line}");
+                        } else {
+                            tracing::info!("{line}");
+                        }
+                        self.failures = Failures::default();
+                        self.feed.send_modify(|f| {
+                            f.serving = false;
+                            f.services = None;
+                            f.engine_ok = false;
+                            f.error = Some(e.to_string());
+                        });
+                        return;
+                    }
                     self.failures.failed(&e);
+                    let error = e.to_string();
+                    self.feed.send_if_modified(|f| {
+                        let changed = f.engine_ok || f.error.as_deref() != Some(error.as_str());
+                        f.engine_ok = false;
+                        f.error = Some(error);
+                        changed
+                    });
                     if self
                         .commands
                         .send(Command::DiscoveryFailed(PROVIDER))
@@ -248,6 +315,22 @@ impl Provider {
             .observe(&snap, &self.defaults, self.own.networks.as_ref());
         self.report(&desired);
         let updating = !desired.updating.is_empty();
+        self.ever_ok = true;
+        self.feed.send_if_modified(|f| {
+            let mut changed = false;
+            if !f.serving || !f.engine_ok || f.error.is_some() {
+                f.serving = true;
+                f.engine_ok = true;
+                f.error = None;
+                changed = true;
+            }
+            if f.services.as_deref() != Some(&desired.services) {
+                f.seq += 1;
+                f.services = Some(Arc::new(desired.services.clone()));
+                changed = true;
+            }
+            changed
+        });
         if self.sent.as_ref() != Some(&desired.services) {
             for line in state::changes(self.sent.as_deref().unwrap_or(&[]), &desired.services) {
                 tracing::info!("docker discovery: {line}");
@@ -263,6 +346,136 @@ impl Provider {
             self.sent = Some(desired.services);
         }
         Ok(updating)
+    }
+
+    /// Follows meshd on the listed managers until the local engine answers for the swarm
+    /// again (checked every [`ENGINE_REPROBE`]) or the control plane goes away. Managers
+    /// are tried in turn, starting at a random one so that followers spread out.
+    async fn follow(&mut self) {
+        let managers = self.cfg.managers.clone();
+        let token = self.cfg.token.clone().unwrap_or_default();
+        let n = managers.len();
+        let mut i = start_index(n);
+        let mut misses = 0usize; // sessions in a row that applied no state
+        let mut backoff = Duration::from_millis(500);
+        let mut failing_since: Option<Instant> = None;
+        let mut logged_at: Option<Instant> = None;
+        let probe = engine_probe(self.client.clone(), self.commands.clone());
+        tokio::pin!(probe);
+        loop {
+            let addr = managers[i % n].clone();
+            let mut got_state = false;
+            let why = tokio::select! {
+                why = self.follow_one(&addr, &token, n > 1, &mut got_state) => why,
+                _ = probe.as_mut() => None,
+            };
+            match why {
+                None => {
+                    if !self.commands.is_closed() {
+                        tracing::info!(
+                            "docker discovery: the local engine answers for the swarm: reading it instead of following"
+                        );
+                        self.negotiated = false;
+                    }
+                    return;
+                }
+                Some(why) => {
+                    i += 1;
+                    let next = &managers[i % n];
+                    let now = Instant::now();
+                    if got_state {
+                        misses = 0;
+                        backoff = Duration::from_millis(500);
+                        failing_since = None;
+                    } else {
+                        misses += 1;
+                    }
+                    let since = *failing_since.get_or_insert(now);
+                    // Every failure of the first round is logged; then one line per
+                    // FAILURE_LOG_EVERY while no manager answers.
+                    if misses <= n || logged_at.is_none_or(|t| now - t >= FAILURE_LOG_EVERY) {
+                        tracing::warn!(
+                            failing_for_s = (now - since).as_secs(),
+                            "docker discovery: manager {addr}: {why}; trying {next}; the last good table stays"
+                        );
+                        logged_at = Some(now);
+                    }
+                    if self
+                        .commands
+                        .send(Command::DiscoveryFailed(PROVIDER))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if misses > 0 && misses % n == 0 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = probe.as_mut() => return,
+                        }
+                        backoff = (backoff * 2).min(FOLLOW_MAX_BACKOFF);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads manager `addr`'s feed and applies each state; returns why the manager failed
+    /// (`None`: the control plane is gone).
+    async fn follow_one(
+        &mut self,
+        addr: &str,
+        token: &str,
+        has_alternatives: bool,
+        got_state: &mut bool,
+    ) -> Option<String> {
+        let mut session = match follow::Session::open(addr, token, has_alternatives).await {
+            Ok(s) => s,
+            Err(why) => return Some(why),
+        };
+        loop {
+            match session.next_state().await {
+                Ok(st) => {
+                    if !self.followed(addr, got_state, st).await {
+                        return None;
+                    }
+                }
+                Err(why) => return Some(why),
+            }
+        }
+    }
+
+    /// Applies one state read from manager `addr`; false once the control plane is gone.
+    async fn followed(&mut self, addr: &str, got_state: &mut bool, st: follow::State) -> bool {
+        let follow::State { services, warnings } = st;
+        for w in &warnings {
+            if !self.warnings.contains(w) {
+                tracing::warn!("docker discovery: manager {addr}: service left out: {w}");
+            }
+        }
+        self.warnings = warnings.into_iter().collect();
+        if !*got_state {
+            *got_state = true;
+            tracing::info!(
+                services = services.len(),
+                "docker discovery: following meshd on manager {addr}"
+            );
+        }
+        if self.sent.as_ref() != Some(&services) {
+            for line in state::changes(self.sent.as_deref().unwrap_or(&[]), &services) {
+                tracing::info!("docker discovery: {line} (from manager {addr})");
+            }
+            if self
+                .commands
+                .send(Command::Services(Source::Docker, services.clone()))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            self.sent = Some(services);
+        }
+        true
     }
 
     /// Logs warnings when they first appear and update phases when they change.
@@ -379,6 +592,30 @@ impl Failures {
         self.since = None;
         self.unlogged = 0;
     }
+}
+
+/// Resolves when the local engine answers for the swarm (its `/nodes`), asked every
+/// [`ENGINE_REPROBE`], or when the control plane goes away.
+async fn engine_probe(mut client: Client, commands: mpsc::Sender<Command>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ENGINE_REPROBE) => {}
+            _ = commands.closed() => return,
+        }
+        if client.negotiate().await.is_ok() && client.get::<Vec<api::Node>>("/nodes").await.is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Where a follower starts in the managers list: spread over the list, so that not every
+/// node's meshd subscribes to the first manager.
+fn start_index(n: usize) -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as usize);
+    (nanos ^ std::process::id() as usize) % n.max(1)
 }
 
 /// Subscribes to service and node events; each one (and each reconnect) wakes the poll

@@ -133,7 +133,14 @@ fn config(endpoint: &str) -> DockerDiscoveryConfig {
     DockerDiscoveryConfig {
         endpoint: endpoint.to_owned(),
         poll_interval: Duration::from_millis(40),
+        managers: Vec::new(),
+        token: None,
+        token_file: None,
     }
+}
+
+fn feed() -> crate::discovery::feed::FeedTx {
+    tokio::sync::watch::channel(crate::discovery::feed::FeedState::default()).0
 }
 
 fn defaults() -> ServiceConfig {
@@ -168,7 +175,7 @@ fn endpoint_count(list: &[ServiceConfig]) -> usize {
 async fn sends_on_change_only_and_keeps_state_on_failure() {
     let engine = FakeEngine::start("loop");
     let (tx, mut rx) = mpsc::channel(16);
-    let provider = tokio::spawn(run(config(&engine.endpoint), defaults(), tx));
+    let provider = tokio::spawn(run(config(&engine.endpoint), defaults(), tx, feed()));
 
     let Got::Services(list) = next(&mut rx).await else {
         panic!("expected services first")
@@ -243,7 +250,7 @@ async fn refuses_an_engine_too_old() {
         a.version = r#"{"Version":"1.11.2","ApiVersion":"1.23","MinAPIVersion":"1.12"}"#.into()
     });
     let (tx, mut rx) = mpsc::channel(16);
-    let provider = tokio::spawn(run(config(&engine.endpoint), defaults(), tx));
+    let provider = tokio::spawn(run(config(&engine.endpoint), defaults(), tx, feed()));
     assert!(matches!(next(&mut rx).await, Got::Failed));
     assert!(matches!(next(&mut rx).await, Got::Failed));
     assert!(engine.asked().iter().all(|p| p == "/version"));
@@ -291,4 +298,152 @@ fn finds_its_own_container_id() {
         container_id_from_mountinfo("x /var/lib/docker/containers/abc/hostname y\n"),
         None
     );
+}
+
+/// meshd on a manager, as far as the feed goes: the provider reading `engine`, and the
+/// real admin server serving its feed with token `token`.
+struct Manager {
+    addr: std::net::SocketAddr,
+    provider: Option<tokio::task::JoinHandle<()>>,
+    feed: Option<crate::discovery::feed::FeedTx>,
+    engine: String,
+}
+
+impl Manager {
+    async fn start(engine: &str, token: &str) -> Manager {
+        use crate::admin::AdminState;
+        let (feed_tx, feed_rx) =
+            tokio::sync::watch::channel(crate::discovery::feed::FeedState::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cmd_tx, _cmd_rx) = mpsc::channel(1);
+        let state = Arc::new(AdminState {
+            status: Default::default(),
+            commands: cmd_tx,
+            token: arc_swap::ArcSwapOption::from(Some(Arc::new(token.to_owned()))),
+            ready: std::sync::atomic::AtomicBool::new(true),
+            metrics: None,
+            feed: Some(feed_rx),
+        });
+        tokio::spawn(crate::admin::serve(
+            listener,
+            state,
+            Arc::new(crate::proxy::close::CloseSignal::new()),
+        ));
+        Manager {
+            addr,
+            provider: None,
+            feed: Some(feed_tx),
+            engine: engine.to_owned(),
+        }
+    }
+
+    /// Starts reading the engine (until then the feed answers 503).
+    fn read_engine(&mut self) {
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let feed = self.feed.take().unwrap();
+        self.provider = Some(tokio::spawn(run(
+            config(&self.engine),
+            defaults(),
+            tx,
+            feed,
+        )));
+    }
+
+    /// meshd on this manager goes away: its feed ends.
+    fn stop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            p.abort();
+        }
+    }
+}
+
+fn follower_config(managers: &[&Manager], token_ok: bool) -> DockerDiscoveryConfig {
+    DockerDiscoveryConfig {
+        // A worker: no engine socket at all.
+        endpoint: "unix:///nonexistent/meshd-test/docker.sock".into(),
+        poll_interval: Duration::from_millis(40),
+        managers: managers.iter().map(|m| m.addr.to_string()).collect(),
+        token: Some(if token_ok { "f33d" } else { "wrong" }.into()),
+        token_file: None,
+    }
+}
+
+/// Skips failures (counted by the control plane) up to the next services, within `limit`.
+async fn next_services(rx: &mut mpsc::Receiver<Command>, limit: Duration) -> Vec<ServiceConfig> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let cmd = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("services within the limit")
+            .expect("provider alive");
+        match cmd {
+            Command::Services(Source::Docker, list) => return list,
+            Command::DiscoveryFailed("docker") => continue,
+            _ => panic!("unexpected command"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
+    let engine = FakeEngine::start("follow");
+    let mut m1 = Manager::start(&engine.endpoint, "f33d").await;
+    let mut m2 = Manager::start(&engine.endpoint, "f33d").await;
+    // Only m1 reads the engine yet: m2 answers 503, so the worker settles on m1
+    // whichever manager it tries first.
+    m1.read_engine();
+    let (tx, mut rx) = mpsc::channel(16);
+    let worker = tokio::spawn(run(
+        follower_config(&[&m1, &m2], true),
+        defaults(),
+        tx,
+        feed(),
+    ));
+    let list = next_services(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(list[0].name, "meshfix-web");
+    assert_eq!(endpoint_count(&list), 3);
+    // The labels' policy (mesh.health=http) reaches the worker resolved.
+    assert_eq!(list[0].health.check, crate::config::CheckKind::Http);
+
+    m2.read_engine();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // m1 goes away. Nothing changes on the worker but a counted failure...
+    m1.stop();
+    match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+        Ok(Some(Command::DiscoveryFailed("docker"))) => {}
+        Ok(Some(Command::Services(..))) => panic!("the table changed when a manager went away"),
+        other => panic!("expected a counted failure, got {:?}", other.is_ok()),
+    }
+    // ... and it now follows m2: a task stopping in the swarm reaches it through m2.
+    engine.set(|a| {
+        a.services = fixture!("services-stop-first.json").into();
+        a.tasks = fixture!("tasks-stop-first.json").into();
+    });
+    let list = next_services(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(endpoint_count(&list), 2);
+
+    // Every manager gone: failures are counted, the last good table stays (no empty list).
+    m2.stop();
+    let mut failures = 0;
+    while let Ok(cmd) = tokio::time::timeout(Duration::from_millis(2500), rx.recv()).await {
+        match cmd {
+            Some(Command::DiscoveryFailed("docker")) => failures += 1,
+            Some(Command::Services(_, l)) => panic!("table changed to {} services: {l:?}", l.len()),
+            _ => panic!("unexpected command"),
+        }
+    }
+    assert!(failures >= 2, "{failures} failures counted");
+    worker.abort();
+
+    // A wrong token is refused (401) and counted; nothing is applied.
+    let mut m3 = Manager::start(&engine.endpoint, "f33d").await;
+    m3.read_engine();
+    let (tx, mut rx) = mpsc::channel(16);
+    let worker = tokio::spawn(run(follower_config(&[&m3], false), defaults(), tx, feed()));
+    for _ in 0..2 {
+        assert!(matches!(next(&mut rx).await, Got::Failed));
+    }
+    worker.abort();
 }

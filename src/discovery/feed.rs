@@ -1,0 +1,519 @@
+//! The desired-state feed: meshd on a Swarm manager serves what it reads from its engine to
+//! meshd on the other nodes, so that every node, workers included, routes with the same
+//! table.
+//!
+//! ```text
+//!  manager: docker provider ──FeedState (watch)──► admin GET /api/v1/discovery/docker
+//!                                                    │  JSON lines: state on change,
+//!                                                    │  heartbeat every second
+//!  worker:  docker provider (following) ◄────────────┘  bearer token, failover across
+//!           ──► Command::Services(Source::Docker, ..)    `[discovery.docker] managers`
+//! ```
+//!
+//! The source of truth stays Swarm's Raft store: a manager's meshd only relays its last
+//! good reading of the engine; followers keep their last good table while no manager
+//! answers. Nothing here is replicated or voted on by meshd itself.
+//!
+//! The wire carries resolved services (every policy field, not only the labels), so every
+//! node applies the same policy: a follower's own `[defaults]` do not apply to Swarm
+//! services. Input from the wire is untrusted: [`WireService::into_config`] checks every
+//! field against the same bounds as `mesh.toml` and never panics.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{defaults, BackendConfig, HealthConfig, ServiceConfig};
+use crate::discovery::docker::labels::{BALANCES, CHECKS, MAX_NAME, PROXY_PROTOCOLS};
+
+/// How often a manager tells a follower it is alive (with whether its engine answers).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A subscriber that has not taken a line for this long is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest duration accepted from the wire (the config's own values are far below).
+const MAX_WIRE_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The most services and backends per service accepted from the wire.
+const MAX_WIRE_SERVICES: usize = 10_000;
+const MAX_WIRE_BACKENDS: usize = 100_000;
+
+/// What the local Docker provider publishes for the feed.
+#[derive(Debug, Clone, Default)]
+pub struct FeedState {
+    /// True while this node reads a manager's engine itself (it may then serve the feed);
+    /// false while it follows another node, or before its first poll.
+    pub serving: bool,
+    /// Bumped whenever `services` changes.
+    pub seq: u64,
+    /// The last good list (`None` before the first successful poll).
+    pub services: Option<Arc<Vec<ServiceConfig>>>,
+    /// Whether the last poll of the engine succeeded, and why not.
+    pub engine_ok: bool,
+    pub error: Option<String>,
+}
+
+pub type FeedTx = watch::Sender<FeedState>;
+pub type FeedRx = watch::Receiver<FeedState>;
+
+/// One line of the feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Message {
+    /// The whole desired state. Sent first, and again whenever it changes.
+    State {
+        seq: u64,
+        engine_ok: bool,
+        services: Vec<WireService>,
+    },
+    /// Sent every [`HEARTBEAT`]; `engine_ok = false` while the manager's engine fails (its
+    /// state is then the last good one).
+    Heartbeat {
+        seq: u64,
+        engine_ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// A mesh service on the wire. Durations in milliseconds; keywords as in `mesh.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireService {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub balance: String,
+    pub connect_timeout_ms: u64,
+    pub connect_retries: u32,
+    pub idle_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub slow_start_ms: u64,
+    pub half_close_timeout_ms: u64,
+    pub max_connections: u32,
+    pub proxy_protocol: String,
+    pub backlog: u32,
+    pub health: WireHealth,
+    pub backends: Vec<WireBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireHealth {
+    pub check: String,
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireBackend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], v: T) -> String {
+    table
+        .iter()
+        .find(|(_, t)| *t == v)
+        .map_or("?", |(k, _)| k)
+        .to_owned()
+}
+
+fn keyword<T: Copy>(table: &[(&str, T)], what: &str, v: &str) -> Result<T, String> {
+    table
+        .iter()
+        .find(|(k, _)| *k == v)
+        .map(|&(_, t)| t)
+        .ok_or_else(|| format!("unknown {what} {v:?}"))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn duration(what: &str, v: u64, positive: bool) -> Result<Duration, String> {
+    let d = Duration::from_millis(v);
+    if d > MAX_WIRE_DURATION {
+        return Err(format!("{what} {v} ms is out of range"));
+    }
+    if positive && d.is_zero() {
+        return Err(format!("{what} must be positive"));
+    }
+    Ok(d)
+}
+
+impl WireService {
+    pub fn from_config(s: &ServiceConfig) -> WireService {
+        WireService {
+            name: s.name.clone(),
+            listen: s.listen.clone(),
+            balance: name_of(&BALANCES, s.balance),
+            connect_timeout_ms: ms(s.connect_timeout),
+            connect_retries: s.connect_retries,
+            idle_timeout_ms: ms(s.idle_timeout),
+            drain_timeout_ms: ms(s.drain_timeout),
+            slow_start_ms: ms(s.slow_start),
+            half_close_timeout_ms: ms(s.half_close_timeout),
+            max_connections: s.max_connections,
+            proxy_protocol: name_of(&PROXY_PROTOCOLS, s.proxy_protocol),
+            backlog: s.backlog,
+            health: WireHealth {
+                check: name_of(&CHECKS, s.health.check),
+                path: s.health.path.clone(),
+                interval_ms: ms(s.health.interval),
+                timeout_ms: ms(s.health.timeout),
+                rise: s.health.rise,
+                fall: s.health.fall,
+            },
+            backends: s
+                .backends
+                .iter()
+                .map(|b| WireBackend {
+                    addr: b.addr,
+                    weight: b.weight,
+                })
+                .collect(),
+        }
+    }
+
+    /// Checks every field against the bounds `mesh.toml` has; the error names the field.
+    pub fn into_config(self) -> Result<ServiceConfig, String> {
+        let name_ok = !self.name.is_empty()
+            && self.name.chars().count() <= MAX_NAME
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !name_ok {
+            return Err(format!("service name {:?} is not usable", self.name));
+        }
+        let err = |e: String| format!("service {:?}: {e}", self.name);
+        if self.listen.is_empty() || self.listen.len() > 64 {
+            return Err(err("listen must hold 1 to 64 addresses".into()));
+        }
+        if self.connect_retries > defaults::MAX_CONNECT_RETRIES {
+            return Err(err(format!(
+                "connect_retries {} is over {}",
+                self.connect_retries,
+                defaults::MAX_CONNECT_RETRIES
+            )));
+        }
+        if !(1..=65535).contains(&self.backlog) {
+            return Err(err(format!("backlog {} is out of range", self.backlog)));
+        }
+        let h = &self.health;
+        if !h.path.starts_with('/')
+            || h.path.len() > 1024
+            || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(err(format!("health path {:?} is not usable", h.path)));
+        }
+        if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
+            return Err(err("health rise and fall must be 1..=100".into()));
+        }
+        if self.backends.len() > MAX_WIRE_BACKENDS {
+            return Err(err(format!("{} backends is too many", self.backends.len())));
+        }
+        if let Some(b) = self
+            .backends
+            .iter()
+            .find(|b| b.weight > defaults::MAX_WEIGHT)
+        {
+            return Err(err(format!(
+                "backend {} weight {} is over {}",
+                b.addr,
+                b.weight,
+                defaults::MAX_WEIGHT
+            )));
+        }
+        Ok(ServiceConfig {
+            balance: keyword(&BALANCES, "balance", &self.balance).map_err(err)?,
+            connect_timeout: duration("connect_timeout", self.connect_timeout_ms, true)
+                .map_err(err)?,
+            connect_retries: self.connect_retries,
+            idle_timeout: duration("idle_timeout", self.idle_timeout_ms, true).map_err(err)?,
+            drain_timeout: duration("drain_timeout", self.drain_timeout_ms, false).map_err(err)?,
+            slow_start: duration("slow_start", self.slow_start_ms, false).map_err(err)?,
+            half_close_timeout: duration("half_close_timeout", self.half_close_timeout_ms, true)
+                .map_err(err)?,
+            max_connections: self.max_connections,
+            proxy_protocol: keyword(&PROXY_PROTOCOLS, "proxy_protocol", &self.proxy_protocol)
+                .map_err(err)?,
+            backlog: self.backlog,
+            health: HealthConfig {
+                check: keyword(&CHECKS, "health check", &h.check).map_err(err)?,
+                path: h.path.clone(),
+                interval: duration("health interval", h.interval_ms, true).map_err(err)?,
+                timeout: duration("health timeout", h.timeout_ms, true).map_err(err)?,
+                rise: h.rise,
+                fall: h.fall,
+            },
+            backends: self
+                .backends
+                .iter()
+                .map(|b| BackendConfig {
+                    addr: b.addr,
+                    weight: b.weight,
+                })
+                .collect(),
+            dns: None,
+            listen: self.listen,
+            name: self.name,
+        })
+    }
+}
+
+/// Reads the services of a `State` line; a service that does not pass the checks is left
+/// out and named in the returned warnings (like a label that does not parse).
+pub fn services_from_wire(
+    wire: Vec<WireService>,
+) -> Result<(Vec<ServiceConfig>, Vec<String>), String> {
+    if wire.len() > MAX_WIRE_SERVICES {
+        return Err(format!("{} services is too many", wire.len()));
+    }
+    let mut out: Vec<ServiceConfig> = Vec::with_capacity(wire.len());
+    let mut warnings = Vec::new();
+    for w in wire {
+        match w.into_config() {
+            Ok(s) if out.iter().any(|o| o.name == s.name) => {
+                warnings.push(format!("service {:?} is listed twice", s.name));
+            }
+            Ok(s) => out.push(s),
+            Err(e) => warnings.push(e),
+        }
+    }
+    Ok((out, warnings))
+}
+
+fn line(m: &Message) -> Bytes {
+    // Serializing these types cannot fail (no maps with non-string keys, no floats).
+    let mut v = serde_json::to_vec(m).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// The response body of one subscriber: a state line first (once there is one), then a
+/// state line on every change and a heartbeat every [`HEARTBEAT`]. A task per subscriber
+/// writes the lines; it ends when the subscriber goes away or stops reading.
+pub fn subscribe(mut rx: FeedRx) -> FeedBody {
+    let (tx, body) = mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        let mut sent_seq: Option<u64> = None;
+        loop {
+            let msg = {
+                let st = rx.borrow_and_update();
+                match &st.services {
+                    Some(list) if sent_seq != Some(st.seq) => {
+                        sent_seq = Some(st.seq);
+                        Message::State {
+                            seq: st.seq,
+                            engine_ok: st.engine_ok,
+                            services: list.iter().map(WireService::from_config).collect(),
+                        }
+                    }
+                    _ => Message::Heartbeat {
+                        seq: st.seq,
+                        engine_ok: st.engine_ok && st.serving,
+                        error: if st.serving {
+                            st.error.clone()
+                        } else {
+                            Some("this node no longer reads a manager's engine".into())
+                        },
+                    },
+                }
+            };
+            match tokio::time::timeout(SEND_TIMEOUT, tx.send(line(&msg))).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    FeedBody { rx: body }
+}
+
+/// A streamed response body fed by a channel.
+pub struct FeedBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Body for FeedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn service() -> ServiceConfig {
+        let cfg = Config::parse(
+            std::path::Path::new("mesh.toml"),
+            r#"
+[defaults]
+balance = "maglev"
+connect_timeout = "750ms"
+slow_start = "10s"
+proxy_protocol = "v2"
+[defaults.health]
+check = "http"
+path = "/ready"
+rise = 3
+[[service]]
+name = "web-8080"
+listen = ["0.0.0.0:8080", "[::]:8080"]
+backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
+"#,
+        )
+        .unwrap();
+        cfg.services[0].clone()
+    }
+
+    #[test]
+    fn a_service_survives_the_wire_unchanged() {
+        let s = service();
+        let text = serde_json::to_string(&Message::State {
+            seq: 3,
+            engine_ok: true,
+            services: vec![WireService::from_config(&s)],
+        })
+        .unwrap();
+        let Message::State { services, .. } = serde_json::from_str(&text).unwrap() else {
+            panic!("not a state line: {text}");
+        };
+        let (back, warnings) = services_from_wire(services).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(back, vec![s]);
+    }
+
+    #[test]
+    fn bad_services_are_left_out_with_a_reason() {
+        let good = WireService::from_config(&service());
+        let mut bad_weight = good.clone();
+        bad_weight.name = "w".into();
+        bad_weight.backends[0].weight = 5000;
+        let mut bad_name = good.clone();
+        bad_name.name = "a/b".into();
+        let mut bad_balance = good.clone();
+        bad_balance.name = "b".into();
+        bad_balance.balance = "random".into();
+        let mut huge = good.clone();
+        huge.name = "h".into();
+        huge.idle_timeout_ms = u64::MAX;
+        let mut zero = good.clone();
+        zero.name = "z".into();
+        zero.health.interval_ms = 0;
+        let (ok, warnings) = services_from_wire(vec![
+            good.clone(),
+            bad_weight,
+            bad_name,
+            bad_balance,
+            huge,
+            zero,
+            good,
+        ])
+        .unwrap();
+        assert_eq!(ok.len(), 1);
+        let all = warnings.join("\n");
+        for want in [
+            "weight 5000",
+            "\"a/b\" is not usable",
+            "unknown balance \"random\"",
+            "idle_timeout",
+            "health interval must be positive",
+            "listed twice",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn garbage_lines_are_errors_not_panics() {
+        for text in [
+            "",
+            "{}",
+            "null",
+            r#"{"kind":"state"}"#,
+            r#"{"kind":"state","seq":-1,"engine_ok":true,"services":[]}"#,
+            r#"{"kind":"state","seq":1,"engine_ok":true,"services":[{"name":"x"}]}"#,
+            r#"{"kind":"other"}"#,
+            "[1,2,3]",
+            "\u{0}\u{1}",
+        ] {
+            assert!(serde_json::from_str::<Message>(text).is_err(), "{text:?}");
+        }
+        let hb: Message =
+            serde_json::from_str(r#"{"kind":"heartbeat","seq":4,"engine_ok":false}"#).unwrap();
+        assert_eq!(
+            hb,
+            Message::Heartbeat {
+                seq: 4,
+                engine_ok: false,
+                error: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_gets_state_on_change_and_heartbeats() {
+        use http_body_util::BodyExt;
+        let (tx, rx) = watch::channel(FeedState::default());
+        let mut body = subscribe(rx);
+        async fn next(b: &mut FeedBody) -> Message {
+            let bytes = b.frame().await.unwrap().unwrap().into_data().unwrap();
+            serde_json::from_slice::<Message>(&bytes).unwrap()
+        }
+        // Nothing read yet: heartbeats only, saying the node does not serve.
+        assert!(matches!(
+            next(&mut body).await,
+            Message::Heartbeat {
+                engine_ok: false,
+                ..
+            }
+        ));
+        tx.send_modify(|f| {
+            f.serving = true;
+            f.engine_ok = true;
+            f.seq = 1;
+            f.services = Some(Arc::new(vec![service()]));
+        });
+        match next(&mut body).await {
+            Message::State { seq, services, .. } => {
+                assert_eq!(seq, 1);
+                assert_eq!(services.len(), 1);
+            }
+            m => panic!("expected state, got {m:?}"),
+        }
+        // Unchanged: a heartbeat follows.
+        assert!(matches!(
+            next(&mut body).await,
+            Message::Heartbeat {
+                seq: 1,
+                engine_ok: true,
+                ..
+            }
+        ));
+    }
+}
