@@ -852,13 +852,11 @@ fn container_logs(name: &str) -> String {
     format!("{}{}", o.stdout, o.stderr)
 }
 
-/// The manager a worker's meshd follows now: the last "following meshd on manager X" line.
-fn followed(worker: &str) -> Option<String> {
-    container_logs(worker)
-        .lines()
-        .rev()
-        .find_map(|l| l.split("following meshd on manager ").nth(1))
-        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+/// The manager a worker's meshd follows now (`docker.following` in /api/v1/services).
+fn followed(admin: SocketAddr) -> Option<String> {
+    admin_json(admin)?["docker"]["following"]
+        .as_str()
+        .map(str::to_string)
 }
 
 /// Several nodes: two meshd "managers" (containers with the engine socket) and one meshd
@@ -930,7 +928,11 @@ timeout = "200ms"
         container_logs(&w),
         container_logs(&m1)
     );
-    let first = followed(&w).expect("the worker logs which manager it follows");
+    let first = followed(admin).expect("the worker's API says which manager it follows");
+    assert_eq!(
+        admin_json(admin).map(|j| j["docker"]["reads_engine"].clone()),
+        Some(serde_json::Value::Bool(false))
+    );
     println!(
         "ready: the worker (no engine socket) routes {svc} to 3 healthy tasks, following {first}, after {:.1}s",
         sw.start.elapsed().as_secs_f64()
@@ -964,7 +966,7 @@ timeout = "200ms"
     };
     docker(&["rm", "--force", gone], T);
     let failed_over = wait_until(Duration::from_secs(20), || {
-        followed(&w).is_some_and(|f| f.starts_with(other.as_str()))
+        followed(admin).is_some_and(|f| f.starts_with(other.as_str()))
     });
     assert!(
         failed_over,
@@ -992,6 +994,12 @@ timeout = "200ms"
     // Every manager gone: the last good table stays, and the failures are counted.
     docker(&["rm", "--force", other], T);
     std::thread::sleep(Duration::from_secs(8));
+    let docker_status = admin_json(admin).map(|j| j["docker"].clone());
+    println!("worker's docker status with every manager gone: {docker_status:?}");
+    assert_eq!(
+        docker_status.as_ref().map(|d| d["following"].is_null()),
+        Some(true)
+    );
     assert_eq!(
         healthy(admin, &svc),
         5,

@@ -12,7 +12,37 @@ pub struct ServicesDto<'a> {
     pub generation: u64,
     pub version: &'static str,
     pub reloads: ReloadsDto,
+    /// `[discovery.docker]` only: whether this node reads its engine or follows a manager.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerDto>,
     pub services: Vec<ServiceDto<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct DockerDto {
+    /// True while this node reads a Swarm manager's engine itself (and serves its feed).
+    pub reads_engine: bool,
+    /// The manager whose feed this node applies now (`HOST:PORT`), when following.
+    pub following: Option<String>,
+    /// The last poll (or feed) succeeded; else why not.
+    pub ok: bool,
+    pub error: Option<String>,
+    /// Bumped on every change of the state this node serves.
+    pub seq: u64,
+}
+
+pub fn docker(f: &crate::discovery::feed::FeedState) -> DockerDto {
+    DockerDto {
+        reads_engine: f.serving,
+        following: f.following.clone(),
+        ok: if f.serving {
+            f.engine_ok
+        } else {
+            f.following.is_some()
+        },
+        error: f.error.clone(),
+        seq: f.seq,
+    }
 }
 
 #[derive(Serialize)]
@@ -71,6 +101,7 @@ pub struct DrainDto {
 pub fn services(st: &Status) -> ServicesDto<'_> {
     let now = Instant::now();
     ServicesDto {
+        docker: None,
         generation: st.generation,
         version: env!("CARGO_PKG_VERSION"),
         reloads: ReloadsDto {

@@ -149,7 +149,9 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
         ["api", "v1", "services"] => match m {
             Method::GET | Method::HEAD => {
                 let st = state.status.load();
-                match serde_json::to_string(&api::services(&st)) {
+                let mut dto = api::services(&st);
+                dto.docker = state.feed.as_ref().map(|rx| api::docker(&rx.borrow()));
+                match serde_json::to_string(&dto) {
                     Ok(s) => json(StatusCode::OK, s),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
                 }

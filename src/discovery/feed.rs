@@ -54,9 +54,12 @@ pub struct FeedState {
     pub seq: u64,
     /// The last good list (`None` before the first successful poll).
     pub services: Option<Arc<Vec<ServiceConfig>>>,
-    /// Whether the last poll of the engine succeeded, and why not.
+    /// Whether the last poll of the engine succeeded, and why not (while following: why
+    /// the last manager failed).
     pub engine_ok: bool,
     pub error: Option<String>,
+    /// While following: the manager whose feed is applied now.
+    pub following: Option<String>,
 }
 
 pub type FeedTx = watch::Sender<FeedState>;

@@ -318,7 +318,8 @@ impl Provider {
         self.ever_ok = true;
         self.feed.send_if_modified(|f| {
             let mut changed = false;
-            if !f.serving || !f.engine_ok || f.error.is_some() {
+            if !f.serving || !f.engine_ok || f.error.is_some() || f.following.is_some() {
+                f.following = None;
                 f.serving = true;
                 f.engine_ok = true;
                 f.error = None;
@@ -380,6 +381,10 @@ impl Provider {
                     return;
                 }
                 Some(why) => {
+                    self.feed.send_modify(|f| {
+                        f.following = None;
+                        f.error = Some(format!("manager {addr}: {why}"));
+                    });
                     i += 1;
                     let next = &managers[i % n];
                     let now = Instant::now();
@@ -456,6 +461,10 @@ impl Provider {
         self.warnings = warnings.into_iter().collect();
         if !*got_state {
             *got_state = true;
+            self.feed.send_modify(|f| {
+                f.following = Some(addr.to_owned());
+                f.error = None;
+            });
             tracing::info!(
                 services = services.len(),
                 "docker discovery: following meshd on manager {addr}"

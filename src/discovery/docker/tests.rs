@@ -395,13 +395,20 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
     // whichever manager it tries first.
     m1.read_engine();
     let (tx, mut rx) = mpsc::channel(16);
+    let (wfeed, wstatus) =
+        tokio::sync::watch::channel(crate::discovery::feed::FeedState::default());
     let worker = tokio::spawn(run(
         follower_config(&[&m1, &m2], true),
         defaults(),
         tx,
-        feed(),
+        wfeed,
     ));
     let list = next_services(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(
+        wstatus.borrow().following.as_deref(),
+        Some(m1.addr.to_string().as_str())
+    );
+    assert!(!wstatus.borrow().serving, "a follower serves no feed");
     assert_eq!(list[0].name, "meshfix-web");
     assert_eq!(endpoint_count(&list), 3);
     // The labels' policy (mesh.health=http) reaches the worker resolved.
@@ -423,6 +430,10 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
     });
     let list = next_services(&mut rx, Duration::from_secs(5)).await;
     assert_eq!(endpoint_count(&list), 2);
+    assert_eq!(
+        wstatus.borrow().following.as_deref(),
+        Some(m2.addr.to_string().as_str())
+    );
 
     // Every manager gone: failures are counted, the last good table stays (no empty list).
     m2.stop();
@@ -435,6 +446,8 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
         }
     }
     assert!(failures >= 2, "{failures} failures counted");
+    assert_eq!(wstatus.borrow().following, None);
+    assert!(wstatus.borrow().error.is_some());
     worker.abort();
 
     // A wrong token is refused (401) and counted; nothing is applied.
