@@ -990,6 +990,21 @@ timeout = "200ms"
         container_logs(&w)
     );
     step("scale 3 -> 5, seen through the second manager");
+    // How long the change took from the manager's meshd to the worker's: the same
+    // "-> 5 endpoint(s)" line in both logs.
+    let at = |log: &str| -> Option<f64> {
+        let line = log.lines().find(|l| l.contains("-> 5 endpoint(s)"))?;
+        let t = line.split_whitespace().next()?.split('T').nth(1)?;
+        let t = t.trim_end_matches('Z');
+        let mut f = t.split(':').map(|x| x.parse::<f64>().ok());
+        Some(f.next()?? * 3600.0 + f.next()?? * 60.0 + f.next()??)
+    };
+    if let (Some(m), Some(wk)) = (at(&container_logs(other)), at(&container_logs(&w))) {
+        println!(
+            "propagation: the worker applied the scale {:.1} ms after {other} read it",
+            (wk - m) * 1000.0
+        );
+    }
 
     // Every manager gone: the last good table stays, and the failures are counted.
     docker(&["rm", "--force", other], T);
