@@ -414,6 +414,15 @@ impl Provider {
                         return;
                     }
                     if misses > 0 && misses % n == 0 {
+                        // No manager answers: maybe the local engine does again (a manager
+                        // whose engine restarted follows only until it answers again).
+                        if engine_answers(&mut self.client).await {
+                            tracing::info!(
+                                "docker discovery: no manager serves, and the local engine answers for the swarm: reading it"
+                            );
+                            self.negotiated = false;
+                            return;
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = probe.as_mut() => return,
@@ -611,11 +620,15 @@ async fn engine_probe(mut client: Client, commands: mpsc::Sender<Command>) {
             _ = tokio::time::sleep(ENGINE_REPROBE) => {}
             _ = commands.closed() => return,
         }
-        if client.negotiate().await.is_ok() && client.get::<Vec<api::Node>>("/nodes").await.is_ok()
-        {
+        if engine_answers(&mut client).await {
             return;
         }
     }
+}
+
+/// Whether the engine at `client` answers for the swarm (`/nodes`: 503 on a worker).
+async fn engine_answers(client: &mut Client) -> bool {
+    client.negotiate().await.is_ok() && client.get::<Vec<api::Node>>("/nodes").await.is_ok()
 }
 
 /// Where a follower starts in the managers list: spread over the list, so that not every

@@ -460,3 +460,26 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
     }
     worker.abort();
 }
+
+#[tokio::test]
+async fn a_manager_whose_engine_fails_follows_then_reads_it_again() {
+    let engine = FakeEngine::start("back");
+    // A worker's answer, until "promoted".
+    engine.set(|a| a.fail = Some((503, fixture!("error-no-swarm.json").into())));
+    let mut cfg = config(&engine.endpoint);
+    cfg.managers = vec!["127.0.0.1:1".into()]; // nothing listens: every attempt fails
+    cfg.token = Some("t".into());
+    let (tx, mut rx) = mpsc::channel(16);
+    let (wfeed, status) = tokio::sync::watch::channel(crate::discovery::feed::FeedState::default());
+    let provider = tokio::spawn(run(cfg, defaults(), tx, wfeed));
+    assert!(matches!(next(&mut rx).await, Got::Failed));
+    assert!(!status.borrow().serving);
+    engine.set(|a| a.fail = None);
+    let list = next_services(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(endpoint_count(&list), 3);
+    assert!(
+        status.borrow().serving,
+        "reads its engine again and serves it"
+    );
+    provider.abort();
+}
