@@ -193,6 +193,8 @@ pub struct Control {
     /// Operators' requests applied since the last plan, answered when it is published: an
     /// API call returns once its change is in the routing table and the status.
     admin_replies: Vec<AdminReply>,
+    /// A plan is being finished on a blocking thread (it will publish `generation + 1`).
+    building: bool,
 }
 
 type AdminReply = oneshot::Sender<Result<(), AdminError>>;
@@ -291,6 +293,7 @@ impl Control {
             provided: Vec::new(),
             pending_accept: Vec::new(),
             admin_replies: Vec::new(),
+            building: false,
         }
     }
 
@@ -326,6 +329,7 @@ impl Control {
                     }
                 } => {
                     building = None;
+                    self.building = false;
                     match built {
                         Ok(built) => self.publish_built(built),
                         // A build panicked: the bug surfaces as it did when builds ran here.
@@ -336,6 +340,7 @@ impl Control {
             }
             if building.is_none() {
                 building = self.publish_if_dirty();
+                self.building = building.is_some();
             }
             self.start_accept_loops();
         }
@@ -349,7 +354,7 @@ impl Control {
                 match &error {
                     None => {
                         self.reloads_ok += 1;
-                        tracing::info!(generation = self.generation + 1, "config reloaded");
+                        tracing::info!(generation = self.next_generation(), "config reloaded");
                     }
                     Some(e) => {
                         self.reloads_err += 1;
@@ -1029,6 +1034,11 @@ impl Control {
     }
 
     // === publishing ===
+
+    /// The generation that will hold a change made now: the next plan's.
+    fn next_generation(&self) -> u64 {
+        self.generation + 1 + u64::from(self.building)
+    }
 
     /// Publishes a new generation if anything changed: at once when every selector can be
     /// reused, else returns the blocking task that builds them.
