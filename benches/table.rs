@@ -1,6 +1,7 @@
 //! The routing table on the accept path: `load()` + service lookup + pick, alone and while
 //! another thread publishes a new table generation in a loop; and the cost of building a
-//! table (selector included) for 10 to 10,000 backends.
+//! table (selector included) for 10 to 10,000 backends, and of reusing it when nothing
+//! changed.
 //!
 //! `cargo bench --bench table`
 
@@ -122,5 +123,27 @@ fn bench_build(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_load, bench_build);
+/// What an unchanged service costs a publish since selectors are reused: `prepare` against
+/// the previous table (eligibility filter + comparison), Maglev, same inputs.
+fn bench_reuse(c: &mut Criterion) {
+    let state = Arc::new(ServiceState::new("web".into(), 0));
+    let mut g = c.benchmark_group("table_reuse");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(3));
+    for n in [10usize, 1_000, 10_000] {
+        let cands = candidates(n);
+        let cfg = Arc::new(service_config(Balance::Maglev));
+        let previous = ServiceTable::prepare(state.clone(), cfg.clone(), &cands, None).finish();
+        g.bench_function(BenchmarkId::new("Maglev", n), |b| {
+            b.iter(|| {
+                let p = ServiceTable::prepare(state.clone(), cfg.clone(), &cands, Some(&previous));
+                assert!(!p.needs_build());
+                black_box(p.finish())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_load, bench_build, bench_reuse);
 criterion_main!(benches);

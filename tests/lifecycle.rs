@@ -137,6 +137,63 @@ fn ejected_backend_comes_back_after_backoff_and_a_passing_check() {
 }
 
 #[test]
+fn the_last_usable_backend_of_a_service_is_never_ejected() {
+    let a = Backend::http("a");
+    let mut b = Backend::http("b");
+    let listen = addr(free_port());
+    // One health check at start, then none during the test: only passive outlier
+    // detection changes anything, and nothing is re-admitted behind the test's back.
+    let health = "check = \"tcp\"\ninterval = \"1h\"\ntimeout = \"500ms\"\nrise = 1\nfall = 3";
+    let m = Meshd::start(&svc(
+        "web",
+        listen,
+        &[a.addr, b.addr],
+        "balance = \"round_robin\"",
+        health,
+    ));
+    assert!(wait_until(Duration::from_secs(10), || m.healthy("web") == 2));
+    let (aa, ba) = (a.addr, b.addr.to_string());
+    let a_str = aa.to_string();
+
+    // b dies while a is usable: b is ejected after 3 failed connects, as always.
+    b.kill();
+    for _ in 0..10 {
+        assert_eq!(
+            who(listen).as_deref(),
+            Some("a"),
+            "b's failures retried on a"
+        );
+    }
+    assert_eq!(m.backend("web", &ba)["ejected"], true);
+
+    // a dies too: it is the last usable backend, so it is not ejected. Every connection
+    // still tries it (one connect error each) instead of being turned away unseen.
+    drop(a);
+    for _ in 0..5 {
+        assert_eq!(who(listen), None);
+    }
+    let ab = m.backend("web", &a_str);
+    assert_eq!(ab["ejected"], false, "{ab}");
+    assert_eq!(ab["connect_errors"], 5, "{ab}");
+    assert_eq!(m.backend("web", &ba)["ejected"], true);
+    let log = m.log_text();
+    assert_eq!(
+        log.matches("it is the service's last usable backend")
+            .count(),
+        1,
+        "logged once per failure streak:\n{log}"
+    );
+
+    // a comes back on its port: the very next connection reaches it, no back-off to sit out.
+    let _a2 = Backend::spawn_on_addr(aa, "a2", "http", &[]);
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+        aa
+    )
+    .is_ok()));
+    assert_eq!(who(listen).as_deref(), Some("a2"));
+}
+
+#[test]
 fn removed_backend_drains_then_survivors_are_closed_at_drain_timeout() {
     let x = Backend::echo("x");
     let y = Backend::echo("y");

@@ -15,11 +15,28 @@
 //! new connections in proportion to their weight, like nginx's least_conn, which breaks
 //! ties by weighted round robin.
 //!
-//! Cost: **O(n)** per pick — one `skip` and one `active` call (an atomic load) per
-//! backend — plus `O(log n)` for the weighted start. The scan stops early at the first
-//! backend with no active connection, since nothing can beat `0 / weight`.
+//! Cost: up to [`EXACT_UP_TO`] backends, **O(n)** per pick — one `skip` and one `active`
+//! call (an atomic load) per backend — plus `O(log n)` for the weighted start. The scan
+//! stops early at the first backend with no active connection, since nothing can beat
+//! `0 / weight`.
+//!
+//! Larger services: **O(k + log n)**. The pick compares [`SAMPLES`] candidates — the
+//! weighted start, then uniformly random others — and keeps the lowest `active / weight`
+//! (power of k choices, Mitzenmacher 2001, with k = 16 where p2c has 2). Idle services
+//! still share by weight (the weighted start wins ties at 0), and loaded ones converge to
+//! `active ∝ weight` because the comparison is normalised by weight. A backend that is far
+//! below its share gets every pick that samples it, so it catches up within ~n/k picks
+//! instead of at once, which also avoids the herd onto a new backend that an exact scan
+//! causes. If every sample is skipped (most backends tried or ejected), the exact scan
+//! decides, so `None` still means that every backend is skipped.
 
+use super::hash::rand_below;
 use super::{FastMod, PaddedCounter};
+
+/// Services with at most this many backends are scanned exactly on every pick.
+pub(super) const EXACT_UP_TO: usize = 64;
+/// Candidates compared per pick in larger services.
+pub(super) const SAMPLES: usize = 16;
 
 #[derive(Debug)]
 pub(super) struct LeastConn {
@@ -91,6 +108,11 @@ impl LeastConn {
             Some(weighted) => weighted.position(counter),
             None => self.modulo.rem(counter),
         };
+        if n > EXACT_UP_TO {
+            if let Some(index) = self.pick_sampled(start, active, skip) {
+                return Some(index);
+            }
+        }
         let (head, tail) = self.backends.split_at(start.min(n));
         // The best so far; starts as an "infinitely loaded" sentinel (1 / 0) that any
         // backend beats.
@@ -110,6 +132,40 @@ impl LeastConn {
                 {
                     (best_index, best_load, best_weight) = (Some(index), load, weight);
                 }
+            }
+        }
+        best_index
+    }
+
+    /// The least loaded (per weight) of [`SAMPLES`] candidates: position `start`, then
+    /// uniformly random positions. `None` if every candidate was skipped.
+    #[inline]
+    fn pick_sampled(
+        &self,
+        start: usize,
+        active: &impl Fn(usize) -> u64,
+        skip: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = self.backends.len();
+        let (mut best_index, mut best_load, mut best_weight) = (None, 1u64, 0u32);
+        let mut position = start.min(n - 1);
+        for k in 0..SAMPLES {
+            if k > 0 {
+                position = rand_below(n);
+            }
+            let (index, weight) = self.backends[position];
+            let index = index as usize;
+            if skip(index) {
+                continue;
+            }
+            let load = active(index);
+            if load == 0 {
+                return Some(index);
+            }
+            if u128::from(load) * u128::from(best_weight)
+                < u128::from(best_load) * u128::from(weight)
+            {
+                (best_index, best_load, best_weight) = (Some(index), load, weight);
             }
         }
         best_index
@@ -229,6 +285,68 @@ mod tests {
         let lc = build(&[u32::MAX, 1]);
         let active = [u64::MAX, u64::MAX - 1];
         assert_eq!(lc.pick(&|i| active[i], &|_| false), Some(0));
+    }
+
+    fn mixed(n: usize) -> Vec<u32> {
+        (0..n).map(|i| 100 * (1 + (i % 3) as u32)).collect()
+    }
+
+    #[test]
+    fn large_services_balance_held_connections_by_weight() {
+        // Sampled picks (n > EXACT_UP_TO): every picked connection stays open.
+        let n = 1_000;
+        let weights = mixed(n);
+        let lc = build(&weights);
+        let active = RefCell::new(vec![0u64; n]);
+        for _ in 0..60_000 {
+            let i = lc
+                .pick(&|i| active.borrow()[i], &|_| false)
+                .expect("a backend");
+            active.borrow_mut()[i] += 1;
+        }
+        let active = active.into_inner();
+        // 60,000 over a total weight of 200,000: 0.3 connections per unit of weight.
+        let mut by_class = [0u64; 3];
+        for (i, &a) in active.iter().enumerate() {
+            by_class[i % 3] += a;
+            let expected = 0.3 * f64::from(weights[i]);
+            assert!(
+                (a as f64 - expected).abs() <= 0.25 * expected + 2.0,
+                "backend {i} (weight {}) holds {a}, expected ~{expected}",
+                weights[i]
+            );
+        }
+        for (count, expected) in by_class.iter().zip([10_020u64, 19_980, 30_000]) {
+            assert!(
+                count.abs_diff(expected) <= expected / 50,
+                "{by_class:?} by weight class"
+            );
+        }
+    }
+
+    #[test]
+    fn large_idle_services_share_by_weight_and_honour_skips() {
+        let n = 999;
+        let lc = build(&mixed(n));
+        let mut by_class = [0u32; 3];
+        for _ in 0..60_000 {
+            by_class[lc.pick(&|_| 0, &|_| false).expect("a backend") % 3] += 1;
+        }
+        for (count, expected) in by_class.iter().zip([10_000u32, 20_000, 30_000]) {
+            assert!(count.abs_diff(expected) <= 300, "{by_class:?}");
+        }
+        // Everything but one backend skipped: the exact scan finds it.
+        for _ in 0..100 {
+            assert_eq!(lc.pick(&|_| 5, &|i| i != 777), Some(777));
+        }
+        assert_eq!(lc.pick(&|_| 5, &|_| true), None);
+        // A skipped backend is never picked, however idle.
+        for _ in 0..100 {
+            let i = lc
+                .pick(&|i| if i == 4 { 0 } else { 7 }, &|i| i == 4)
+                .expect("a backend");
+            assert_ne!(i, 4);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! | algorithm | [`Balance`] | pick | build | memory |
 //! | --- | --- | --- | --- | --- |
 //! | smooth weighted round robin (`round_robin.rs`) | `RoundRobin` | O(1): one `fetch_add`, one load | O(W·n) ≤ 2^24 steps for the exact nginx order, else O(W + n) | W × 4 bytes, W ≤ 2^20 + n (none for equal weights) |
-//! | weighted least connections (`least_conn.rs`) | `LeastConn` | O(n): reads every backend's active count | O(n) | n × 16 bytes |
+//! | weighted least connections (`least_conn.rs`) | `LeastConn` | O(n) up to 64 backends (reads every active count), then O(log n): the least loaded of 16 samples | O(n) | n × 16 bytes |
 //! | power of two choices (`p2c.rs`) | `P2c` | O(log n): two weighted draws, two loads | O(n) | n × 16 bytes |
 //! | Maglev consistent hashing (`maglev.rs`) | `Maglev` | O(1): a hash and one table read | O(M log M) | M × 4 bytes, M ≈ 100·n, 65,537 ≤ M ≤ 2,097,143 |
 //!

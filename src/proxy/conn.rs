@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::forward::{self, End, Limits, Mode};
 use super::{connect, proxy_protocol};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
-use crate::table::{Backend, ServiceTable};
+use crate::table::{Backend, Ejection, ServiceTable};
 
 /// Consecutive connect failures after which a backend is ejected at once (passive outlier
 /// detection), without waiting for its next health check.
@@ -116,7 +116,8 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
                 b.active.fetch_sub(1, Ordering::Relaxed);
                 b.stats.connect_errors[e as usize].fetch_add(1, Ordering::Relaxed);
                 let n = b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= EJECT_AFTER_FAILURES && !b.set_ejected(true) {
+                // Never the service's last usable backend (`ServiceTable::eject`).
+                if n >= EJECT_AFTER_FAILURES && svc.eject(i) != Ejection::Nothing {
                     let _ = shared.ejected.send(b.clone());
                 }
                 if failures == cfg.connect_retries {

@@ -114,6 +114,9 @@ pub struct Backend {
     /// How many times it was ejected in a row without a healthy period between: the
     /// back-off exponent.
     pub ejections: AtomicU32,
+    /// An ejection was refused in the current failure streak because this was the
+    /// service's last usable backend; cleared by the control plane once the streak ends.
+    eject_spared: AtomicBool,
     /// Closes the connections that outlive `drain_timeout`.
     pub close: CloseSignal,
     pub stats: BackendStats,
@@ -131,6 +134,7 @@ impl Backend {
             ejected: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            eject_spared: AtomicBool::new(false),
             close: CloseSignal::new(),
             stats: BackendStats::default(),
         }
@@ -180,6 +184,22 @@ impl Backend {
 
     pub fn set_ejected(&self, on: bool) -> bool {
         self.ejected.swap(on, Ordering::AcqRel)
+    }
+
+    /// Records that an ejection was refused (last usable backend); true the first time in
+    /// a failure streak.
+    pub fn mark_eject_spared(&self) -> bool {
+        !self.eject_spared.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends a failure streak's "spared" mark (the next refusal is reported again); true if
+    /// it was set.
+    pub fn clear_eject_spared(&self) -> bool {
+        self.eject_spared.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn is_eject_spared(&self) -> bool {
+        self.eject_spared.load(Ordering::Relaxed)
     }
 
     /// Active, healthy and not ejected: may take a new connection.

@@ -33,6 +33,9 @@ pub struct ServiceState {
     pub rejected_max_connections: AtomicU64,
     /// Connects retried on another backend after a failure.
     pub retries: AtomicU64,
+    /// Ejections refused because the backend was the service's last usable one (counted
+    /// once per failure streak).
+    pub ejections_spared: AtomicU64,
     /// Seconds a connection lived; registered once, recorded per closed connection.
     pub conn_duration: metrics::Histogram,
     /// Seconds a successful connect took.
@@ -51,6 +54,7 @@ impl ServiceState {
             rejected_no_backend: AtomicU64::new(0),
             rejected_max_connections: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            ejections_spared: AtomicU64::new(0),
         }
     }
 }
@@ -62,7 +66,11 @@ pub struct ServiceTable {
     pub config: Arc<ServiceConfig>,
     /// The backends that may take new connections, index-aligned with `selector`.
     pub backends: Vec<Arc<Backend>>,
-    pub selector: Selector,
+    /// Their weights in this generation (what `selector` was built from), index-aligned.
+    pub weights: Box<[u32]>,
+    /// Shared with the previous generation's table when the algorithm and the (address,
+    /// weight) list are unchanged: only services whose backends changed pay for a build.
+    pub selector: Arc<Selector>,
 }
 
 /// A backend offered to `build`, with the weight it should get in this generation
@@ -73,6 +81,68 @@ pub struct Candidate {
     pub weight: u32,
 }
 
+/// What passive outlier detection did with a backend that failed too many connects in a
+/// row (see [`ServiceTable::eject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ejection {
+    /// Ejected now: the control plane must schedule its re-admission.
+    Ejected,
+    /// Not ejected: it is the service's last usable backend (Envoy's "panic" rule). The
+    /// first refusal of a failure streak is reported to the control plane (logged).
+    SparedFirst,
+    /// Not ejected, already reported in this streak; or it was ejected already.
+    Nothing,
+}
+
+/// One service's next table, split in two so the expensive half can run off the runtime
+/// thread: [`ServiceTable::prepare`] picks the eligible backends (it reads their atomics
+/// and decides whether the previous selector can be reused: cheap), [`Prepared::finish`]
+/// builds the selector if one is needed (a Maglev build takes milliseconds).
+#[derive(Debug)]
+pub struct Prepared(PreparedKind);
+
+#[derive(Debug)]
+enum PreparedKind {
+    /// Nothing a connection could see changed: the previous table as it is.
+    Same(Arc<ServiceTable>),
+    New {
+        state: Arc<ServiceState>,
+        config: Arc<ServiceConfig>,
+        backends: Vec<Arc<Backend>>,
+        weights: Box<[u32]>,
+        /// `None`: must be built.
+        selector: Option<Arc<Selector>>,
+    },
+}
+
+impl Prepared {
+    /// The previous table, kept as it is (its service did not change).
+    pub fn unchanged(table: Arc<ServiceTable>) -> Prepared {
+        Prepared(PreparedKind::Same(table))
+    }
+
+    /// Whether [`finish`](Prepared::finish) builds a selector (the costly part).
+    pub fn needs_build(&self) -> bool {
+        matches!(self.0, PreparedKind::New { selector: None, .. })
+    }
+
+    /// The table: the previous one, or a new one around the reused or a new selector.
+    pub fn finish(self) -> Arc<ServiceTable> {
+        match self.0 {
+            PreparedKind::Same(t) => t,
+            PreparedKind::New {
+                state,
+                config,
+                backends,
+                weights,
+                selector,
+            } => Arc::new(ServiceTable::assemble(
+                state, config, backends, weights, selector,
+            )),
+        }
+    }
+}
+
 impl ServiceTable {
     /// Builds one service's snapshot: keeps the candidates that are active, healthy and
     /// weighted, and builds the selector over them. Pure: no I/O, no lock.
@@ -81,26 +151,117 @@ impl ServiceTable {
         config: Arc<ServiceConfig>,
         candidates: &[Candidate],
     ) -> ServiceTable {
-        let eligible: Vec<&Candidate> = candidates
-            .iter()
-            .filter(|c| {
-                c.weight > 0
-                    && c.backend.state() == State::Active
-                    && c.backend.health() == Health::Up
-            })
-            .collect();
-        let weights: Vec<_> = eligible
-            .iter()
-            .map(|c| (c.backend.addr, c.weight))
-            .collect();
-        let selector = Selector::build(config.balance, &weights);
+        let (backends, weights) = eligible(candidates);
+        ServiceTable::assemble(state, config, backends, weights, None)
+    }
+
+    /// A table around `selector`, or a selector built now over `backends` and `weights`.
+    fn assemble(
+        state: Arc<ServiceState>,
+        config: Arc<ServiceConfig>,
+        backends: Vec<Arc<Backend>>,
+        weights: Box<[u32]>,
+        selector: Option<Arc<Selector>>,
+    ) -> ServiceTable {
+        let selector = selector.unwrap_or_else(|| {
+            let list: Vec<_> = backends
+                .iter()
+                .zip(weights.iter())
+                .map(|(b, &w)| (b.addr, w))
+                .collect();
+            Arc::new(Selector::build(config.balance, &list))
+        });
         ServiceTable {
             state,
             config,
-            backends: eligible.iter().map(|c| c.backend.clone()).collect(),
+            backends,
+            weights,
             selector,
         }
     }
+
+    /// The first, cheap half of a build: the eligible candidates (active, healthy,
+    /// weighted), and the previous table's selector when the algorithm and every eligible
+    /// (address, weight) are unchanged — or the previous table itself when the backends
+    /// and config are the very same too. Pure: no I/O, no lock.
+    pub fn prepare(
+        state: Arc<ServiceState>,
+        config: Arc<ServiceConfig>,
+        candidates: &[Candidate],
+        previous: Option<&Arc<ServiceTable>>,
+    ) -> Prepared {
+        let (backends, weights) = eligible(candidates);
+        let selector = previous
+            .filter(|p| {
+                p.selector.algorithm() == config.balance
+                    && *p.weights == *weights
+                    && p.backends.len() == backends.len()
+                    && p.backends
+                        .iter()
+                        .zip(&backends)
+                        .all(|(a, b)| a.addr == b.addr)
+            })
+            .map(|p| p.selector.clone());
+        if let (Some(p), Some(_)) = (previous, &selector) {
+            if Arc::ptr_eq(&p.state, &state)
+                && Arc::ptr_eq(&p.config, &config)
+                && p.backends
+                    .iter()
+                    .zip(&backends)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+            {
+                return Prepared(PreparedKind::Same(p.clone()));
+            }
+        }
+        Prepared(PreparedKind::New {
+            state,
+            config,
+            backends,
+            weights,
+            selector,
+        })
+    }
+
+    /// Passive outlier detection: backend `i` failed too many connects in a row. Ejects it
+    /// (every pick skips it) unless no other backend of this table is usable: the last
+    /// usable backend is never ejected, since ejecting it would turn every connection away
+    /// while it may still answer some (Envoy's "panic" rule). Atomics only; O(n) in the
+    /// worst case, and only on a failed connect.
+    pub fn eject(&self, i: usize) -> Ejection {
+        let Some(b) = self.backends.get(i) else {
+            return Ejection::Nothing;
+        };
+        if b.is_ejected() {
+            return Ejection::Nothing;
+        }
+        let n = self.backends.len();
+        let others = (1..n).any(|k| self.backends[(i + k) % n].is_usable());
+        if others {
+            return if b.set_ejected(true) {
+                Ejection::Nothing
+            } else {
+                Ejection::Ejected
+            };
+        }
+        if b.mark_eject_spared() {
+            self.state.ejections_spared.fetch_add(1, Ordering::Relaxed);
+            Ejection::SparedFirst
+        } else {
+            Ejection::Nothing
+        }
+    }
+}
+
+/// The candidates that may take connections (active, healthy, weighted) and their weights.
+fn eligible(candidates: &[Candidate]) -> (Vec<Arc<Backend>>, Box<[u32]>) {
+    let (backends, weights): (Vec<_>, Vec<_>) = candidates
+        .iter()
+        .filter(|c| {
+            c.weight > 0 && c.backend.state() == State::Active && c.backend.health() == Health::Up
+        })
+        .map(|c| (c.backend.clone(), c.weight))
+        .unzip();
+    (backends, weights.into_boxed_slice())
 }
 
 /// The whole snapshot.
@@ -151,5 +312,104 @@ impl TableHandle {
 
     pub fn generation(&self) -> u64 {
         self.stored.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Balance, Config};
+
+    fn config(balance: Balance) -> Arc<ServiceConfig> {
+        let text = "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\nbackends = [{ addr = \"127.0.0.1:9001\" }]\n";
+        let mut cfg = Config::parse(std::path::Path::new("t.toml"), text)
+            .expect("valid config")
+            .services
+            .remove(0);
+        cfg.balance = balance;
+        Arc::new(cfg)
+    }
+
+    fn candidates(weights: &[u32]) -> Vec<Candidate> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Candidate {
+                backend: Arc::new(Backend::new(
+                    "web".into(),
+                    SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                    Health::Up,
+                )),
+                weight,
+            })
+            .collect()
+    }
+
+    use std::net::SocketAddr;
+
+    #[test]
+    fn unchanged_inputs_reuse_the_table_or_its_selector() {
+        let state = Arc::new(ServiceState::new("web".into(), 0));
+        let cfg = config(Balance::Maglev);
+        let cands = candidates(&[100, 200, 0]);
+        let first = ServiceTable::prepare(state.clone(), cfg.clone(), &cands, None);
+        assert!(first.needs_build());
+        let first = first.finish();
+        assert_eq!(first.backends.len(), 2);
+
+        // Same backends, weights and config: the very same table.
+        let same = ServiceTable::prepare(state.clone(), cfg.clone(), &cands, Some(&first));
+        assert!(!same.needs_build());
+        assert!(Arc::ptr_eq(&same.finish(), &first));
+
+        // A new config with the same algorithm: a new table around the same selector.
+        let cfg2 = config(Balance::Maglev);
+        let t = ServiceTable::prepare(state.clone(), cfg2, &cands, Some(&first));
+        assert!(!t.needs_build());
+        let t = t.finish();
+        assert!(!Arc::ptr_eq(&t, &first));
+        assert!(Arc::ptr_eq(&t.selector, &first.selector));
+
+        // A weight, the backend set, a health change or the algorithm: a new selector.
+        let mut w = cands.clone();
+        w[1].weight = 300;
+        assert!(ServiceTable::prepare(state.clone(), cfg.clone(), &w, Some(&first)).needs_build());
+        assert!(
+            ServiceTable::prepare(state.clone(), cfg.clone(), &cands[..1], Some(&first))
+                .needs_build()
+        );
+        cands[0].backend.set_health(Health::Down);
+        assert!(
+            ServiceTable::prepare(state.clone(), cfg.clone(), &cands, Some(&first)).needs_build()
+        );
+        cands[0].backend.set_health(Health::Up);
+        assert!(
+            ServiceTable::prepare(state.clone(), config(Balance::P2c), &cands, Some(&first))
+                .needs_build()
+        );
+    }
+
+    #[test]
+    fn the_last_usable_backend_is_never_ejected() {
+        let state = Arc::new(ServiceState::new("web".into(), 0));
+        let t = ServiceTable::build(
+            state.clone(),
+            config(Balance::RoundRobin),
+            &candidates(&[100, 100]),
+        );
+        assert_eq!(t.eject(0), Ejection::Ejected);
+        assert!(t.backends[0].is_ejected());
+        assert_eq!(t.eject(0), Ejection::Nothing, "already ejected");
+        // Backend 1 is now the only usable one.
+        assert_eq!(t.eject(1), Ejection::SparedFirst);
+        assert!(!t.backends[1].is_ejected());
+        assert_eq!(t.eject(1), Ejection::Nothing, "reported once per streak");
+        assert_eq!(state.ejections_spared.load(Ordering::Relaxed), 1);
+        // The streak ends (the control plane clears the mark): reported again next time.
+        assert!(t.backends[1].clear_eject_spared());
+        assert_eq!(t.eject(1), Ejection::SparedFirst);
+        // Once another backend is usable again, it can be ejected.
+        t.backends[0].set_ejected(false);
+        assert_eq!(t.eject(1), Ejection::Ejected);
     }
 }
