@@ -133,7 +133,7 @@ ge() { [ -n "$(value "$1")" ] && python3 -c "import sys; sys.exit(0 if float('$(
 wait_for 15 ge 'up{job="meshd"}' 1 || fail "Prometheus never scraped meshd successfully"
 wait_for 15 ge 'sum(meshd_connections_total{job="meshd",service="web"})' 20 \
   || fail "Prometheus did not see the 20 connections"
-wait_for 15 ge 'count(ALERTS{alertname="MeshdServiceNoHealthyBackend",service="lonely"})' 1 \
+wait_for 45 ge 'count(ALERTS{alertname="MeshdServiceNoHealthyBackend",service="lonely"})' 1 \
   || fail "the alert rules were not evaluated against meshd's series"
 
 echo "prometheus: $(prometheus --version 2>&1 | head -n 1)"

@@ -67,8 +67,23 @@ fn round_robin_follows_weights_exactly_over_whole_cycles() {
 fn p2c_follows_weights_when_idle() {
     let (a, b, c) = three();
     let listen = addr(free_port());
-    let _m = Meshd::start(&config(listen, &[(&a, 100), (&b, 200), (&c, 300)], "p2c"));
-    let counts = tally(1500, || who(listen).unwrap());
+    let m = Meshd::start(&config(listen, &[(&a, 100), (&b, 200), (&c, 300)], "p2c"));
+    // "Idle": each request starts once meshd has closed the previous connection. The client
+    // sees the answer before meshd's connection task ends, and p2c avoids a backend that
+    // still counts one: without the wait, a busy machine flattens the shares.
+    let idle = || {
+        wait_until(Duration::from_secs(2), || {
+            m.services()["services"][0]["active_connections"].as_u64() == Some(0)
+        })
+    };
+    let counts = tally(1500, || {
+        let who = who(listen).unwrap();
+        assert!(
+            idle(),
+            "meshd still counts a connection 2 s after the answer"
+        );
+        who
+    });
     assert_shares(&counts, &[("a", 100), ("b", 200), ("c", 300)], 0.05);
 }
 

@@ -623,14 +623,6 @@ impl Control {
         }
     }
 
-    // Unused since `reconcile` indexes services by name; kept for other callers.
-    #[allow(dead_code)]
-    fn find(&self, name: &str) -> Option<&ServiceEntry> {
-        self.services
-            .iter()
-            .find(|s| !s.removed && *s.state.name == *name)
-    }
-
     fn add_service(&mut self, cfg: &ServiceConfig) -> usize {
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.next_slot += 1;

@@ -1463,10 +1463,21 @@ fn send_signal(child: &Child, sig: libc::c_int) -> std::io::Result<()> {
         .map_or(Ok(()), |pid| crate::sys::send_signal(pid, sig))
 }
 
-/// A loopback address whose port was free a moment ago.
+/// A loopback address whose port was free a moment ago, and never handed out before by
+/// this process: the kernel may give a released port to the next `bind(:0)`, and two
+/// demo tasks must not be told the same port.
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+        let a = l.local_addr()?;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&a.port()) {
+            given.push(a.port());
+            return Ok(a);
+        }
+    }
+    anyhow::bail!("finding a free port: the kernel keeps handing out ports already in use")
 }
 
 /// The last `n` lines of a file (empty if it cannot be read).
