@@ -14,7 +14,8 @@
 //! (the destination failed mid-way) is closed instead, so no byte of one connection can ever
 //! leak into another.
 //!
-//! This module holds the crate's only `unsafe`: the raw `pipe2`, `splice` and `fcntl` calls.
+//! This module holds the data plane's only `unsafe`: the raw `pipe2`, `splice`, `write` and
+//! `fcntl` calls.
 
 use std::cell::RefCell;
 use std::io;
@@ -85,6 +86,27 @@ impl PooledPipe {
         let n = splice(src, w, CHUNK)?;
         self.len += n;
         Ok(n)
+    }
+
+    /// Copies `buf` into the pipe with one `write(2)`; returns how many bytes it took (an
+    /// empty pipe takes at least its capacity: 64 KiB by default, 8 KiB for an unprivileged
+    /// user past `/proc/sys/fs/pipe-user-pages-soft`). Used to park what a socket did not
+    /// accept, so that the per-thread scratch buffer it came from is free again.
+    pub fn fill_from_slice(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let w = self.fds().1;
+        loop {
+            // SAFETY: `buf` is a valid, readable slice of `buf.len()` bytes for the whole
+            // call; write(2) only reads it. A wrong descriptor fails with EBADF.
+            let n = unsafe { libc::write(w, buf.as_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                self.len += n as usize;
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
     }
 
     /// Moves bytes from the pipe into socket `dst`; returns how many moved.
