@@ -5,6 +5,7 @@
 //! Rules every path follows:
 //! - Half-close: end of stream from one side is forwarded as a FIN (`shutdown(WR)`) to the
 //!   other; the opposite direction keeps flowing until it ends too or `half_close_timeout`.
+//!   When the second side ends, both sockets are closed at once and `close` sends that FIN.
 //! - A reset or error on either side closes both, and the other side gets an RST (linger 0)
 //!   so it learns the connection failed rather than ended.
 //! - `idle_timeout`: no byte either way for that long closes both.
@@ -29,6 +30,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::connect::keepalive;
 use super::splice::PooledPipe;
 use crate::table::Backend;
 
@@ -41,6 +43,11 @@ pub static COPIED_BYTES: AtomicU64 = AtomicU64::new(0);
 /// a read that fills it makes the next read of that direction a splice, a splice that moves
 /// less than it makes the next one a copy.
 pub const SCRATCH: usize = 16 * 1024;
+
+/// A backend socket gets TCP keepalive (two setsockopt calls) only once its connection is
+/// this old. Keepalive sends its first probe after `TCP_KEEPALIVE` (60 s) of silence, so a
+/// shorter connection never sends one anyway; a longer one probes at most this much later.
+pub const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// The copy-mode buffer, one per thread, in the thread's TLS block (no allocation).
@@ -140,45 +147,59 @@ pub async fn forward(
     tokio::pin!(up, down);
     let closed = backend.close.wait();
     tokio::pin!(closed);
-    let sleep = tokio::time::sleep_until(start + limits.idle_timeout);
+    let mut keepalive_at = Some(start + KEEPALIVE_AFTER);
+    let mut half_at: Option<Instant> = None;
+    // The one timer: the earliest of keepalive arming, half-close and idle deadlines.
+    // Moving it later is free in tokio; moving it earlier (half-close) re-inserts it.
+    let next = |keepalive_at: Option<Instant>, half_at: Option<Instant>| {
+        let idle_at =
+            start + Duration::from_millis(last.load(Ordering::Relaxed)) + limits.idle_timeout;
+        [keepalive_at, half_at]
+            .into_iter()
+            .flatten()
+            .fold(idle_at, Instant::min)
+    };
+    let sleep = tokio::time::sleep_until(next(keepalive_at, half_at));
     tokio::pin!(sleep);
 
     let mut up_open = true;
     let mut down_open = true;
-    let mut half_closed_at: Option<Instant> = None;
     let end = loop {
         tokio::select! {
             biased;
             r = &mut up, if up_open => {
                 up_open = false;
                 if let Err(side) = r { break reset(side, client, server) }
+                // Both ends done: the caller closes both sockets now, and `close` sends the
+                // FIN that a `shutdown` would.
+                if !down_open { break End::Done }
                 // Forward the FIN. ENOTCONN here means the peer is already gone; the other
                 // direction will find out on its own.
                 let _ = SockRef::from(server).shutdown(std::net::Shutdown::Write);
-                if !down_open { break End::Done }
-                half_closed_at = Some(Instant::now());
-                sleep.as_mut().reset(Instant::now());
+                half_at = Some(Instant::now() + limits.half_close_timeout);
+                sleep.as_mut().reset(next(keepalive_at, half_at));
             }
             r = &mut down, if down_open => {
                 down_open = false;
                 if let Err(side) = r { break reset(side, client, server) }
-                let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
                 if !up_open { break End::Done }
-                half_closed_at = Some(Instant::now());
-                sleep.as_mut().reset(Instant::now());
+                let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
+                half_at = Some(Instant::now() + limits.half_close_timeout);
+                sleep.as_mut().reset(next(keepalive_at, half_at));
             }
             _ = &mut closed => break End::Closed,
             _ = &mut sleep => {
                 let now = Instant::now();
-                let idle_at = start
-                    + Duration::from_millis(last.load(Ordering::Relaxed))
-                    + limits.idle_timeout;
-                let half_at = half_closed_at.map(|t| t + limits.half_close_timeout);
+                if keepalive_at.is_some_and(|k| k <= now) {
+                    keepalive_at = None;
+                    // Best effort, as at connect: a failure only costs dead-peer detection.
+                    let _ = SockRef::from(server).set_tcp_keepalive(&keepalive());
+                }
+                let idle_at = next(None, None);
                 match half_at {
                     Some(h) if h <= now && h <= idle_at => break End::HalfCloseTimeout,
                     _ if idle_at <= now => break End::IdleTimeout,
-                    Some(h) => sleep.as_mut().reset(h.min(idle_at)),
-                    None => sleep.as_mut().reset(idle_at),
+                    _ => sleep.as_mut().reset(next(keepalive_at, half_at)),
                 }
             }
         }
