@@ -51,7 +51,7 @@ fn digest(h: &mut u64, buf: &[u8]) {
 }
 
 #[test]
-fn bulk_256mib_each_way_arrives_intact_through_splice() {
+fn bulk_256mib_each_way_arrives_intact_mostly_through_splice() {
     const TOTAL: usize = 256 << 20;
     let echo = Backend::echo("echo");
     let listen = addr(free_port());
@@ -95,20 +95,76 @@ fn bulk_256mib_each_way_arrives_intact_through_splice() {
     assert_eq!(got, TOTAL, "every byte came back");
     assert_eq!(h, sent_hash, "the bytes are the ones sent, in order");
 
-    // Both directions went through splice, none through the copy fallback.
+    // Bulk goes through splice. Reads are copied only at the start of each direction and
+    // after a splice that moved less than 16 KiB (the source was momentarily drained).
+    let forwarded = || {
+        (
+            m.metric("meshd_forwarded_bytes_total", &[("mode", "splice")]),
+            m.metric("meshd_forwarded_bytes_total", &[("mode", "copy")]),
+        )
+    };
     assert!(wait_until(Duration::from_secs(5), || {
-        m.metric("meshd_bytes_total", &[("direction", "tx")]) >= TOTAL as f64
+        let (spliced, copied) = forwarded();
+        spliced + copied >= (2 * TOTAL) as f64
     }));
-    let spliced = m.metric("meshd_forwarded_bytes_total", &[("mode", "splice")]);
-    let copied = m.metric("meshd_forwarded_bytes_total", &[("mode", "copy")]);
-    assert!(spliced >= (2 * TOTAL) as f64, "spliced {spliced}");
-    assert_eq!(copied, 0.0);
+    let (spliced, copied) = forwarded();
+    println!(
+        "spliced {spliced}, copied {copied} ({:.3}%)",
+        100.0 * copied / (spliced + copied)
+    );
+    assert_eq!(spliced + copied, (2 * TOTAL) as f64);
+    // Measured 1.0-1.5% with this test build (0.13% with 64 KiB splices; the bulk
+    // benchmark's release build copies under 0.1%).
+    assert!(
+        copied <= (2 * TOTAL) as f64 * 0.05,
+        "copied {copied} of {}: bulk should go through splice",
+        2 * TOTAL
+    );
     assert_eq!(
         m.metric("meshd_bytes_total", &[("direction", "rx")]),
         TOTAL as f64
     );
     // The pipe pool works: a handful of pipes for 8192 chunks.
     assert!(m.metric("meshd_pipes_created_total", &[]) < 64.0);
+}
+
+#[test]
+fn small_request_response_traffic_is_copied_not_spliced() {
+    const ROUNDS: usize = 200;
+    const MSG: usize = 100;
+    let echo = Backend::echo("echo");
+    let listen = addr(free_port());
+    let m = Meshd::start(&service(listen, &[echo.addr], ""));
+    let pipes_before = m.metric("meshd_pipes_created_total", &[]);
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = Stream(7);
+    for _ in 0..ROUNDS {
+        let mut msg = [0u8; MSG];
+        s.fill(&mut msg);
+        c.write_all(&msg).unwrap();
+        let mut back = [0u8; MSG];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let total = (ROUNDS * MSG) as f64;
+    assert!(wait_until(Duration::from_secs(5), || {
+        m.metric("meshd_forwarded_bytes_total", &[("mode", "copy")]) >= 2.0 * total
+    }));
+    // Every message went recv + send through the scratch buffer: no splice, no new pipe.
+    assert_eq!(
+        m.metric("meshd_forwarded_bytes_total", &[("mode", "copy")]),
+        2.0 * total
+    );
+    assert_eq!(
+        m.metric("meshd_forwarded_bytes_total", &[("mode", "splice")]),
+        0.0
+    );
+    assert_eq!(m.metric("meshd_pipes_created_total", &[]), pipes_before);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::forward::{self, End, Limits, Mode};
 use super::{connect, proxy_protocol};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
+use crate::config::ProxyProtocol;
 use crate::table::{Backend, Ejection, ServiceTable};
 
 /// Consecutive connect failures after which a backend is ejected at once (passive outlier
@@ -133,8 +134,12 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
     let _backend_live = Live(&backend.active);
     backend.stats.connections.fetch_add(1, Ordering::Relaxed);
 
-    let dst = client.local_addr().unwrap_or(peer);
-    if let Some(h) = proxy_protocol::encode(cfg.proxy_protocol, peer, dst) {
+    // The address the client connected to costs a getsockname: only the header needs it.
+    let header = match cfg.proxy_protocol {
+        ProxyProtocol::Off => None,
+        v => proxy_protocol::encode(v, peer, client.local_addr().unwrap_or(peer)),
+    };
+    if let Some(h) = header {
         if server.write_all(h.as_bytes()).await.is_err() {
             log_access(
                 shared,

@@ -1,5 +1,7 @@
-//! Dialing a backend: one non-blocking connect bounded by `connect_timeout`, with the same
-//! socket options meshd sets on client sockets (TCP_NODELAY, keepalive well under 900 s).
+//! Dialing a backend: one non-blocking connect bounded by `connect_timeout`, with
+//! TCP_NODELAY set as on client sockets. Keepalive (well under 900 s, as on client sockets)
+//! is added by `forward` once the connection is a second old: no probe could be sent
+//! earlier, and most connections end before that.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,8 +13,9 @@ use crate::config::defaults;
 use crate::table::ConnectError;
 
 /// Keepalive probes after `TCP_KEEPALIVE` idle (then the kernel's interval and count).
-/// Two setsockopt calls on a backend socket (SO_KEEPALIVE, TCP_KEEPIDLE); listeners set it
-/// once and accepted sockets inherit it.
+/// Two setsockopt calls on a backend socket (SO_KEEPALIVE, TCP_KEEPIDLE), made only by
+/// connections that live past `forward::KEEPALIVE_AFTER`; listeners set it once and
+/// accepted sockets inherit it.
 pub fn keepalive() -> TcpKeepalive {
     TcpKeepalive::new().with_time(defaults::TCP_KEEPALIVE)
 }
@@ -42,12 +45,8 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, F
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(Failure::Local)?;
-    {
-        let s = SockRef::from(&sock);
-        // Best effort: a failure here only costs latency or dead-peer detection.
-        let _ = s.set_nodelay(true);
-        let _ = s.set_tcp_keepalive(&keepalive());
-    }
+    // Best effort: a failure here only costs latency.
+    let _ = SockRef::from(&sock).set_nodelay(true);
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
         Err(_) => Err(Failure::Backend(ConnectError::Timeout)),
         Ok(Err(e)) if is_local(&e) => Err(Failure::Local(e)),

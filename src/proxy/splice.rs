@@ -14,15 +14,30 @@
 //! (the destination failed mid-way) is closed instead, so no byte of one connection can ever
 //! leak into another.
 //!
-//! This module holds the crate's only `unsafe`: the raw `pipe2`, `splice` and `fcntl` calls.
+//! This module holds the data plane's only `unsafe`: the raw `pipe2`, `splice`, `write` and
+//! `fcntl` calls.
 
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// How many bytes one splice call asks for. A pipe holds 64 KiB by default (16 pages).
-pub const CHUNK: usize = 64 * 1024;
+/// What pooled pipes are grown to with `F_SETPIPE_SZ` (the default is 64 KiB, 16 pages;
+/// `/proc/sys/fs/pipe-max-size` caps it, 1 MiB by default). Fewer, larger splices per MiB.
+pub const PIPE_SIZE: usize = 256 * 1024;
+
+/// How many bytes one splice call asks for: a grown pipe's capacity. A pipe that could not
+/// be grown simply takes less per call.
+pub const CHUNK: usize = PIPE_SIZE;
+
+/// At most this many grown pipes exist at once (64 x 64 pages = 4,096 pages). Pipe pages are
+/// charged to the user: past `/proc/sys/fs/pipe-user-pages-soft` (16,384 pages by default)
+/// an unprivileged user's new pipes get 2 pages (8 KiB) and growing fails, so grown pipes
+/// stay within a quarter of that budget and the rest keep the default size.
+const GROWN_MAX: usize = 64;
+
+/// Grown pipes open now.
+static GROWN: AtomicUsize = AtomicUsize::new(0);
 
 /// Pipes kept per worker thread. Beyond this, returned pipes are closed.
 const POOL_CAP: usize = 256;
@@ -40,6 +55,16 @@ thread_local! {
 pub struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
+    /// Grown to `PIPE_SIZE` (counted in `GROWN`).
+    grown: bool,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if self.grown {
+            GROWN.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Pipe {
@@ -53,8 +78,21 @@ impl Pipe {
         PIPES_CREATED.fetch_add(1, Ordering::Relaxed);
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Pipe { r, w })
+        let grown = GROWN.fetch_add(1, Ordering::Relaxed) < GROWN_MAX && grow(w.as_raw_fd());
+        if !grown {
+            GROWN.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(Pipe { r, w, grown })
     }
+}
+
+/// Asks for a `PIPE_SIZE` pipe. Failure (EPERM past the user's pipe budget, a lower
+/// `pipe-max-size`) leaves the pipe as it was, which works the same, only in smaller steps.
+fn grow(fd: RawFd) -> bool {
+    // SAFETY: fcntl(F_SETPIPE_SZ) takes a descriptor and an integer; it touches no memory of
+    // ours. A wrong descriptor fails with EBADF.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+    rc >= PIPE_SIZE as libc::c_int
 }
 
 /// A pipe borrowed from the thread's pool. Dropped with `len == 0` it returns to the pool;
@@ -85,6 +123,27 @@ impl PooledPipe {
         let n = splice(src, w, CHUNK)?;
         self.len += n;
         Ok(n)
+    }
+
+    /// Copies `buf` into the pipe with one `write(2)`; returns how many bytes it took (an
+    /// empty pipe takes at least its capacity: 64 KiB by default, 8 KiB for an unprivileged
+    /// user past `/proc/sys/fs/pipe-user-pages-soft`). Used to park what a socket did not
+    /// accept, so that the per-thread scratch buffer it came from is free again.
+    pub fn fill_from_slice(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let w = self.fds().1;
+        loop {
+            // SAFETY: `buf` is a valid, readable slice of `buf.len()` bytes for the whole
+            // call; write(2) only reads it. A wrong descriptor fails with EBADF.
+            let n = unsafe { libc::write(w, buf.as_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                self.len += n as usize;
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
     }
 
     /// Moves bytes from the pipe into socket `dst`; returns how many moved.
@@ -199,6 +258,28 @@ mod tests {
             before - 1,
             "a non-empty pipe must not return to the pool"
         );
+    }
+
+    #[test]
+    fn grown_pipes_have_their_size_and_take_a_scratch_buffer() {
+        let mut p = PooledPipe::take().unwrap();
+        let grown = p.pipe.as_ref().is_some_and(|p| p.grown);
+        // SAFETY: F_GETPIPE_SZ reads nothing of ours.
+        let size = unsafe { libc::fcntl(p.fds().1, libc::F_GETPIPE_SZ) };
+        assert!(size > 0);
+        if grown {
+            assert_eq!(size as usize, PIPE_SIZE);
+        }
+        assert!(GROWN.load(Ordering::Relaxed) <= GROWN_MAX);
+        let data: Vec<u8> = (0..16 * 1024).map(|i| (i % 251) as u8).collect();
+        assert_eq!(p.fill_from_slice(&data).unwrap(), data.len());
+        assert_eq!(p.len, data.len());
+        let (c, mut d) = UnixStream::pair().unwrap();
+        assert_eq!(p.drain_to(c.as_raw_fd()).unwrap(), data.len());
+        assert_eq!(p.len, 0);
+        let mut out = vec![0u8; data.len()];
+        d.read_exact(&mut out).unwrap();
+        assert_eq!(out, data);
     }
 
     #[test]
