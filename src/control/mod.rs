@@ -195,6 +195,10 @@ pub struct Control {
     admin_replies: Vec<AdminReply>,
     /// A plan is being finished on a blocking thread (it will publish `generation + 1`).
     building: bool,
+    /// The next plan must be published even if no service is dirty: set with
+    /// `mark_all_dirty`, which also covers the last service going away (no service is
+    /// left to be dirty, but its slot must be emptied and the status updated).
+    force_publish: bool,
 }
 
 type AdminReply = oneshot::Sender<Result<(), AdminError>>;
@@ -294,6 +298,7 @@ impl Control {
             pending_accept: Vec::new(),
             admin_replies: Vec::new(),
             building: false,
+            force_publish: false,
         }
     }
 
@@ -1020,6 +1025,7 @@ impl Control {
     }
 
     fn mark_all_dirty(&mut self) {
+        self.force_publish = true;
         for s in &mut self.services {
             s.dirty = true;
         }
@@ -1035,9 +1041,16 @@ impl Control {
     /// Publishes a new generation if anything changed: at once when every selector can be
     /// reused, else returns the blocking task that builds them.
     fn publish_if_dirty(&mut self) -> Option<JoinHandle<Built>> {
-        if self.generation > 0 && !self.services.iter().any(|s| s.dirty) {
+        // An operator's reply waits for a published generation: never leave one parked
+        // because nothing is dirty (e.g. its service was purged meanwhile).
+        if self.generation > 0
+            && !self.force_publish
+            && self.admin_replies.is_empty()
+            && !self.services.iter().any(|s| s.dirty)
+        {
             return None;
         }
+        self.force_publish = false;
         let plan = self.plan();
         if !plan.needs_build() {
             self.publish_built(plan.finish());

@@ -291,14 +291,25 @@ impl Pump<'_> {
             poll_fn(|cx| self.src.poll_read_ready(cx))
                 .await
                 .map_err(|_| self.src_side)?;
-            let spliced = big;
-            let step = if spliced {
-                self.splice_in()?
+            let copy =
+                |p: &Self| SCRATCH_BUF.with(|b| p.copy_step(&mut b.borrow_mut()[..], splice_ok));
+            let (spliced, step) = if big {
+                match self.splice_in()? {
+                    // splice(2) stops at TCP urgent data: EAGAIN with bytes still queued, or
+                    // 0 when a FIN is queued behind them. A `recv` goes on past the mark, so
+                    // a splice that moves nothing is checked with one copy step: it tells a
+                    // real end (or empty queue) from the mark.
+                    Step::NotReady | Step::Eof => (false, copy(&self)?),
+                    s => (true, s),
+                }
             } else {
-                SCRATCH_BUF.with(|b| self.copy_step(&mut b.borrow_mut()[..], splice_ok))?
+                (false, copy(&self)?)
             };
             let n = match step {
-                Step::NotReady => continue,
+                Step::NotReady => {
+                    big = false;
+                    continue;
+                }
                 Step::Eof => return Ok(()),
                 Step::Sent(n) => n,
                 Step::Pending(n, mut spill) => {
@@ -307,6 +318,8 @@ impl Pump<'_> {
                             .await
                             .map_err(|_| self.dst_side())?;
                         self.send_some(&mut spill)?;
+                        // A slow reader draining a full pipe is still activity.
+                        self.touch();
                     }
                     n
                 }
@@ -333,6 +346,11 @@ impl Pump<'_> {
         self.total.fetch_add(n, Ordering::Relaxed);
         self.counter.fetch_add(n, Ordering::Relaxed);
         global.fetch_add(n, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Records activity now (the idle timeout counts from the last one).
+    fn touch(&self) {
         self.last
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -341,32 +359,21 @@ impl Pump<'_> {
     /// buffer is the thread's, shared by every connection on it). What `send` does not take
     /// is moved into a spill before returning.
     fn copy_step(&self, buf: &mut [u8], splice_ok: bool) -> Result<Step, Side> {
-        // A TCP `recv` that returns less than it was offered has emptied the receive queue
-        // (tcp_recvmsg walks the whole queue). Reporting WouldBlock then makes tokio clear
-        // the readiness now, instead of after one more `recv` that fails with EAGAIN.
-        // tokio clears only if no event arrived since the readiness was read (its tick),
-        // and never clears read-closed, so a FIN or bytes that come later still wake us.
-        // (A splice read is never treated so: it can stop short because the pipe is full.)
-        let mut short = 0;
-        let r = self.src.try_io(Interest::READABLE, || {
-            let n = (&*SockRef::from(self.src)).read(buf)?;
-            if n > 0 && n < buf.len() {
-                short = n;
-                return Err(would_block());
-            }
-            Ok(n)
-        });
+        // A short `recv` is NOT taken to mean an empty receive queue: the kernel also stops
+        // short at TCP urgent data (the mark), with bytes still queued and no new event to
+        // come, so the loop reads again until EAGAIN.
+        let r = self
+            .src
+            .try_io(Interest::READABLE, || (&*SockRef::from(self.src)).read(buf));
         let n = match r {
             Ok(0) => return Ok(Step::Eof),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match short {
-                0 => return Ok(Step::NotReady),
-                n => n,
-            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::NotReady),
             Err(_) => return Err(self.src_side),
         };
-        // Likewise a short `send` means the send buffer is full: clear the writability so
-        // that the spill below waits for room instead of failing once with EAGAIN.
+        // A short `send` does mean the send buffer is full (and the kernel signals again
+        // when room comes): clear the writability so that the spill below waits for room
+        // instead of failing once with EAGAIN.
         let mut partial = 0;
         let r = self.dst.try_io(Interest::WRITABLE, || {
             let m = SockRef::from(self.dst).send_with_flags(&buf[..n], libc::MSG_NOSIGNAL)?;
@@ -565,5 +572,81 @@ mod tests {
     #[tokio::test]
     async fn short_sends_in_copy_only_mode_arrive_in_order() {
         slow_reader(Mode::Copy).await;
+    }
+
+    /// TCP urgent data (MSG_OOB, as telnet and FTP's ABOR send it) makes the kernel stop a
+    /// read at the mark with bytes still queued. The peer sends `bulk` bytes (so that the
+    /// direction splices when `bulk` is large), 100 bytes, one urgent byte and 100 bytes;
+    /// everything but the urgent byte (out of band, not in the stream) must come through.
+    /// With `fin_at_once` the FIN follows at once (it must not be taken for the end before
+    /// the last 100 bytes); without, the peer waits for the reader to have every byte
+    /// before it sends the FIN (nothing else would wake a stalled direction).
+    async fn urgent_data(mode: Mode, bulk: usize, fin_at_once: bool) {
+        let (src, sender) = pair(false).await;
+        let (dst, mut reader) = pair(false).await;
+        let (got_all_tx, got_all_rx) = std::sync::mpsc::channel::<()>();
+        let send = thread::spawn(move || {
+            let sock = Socket::from(sender);
+            let head: Vec<u8> = (0..bulk + 100).map(byte).collect();
+            (&sock).write_all(&head).unwrap();
+            sock.send_out_of_band(b"!").unwrap();
+            let tail: Vec<u8> = (bulk + 100..bulk + 200).map(byte).collect();
+            (&sock).write_all(&tail).unwrap();
+            if !fin_at_once {
+                let _ = got_all_rx.recv_timeout(std::time::Duration::from_secs(5));
+            }
+            sock.shutdown(Shutdown::Write).unwrap();
+            sock
+        });
+        let read = thread::spawn(move || {
+            reader
+                .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .unwrap();
+            let mut got = vec![0u8; bulk + 200];
+            let all = reader.read_exact(&mut got).is_ok();
+            let _ = got_all_tx.send(());
+            let mut rest = Vec::new();
+            reader
+                .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let ended = reader.read_to_end(&mut rest).is_ok();
+            (all, got, ended, rest.len())
+        });
+        let (total, counter, last) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        let pump = Pump {
+            src: &src,
+            dst: &dst,
+            src_side: Side::Client,
+            total: &total,
+            counter: &counter,
+            last: &last,
+            start: Instant::now(),
+        };
+        // Everything is queued before the first read: the mark sits inside it.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), pump.run(mode)).await;
+        assert!(matches!(done, Ok(Ok(()))), "the direction did not end");
+        SockRef::from(&dst).shutdown(Shutdown::Write).unwrap();
+        let (all, got, ended, extra) = read.join().unwrap();
+        drop(send.join().unwrap());
+        assert!(all, "bytes after the urgent mark were held back or lost");
+        assert!(got.iter().enumerate().all(|(i, b)| *b == byte(i)));
+        assert!(
+            ended && extra == 0,
+            "end of stream: {ended}, {extra} bytes too many"
+        );
+    }
+
+    #[tokio::test]
+    async fn urgent_data_does_not_stall_a_copying_direction() {
+        urgent_data(Mode::Splice, 0, false).await;
+        urgent_data(Mode::Splice, 0, true).await;
+    }
+
+    #[tokio::test]
+    async fn urgent_data_does_not_stall_or_truncate_a_splicing_direction() {
+        assert!(super::super::splice::probe());
+        urgent_data(Mode::Splice, 1 << 20, false).await;
+        urgent_data(Mode::Splice, 1 << 20, true).await;
     }
 }
