@@ -35,3 +35,16 @@ pub fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether the next byte to read from TCP socket `fd` is at the urgent mark
+/// (`SIOCATMARK`). A read stops short there with bytes still queued. On error: `true`
+/// (the caller then reads on instead of assuming the queue is empty).
+pub fn at_urgent_mark(fd: std::os::fd::RawFd) -> bool {
+    /// `<linux/sockios.h>` (the libc crate does not export it).
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    let mut v: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one c_int through the pointer, which points to `v`; an
+    // invalid fd only makes the call fail.
+    let r = unsafe { libc::ioctl(fd, SIOCATMARK, &mut v) };
+    r != 0 || v != 0
+}

@@ -359,16 +359,30 @@ impl Pump<'_> {
     /// buffer is the thread's, shared by every connection on it). What `send` does not take
     /// is moved into a spill before returning.
     fn copy_step(&self, buf: &mut [u8], splice_ok: bool) -> Result<Step, Side> {
-        // A short `recv` is NOT taken to mean an empty receive queue: the kernel also stops
-        // short at TCP urgent data (the mark), with bytes still queued and no new event to
-        // come, so the loop reads again until EAGAIN.
-        let r = self
-            .src
-            .try_io(Interest::READABLE, || (&*SockRef::from(self.src)).read(buf));
+        // A short `recv` has emptied the receive queue (tcp_recvmsg walks the whole queue)
+        // unless it stopped at TCP urgent data (the mark), with bytes still queued and no
+        // new event to come. So after a short read one `SIOCATMARK` (no socket lock) tells
+        // the two apart, and when the queue is empty the closure reports WouldBlock: tokio
+        // clears the readiness now instead of after one more `recv` failing with EAGAIN.
+        // tokio clears only if no event arrived since the readiness was read (its tick),
+        // and never clears read-closed, so a FIN or bytes that come later still wake us.
+        let mut short = 0;
+        let fd = self.src.as_raw_fd();
+        let r = self.src.try_io(Interest::READABLE, || {
+            let n = (&*SockRef::from(self.src)).read(buf)?;
+            if n > 0 && n < buf.len() && !crate::sys::at_urgent_mark(fd) {
+                short = n;
+                return Err(would_block());
+            }
+            Ok(n)
+        });
         let n = match r {
             Ok(0) => return Ok(Step::Eof),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::NotReady),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match short {
+                0 => return Ok(Step::NotReady),
+                n => n,
+            },
             Err(_) => return Err(self.src_side),
         };
         // A short `send` does mean the send buffer is full (and the kernel signals again
