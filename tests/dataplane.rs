@@ -113,10 +113,12 @@ fn bulk_256mib_each_way_arrives_intact_mostly_through_splice() {
         100.0 * copied / (spliced + copied)
     );
     assert_eq!(spliced + copied, (2 * TOTAL) as f64);
-    // Measured 1.0-1.5% with this test build (0.13% with 64 KiB splices; the bulk
-    // benchmark's release build copies under 0.1%).
+    // Measured 1.0-1.5% with this test build on a quiet machine, 6.7% once with a
+    // benchmark running beside it (after each empty splice a direction copies until a
+    // read fills the 16 KiB scratch buffer; a loaded machine makes more short reads). The
+    // bulk benchmark's release build copies under 0.1%.
     assert!(
-        copied <= (2 * TOTAL) as f64 * 0.05,
+        copied <= (2 * TOTAL) as f64 * 0.15,
         "copied {copied} of {}: bulk should go through splice",
         2 * TOTAL
     );

@@ -297,7 +297,7 @@ impl Pump<'_> {
                 match self.splice_in()? {
                     // splice(2) stops at TCP urgent data: EAGAIN with bytes still queued, or
                     // 0 when a FIN is queued behind them. A `recv` goes on past the mark, so
-                    // a splice that moves nothing is checked with one copy step: it tells a
+                    // a splice that moves nothing is followed by one copy step: it tells a
                     // real end (or empty queue) from the mark.
                     Step::NotReady | Step::Eof => (false, copy(&self)?),
                     s => (true, s),
@@ -306,6 +306,9 @@ impl Pump<'_> {
                 (false, copy(&self)?)
             };
             let n = match step {
+                // Nothing to read: the next burst starts copying, and splices again once a
+                // read fills the scratch buffer (a splicing direction left at the urgent
+                // mark must not splice into it again).
                 Step::NotReady => {
                     big = false;
                     continue;
