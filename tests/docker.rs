@@ -529,9 +529,8 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
     let Some(mut sw) = setup("meshtest") else {
         return;
     };
-    let (tag, net, svc, start) = (sw.tag.clone(), sw.net.clone(), sw.svc.clone(), sw.start);
+    let (svc, start) = (sw.svc.clone(), sw.start);
     let budget_left = || BUDGET.saturating_sub(start.elapsed());
-    let created = &mut sw.created;
     let lb = format!("meshtest-lb-{}", std::process::id());
 
     // 5. meshd on the overlay, its port on loopback.
@@ -563,33 +562,16 @@ poll_interval = "500ms"
     let admin_port = free_port();
     let proxy = SocketAddr::from(([127, 0, 0, 1], port));
     let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-    created.containers.push(lb.clone());
-    let p1 = format!("127.0.0.1:{port}:8080");
-    let p2 = format!("127.0.0.1:{admin_port}:9901");
-    let vol = format!("{}:/etc/meshd:ro", dir.0.display());
-    docker(
+    run_meshd(
+        &mut sw,
+        &lb,
+        &dir.0,
+        "mesh.toml",
+        true,
         &[
-            "run",
-            "--detach",
-            "--name",
-            &lb,
-            "--network",
-            &net,
-            "--publish",
-            &p1,
-            "--publish",
-            &p2,
-            "--volume",
-            "/var/run/docker.sock:/var/run/docker.sock:ro",
-            "--volume",
-            &vol,
-            "--env",
-            "RUST_LOG=info",
-            &tag,
-            "--config",
-            "/etc/meshd/mesh.toml",
+            format!("127.0.0.1:{port}:8080"),
+            format!("127.0.0.1:{admin_port}:9901"),
         ],
-        T,
     );
     let logs = || {
         let o = docker_out(&["logs", &lb], T);

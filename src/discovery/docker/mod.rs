@@ -244,12 +244,7 @@ impl Provider {
                         f.error = Some(error);
                         changed
                     });
-                    if self
-                        .commands
-                        .send(Command::DiscoveryFailed(PROVIDER))
-                        .await
-                        .is_err()
-                    {
+                    if !self.report_failure().await {
                         return;
                     }
                     false
@@ -405,12 +400,7 @@ impl Provider {
                         );
                         logged_at = Some(now);
                     }
-                    if self
-                        .commands
-                        .send(Command::DiscoveryFailed(PROVIDER))
-                        .await
-                        .is_err()
-                    {
+                    if !self.report_failure().await {
                         return;
                     }
                     if misses > 0 && misses % n == 0 {
@@ -494,6 +484,14 @@ impl Provider {
             self.sent = Some(services);
         }
         true
+    }
+
+    /// Counts a failed poll or manager with the control plane; false once it is gone.
+    async fn report_failure(&self) -> bool {
+        self.commands
+            .send(Command::DiscoveryFailed(PROVIDER))
+            .await
+            .is_ok()
     }
 
     /// Logs warnings when they first appear and update phases when they change.
