@@ -1051,8 +1051,19 @@ impl Control {
             return None;
         }
         self.force_publish = false;
+        // A backend leaves service immediately (its state is an atomic the published table
+        // reads), but a new table built off-thread arrives later. If a changed service has
+        // no usable backend left in the published table (say its only backend was
+        // replaced by a reload), every connection would be turned away until then: build
+        // that table here and now instead.
+        let urgent = self.services.iter().any(|s| {
+            s.dirty
+                && s.table
+                    .as_ref()
+                    .is_some_and(|t| !t.backends.iter().any(|b| b.is_usable()))
+        });
         let plan = self.plan();
-        if !plan.needs_build() {
+        if urgent || !plan.needs_build() {
             self.publish_built(plan.finish());
             return None;
         }
