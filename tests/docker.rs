@@ -39,6 +39,21 @@ const CLIENTS: usize = 40;
 /// Each client's pause between requests: bounded load (at most ~40 / 20 ms = 2000 req/s).
 const CLIENT_PAUSE: Duration = Duration::from_millis(20);
 
+/// The admin and timing part of every meshd config these tests run (admin on the overlay
+/// with a token; short timeouts and health intervals).
+const MESHD_COMMON: &str = r#"[admin]
+listen = "0.0.0.0:9901"
+token_file = "token"
+
+[defaults]
+connect_timeout = "500ms"
+drain_timeout = "15s"
+
+[defaults.health]
+interval = "250ms"
+timeout = "200ms"
+"#;
+
 /// One test at a time: each may initialise the swarm and leave it again.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -538,24 +553,10 @@ fn swarm_rolling_updates_and_scaling_with_zero_failures() {
     std::fs::write(dir.0.join("token"), "dockertest\n").expect("token");
     std::fs::write(
         dir.0.join("mesh.toml"),
-        r#"[admin]
-listen = "0.0.0.0:9901"
-token_file = "token"
-
-[defaults]
-connect_timeout = "500ms"
-drain_timeout = "15s"
-
-[defaults.health]
-interval = "250ms"
-timeout = "200ms"
-rise = 2
-fall = 2
-
-[discovery.docker]
-endpoint = "unix:///var/run/docker.sock"
-poll_interval = "500ms"
-"#,
+        format!(
+            "{MESHD_COMMON}rise = 2\nfall = 2\n\n[discovery.docker]\n\
+             endpoint = \"unix:///var/run/docker.sock\"\npoll_interval = \"500ms\"\n"
+        ),
     )
     .expect("config");
     let port = free_port();
@@ -860,18 +861,7 @@ fn swarm_workers_follow_a_manager_and_fail_over() {
     );
     let dir = TempDir::new("docker-follow");
     std::fs::write(dir.0.join("token"), "followtest\n").expect("token");
-    let common = r#"[admin]
-listen = "0.0.0.0:9901"
-token_file = "token"
-
-[defaults]
-connect_timeout = "500ms"
-drain_timeout = "15s"
-
-[defaults.health]
-interval = "250ms"
-timeout = "200ms"
-"#;
+    let common = MESHD_COMMON;
     std::fs::write(
         dir.0.join("manager.toml"),
         format!("{common}\n[discovery.docker]\npoll_interval = \"500ms\"\n"),

@@ -484,6 +484,29 @@ mod tests {
         pub(super) static SPILLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
 
+    /// The atomics a direction counts into.
+    #[derive(Default)]
+    struct Counters {
+        total: AtomicU64,
+        counter: AtomicU64,
+        last: AtomicU64,
+    }
+
+    impl Counters {
+        /// A direction from `src` to `dst` (the client's side) counting into these.
+        fn pump<'a>(&'a self, src: &'a TcpStream, dst: &'a TcpStream) -> Pump<'a> {
+            Pump {
+                src,
+                dst,
+                src_side: Side::Client,
+                total: &self.total,
+                counter: &self.counter,
+                last: &self.last,
+                start: Instant::now(),
+            }
+        }
+    }
+
     /// A connected pair: meshd's end (tokio) and the peer's (std, blocking). `small` makes
     /// both ends' buffers tiny so that meshd's sends come up short.
     async fn pair(small: bool) -> (TcpStream, std::net::TcpStream) {
@@ -535,16 +558,8 @@ mod tests {
             got
         });
         let spills = SPILLS.with(|c| c.get());
-        let (total, counter, last) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-        let pump = Pump {
-            src: &src,
-            dst: &dst,
-            src_side: Side::Client,
-            total: &total,
-            counter: &counter,
-            last: &last,
-            start: Instant::now(),
-        };
+        let counters = Counters::default();
+        let pump = counters.pump(&src, &dst);
         assert!(pump.run(mode).await.is_ok());
         SockRef::from(&dst).shutdown(Shutdown::Write).unwrap();
         let got = read.join().unwrap();
@@ -554,7 +569,7 @@ mod tests {
             got.iter().enumerate().all(|(i, b)| *b == byte(i)),
             "bytes out of order"
         );
-        assert_eq!(total.load(Ordering::Relaxed), TOTAL as u64);
+        assert_eq!(counters.total.load(Ordering::Relaxed), TOTAL as u64);
         assert!(SPILLS.with(|c| c.get()) > spills, "no send came up short");
     }
 
@@ -562,16 +577,8 @@ mod tests {
     async fn a_direction_keeps_little_state_while_it_waits() {
         let (a, _pa) = pair(false).await;
         let (b, _pb) = pair(false).await;
-        let (total, counter, last) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-        let pump = Pump {
-            src: &a,
-            dst: &b,
-            src_side: Side::Client,
-            total: &total,
-            counter: &counter,
-            last: &last,
-            start: Instant::now(),
-        };
+        let counters = Counters::default();
+        let pump = counters.pump(&a, &b);
         // Every connection's task holds two of these, idle or not. 280 bytes with rustc
         // 1.95; awaiting tokio's `readable()`/`writable()` futures in nested async fns
         // made it 592 (+0.6 KiB per idle connection, measured).
@@ -629,16 +636,8 @@ mod tests {
             let ended = reader.read_to_end(&mut rest).is_ok();
             (all, got, ended, rest.len())
         });
-        let (total, counter, last) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-        let pump = Pump {
-            src: &src,
-            dst: &dst,
-            src_side: Side::Client,
-            total: &total,
-            counter: &counter,
-            last: &last,
-            start: Instant::now(),
-        };
+        let counters = Counters::default();
+        let pump = counters.pump(&src, &dst);
         // Everything is queued before the first read: the mark sits inside it.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let done = tokio::time::timeout(std::time::Duration::from_secs(10), pump.run(mode)).await;
