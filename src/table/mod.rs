@@ -12,7 +12,7 @@
 
 pub mod backend;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -227,6 +227,13 @@ impl ServiceTable {
     /// usable backend is never ejected, since ejecting it would turn every connection away
     /// while it may still answer some (Envoy's "panic" rule). Atomics only; O(n) in the
     /// worst case, and only on a failed connect.
+    ///
+    /// Two threads may eject the last two usable backends at the same instant, each seeing
+    /// the other still usable. So an ejection is made first and checked after: each thread
+    /// sets its flag, then (past a SeqCst fence) looks for another usable backend again and
+    /// takes its ejection back if there is none. With the fences, of two such threads at
+    /// least one sees the other's flag (store, fence, load on both sides), so at least one
+    /// backend stays usable; both may take theirs back, which only delays an ejection.
     pub fn eject(&self, i: usize) -> Ejection {
         let Some(b) = self.backends.get(i) else {
             return Ejection::Nothing;
@@ -234,14 +241,15 @@ impl ServiceTable {
         if b.is_ejected() {
             return Ejection::Nothing;
         }
-        let n = self.backends.len();
-        let others = (1..n).any(|k| self.backends[(i + k) % n].is_usable());
-        if others {
-            return if b.set_ejected(true) {
-                Ejection::Nothing
-            } else {
-                Ejection::Ejected
-            };
+        if self.another_usable(i) {
+            if b.set_ejected(true) {
+                return Ejection::Nothing;
+            }
+            fence(Ordering::SeqCst);
+            if self.another_usable(i) {
+                return Ejection::Ejected;
+            }
+            b.set_ejected(false);
         }
         if b.mark_eject_spared() {
             self.state.ejections_spared.fetch_add(1, Ordering::Relaxed);
@@ -249,6 +257,11 @@ impl ServiceTable {
         } else {
             Ejection::Nothing
         }
+    }
+
+    fn another_usable(&self, i: usize) -> bool {
+        let n = self.backends.len();
+        (1..n).any(|k| self.backends[(i + k) % n].is_usable())
     }
 }
 
@@ -411,5 +424,55 @@ mod tests {
         // Once another backend is usable again, it can be ejected.
         t.backends[0].set_ejected(false);
         assert_eq!(t.eject(1), Ejection::Ejected);
+    }
+
+    /// Two worker threads failing the last two usable backends at the same instant must not
+    /// eject both (the first version checked "another usable" and then ejected, and both
+    /// threads could pass the check). The two usable backends sit half a table apart among
+    /// unhealthy ones, so each check scans ~10,000 backends: a wide window for the race.
+    #[test]
+    fn racing_ejections_leave_a_usable_backend() {
+        use std::hint::spin_loop;
+        use std::sync::atomic::AtomicUsize;
+        const N: usize = 20_000;
+        const ROUNDS: usize = 20_000;
+        let state = Arc::new(ServiceState::new("web".into(), 0));
+        let t = ServiceTable::build(state, config(Balance::RoundRobin), &candidates(&[1; N]));
+        let (a, b) = (0, N / 2);
+        for (i, be) in t.backends.iter().enumerate() {
+            if i != a && i != b {
+                be.set_health(Health::Down);
+            }
+        }
+        let go = AtomicUsize::new(0);
+        let done = AtomicUsize::new(0);
+        let mut both_ejected = 0;
+        std::thread::scope(|s| {
+            let (t, go, done) = (&t, &go, &done);
+            s.spawn(move || {
+                for round in 1..=ROUNDS {
+                    while go.load(Ordering::Acquire) < round {
+                        spin_loop();
+                    }
+                    t.eject(b);
+                    done.store(round, Ordering::Release);
+                }
+            });
+            for round in 1..=ROUNDS {
+                for i in [a, b] {
+                    t.backends[i].set_ejected(false);
+                    t.backends[i].clear_eject_spared();
+                }
+                go.store(round, Ordering::Release);
+                t.eject(a);
+                while done.load(Ordering::Acquire) < round {
+                    spin_loop();
+                }
+                if !t.backends[a].is_usable() && !t.backends[b].is_usable() {
+                    both_ejected += 1;
+                }
+            }
+        });
+        assert_eq!(both_ejected, 0, "rounds of {ROUNDS} that ejected both");
     }
 }
