@@ -1194,8 +1194,10 @@ class Profiler:
             ["perf", "stat", "-e", "task-clock,context-switches,cpu-migrations,page-faults",
              "-p", pidlist, "-o", statf])
         time.sleep(0.3)
+        segs0 = tcp_out_segs()
         out = subprocess.run(self.b.taskset(self.b.a.load_cpus, wrk), capture_output=True,
                              text=True, timeout=dur + 30)
+        segs = tcp_out_segs() - segs0
         self.b.procs.stop(st, sig=signal.SIGINT, wait=10)
         w = parse_wrk(out.stdout)
         reqs = w.get("requests") or 1
@@ -1211,6 +1213,9 @@ class Profiler:
             "cpu_us_per_req": round(stat.get("task-clock", 0) * 1000 / reqs, 2),
             "ctx_switches_per_req": round(stat.get("context-switches", 0) / reqs, 3),
             "migrations_per_req": round(stat.get("cpu-migrations", 0) / reqs, 4),
+            # Every TCP segment the machine sent, all sockets (loopback: each is also
+            # received once): what the wire costs, whichever proxy is in the middle.
+            "tcp_segments_per_req": round(segs / reqs, 3),
         }
         # Where the CPU goes (sampled, with call graphs).
         data = os.path.join(self.outdir, f"perf-{t.name}-{tag}.data")
@@ -1249,7 +1254,7 @@ class Profiler:
         b = self.b
         b.check_ports()
         b.start_backends()
-        report = {"n": self.n, "proxies": {}}
+        report = {"n": self.n, "proxies": {}, "syscall_ns": syscall_cost_ns()}
         for name in names:
             t = b.start_proxy(name)
             port = PORTS[name]["http"]
@@ -1271,9 +1276,31 @@ class Profiler:
         return report
 
 
+def tcp_out_segs():
+    """The kernel's TcpOutSegs counter (/proc/net/snmp), all sockets of this namespace."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("OutSegs")])
+
+
+def syscall_cost_ns():
+    """What one system call that does nothing costs here (`perf bench syscall basic`:
+    getppid in a loop), or None where perf cannot run it."""
+    try:
+        out = subprocess.run(["perf", "bench", "syscall", "basic"], capture_output=True,
+                             text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"([\d.]+)\s+usecs/op", out.stdout)
+    return round(float(m.group(1)) * 1000, 1) if m else None
+
+
 def profile_text(rep):
     lines = []
     names = list(rep["proxies"])
+    if rep.get("syscall_ns") is not None:
+        lines.append(f"\none system call that does nothing (perf bench syscall basic): "
+                     f"{rep['syscall_ns']} ns")
     for tag, unit in (("close", "connection"), ("keepalive", "request"), ("bulk", "MiB")):
         lines.append(f"\n== syscalls per {unit} ({tag}), strace -c -f on the proxy")
         keys = []
@@ -1292,7 +1319,8 @@ def profile_text(rep):
     for tag in ("close", "keepalive"):
         lines.append(f"\n== perf stat on the proxy, wrk {tag}")
         lines.append(f"{'':22s}" + "".join(f"{LABELS[n]:>16s}" for n in names))
-        for k in ("rps", "cpu_us_per_req", "ctx_switches_per_req", "migrations_per_req"):
+        for k in ("rps", "cpu_us_per_req", "ctx_switches_per_req", "migrations_per_req",
+                  "tcp_segments_per_req"):
             lines.append(f"{k:22s}" + "".join(
                 f"{rep['proxies'][n][f'perf_{tag}'][k] or 0:>16.3f}" for n in names))
         for n in names:

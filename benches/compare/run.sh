@@ -5,8 +5,10 @@
 #   benches/compare/run.sh                     # default: 3 rounds x 5 s per measurement
 #   DUR=1 ROUNDS=1 benches/compare/run.sh      # smoke run, under 2 minutes once meshd is built
 #   benches/compare/run.sh profile             # syscalls per connection (strace -c), CPU per
-#                                              # request (perf stat), hot symbols (perf record)
-#                                              # for each proxy -> $OUT_DIR/profile/
+#                                              # request (perf stat), hot symbols (perf record),
+#                                              # TCP segments per request (/proc/net/snmp) for
+#                                              # each proxy, and the cost of one system call
+#                                              # (perf bench syscall basic) -> $OUT_DIR/profile/
 #                                              # (PROXIES=meshd,haproxy,... PROFILE_CONNS=5000)
 #
 # Environment (all optional):
