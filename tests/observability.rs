@@ -297,23 +297,48 @@ fn connect_from(ip: [u8; 4], to: SocketAddr) -> TcpStream {
     t
 }
 
-/// Sends `n` bytes through an echo service and reads them back; returns the client's
-/// local address.
-fn echo_exchange(ip: [u8; 4], to: SocketAddr, n: usize) -> SocketAddr {
+/// Sends `n` bytes through meshd `m`'s echo service at `to` and reads them back; returns the
+/// client's local address.
+fn echo_exchange(m: &Meshd, ip: [u8; 4], to: SocketAddr, n: usize) -> SocketAddr {
     let c = connect_from(ip, to);
     let local = c.local_addr().unwrap();
     let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
     let mut w = c.try_clone().unwrap();
     let sent = data.clone();
     let writer = thread::spawn(move || {
-        w.write_all(&sent).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
+        w.write_all(&sent)?;
+        w.shutdown(Shutdown::Write)
     });
     let mut back = Vec::new();
-    (&c).read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
-    assert_eq!(back.len(), n);
-    assert!(back == data, "echoed bytes differ");
+    let read = (&c).read_to_end(&mut back);
+    let wrote = writer.join().unwrap();
+    // On failure, say what came back: a truncated echo and a reply from some other server
+    // on the backend's port look alike otherwise.
+    let what = || {
+        let counters: Vec<String> = http_get(m.admin, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && ["rejected", "connect_errors", "retries", "connections_total"]
+                        .iter()
+                        .any(|k| l.contains(k))
+            })
+            .map(str::to_string)
+            .collect();
+        format!(
+            "{n} bytes from {local} to {to}: writer {wrote:?}, reader {read:?} after {} bytes, \
+             first bytes {:?}\nmeshd counters:\n{}\nmeshd log:\n{}",
+            back.len(),
+            String::from_utf8_lossy(&back[..back.len().min(64)]),
+            counters.join("\n"),
+            m.log_text()
+        )
+    };
+    assert!(wrote.is_ok() && read.is_ok(), "{}", what());
+    assert_eq!(back.len(), n, "{}", what());
+    assert!(back == data, "echoed bytes differ: {}", what());
     local
 }
 
@@ -429,7 +454,7 @@ fn metrics_under_real_traffic_parse_cleanly_and_count_exactly() {
     // echo: known sizes, each echoed back in full.
     let sizes = [1usize, 1000, 65_537, (1 << 20) + 3];
     for n in sizes {
-        clients.push(echo_exchange(next_ip(), l_echo, n));
+        clients.push(echo_exchange(&m, next_ip(), l_echo, n));
     }
     let echoed: usize = sizes.iter().sum();
 
@@ -945,7 +970,7 @@ fn access_log_one_json_line_per_closed_connection_only_when_enabled() {
 
     // Off (the default): nothing per connection.
     for n in [10, 2000, 70_000] {
-        echo_exchange([127, 0, 0, 30], listen, n);
+        echo_exchange(&m, [127, 0, 0, 30], listen, n);
     }
     assert!(wait_until(Duration::from_secs(5), || count(&m) == 3.0));
     thread::sleep(Duration::from_millis(300));
@@ -958,7 +983,7 @@ fn access_log_one_json_line_per_closed_connection_only_when_enabled() {
     let sizes = [10usize, 2000, 70_000];
     let mut locals = Vec::new();
     for n in sizes {
-        locals.push(echo_exchange([127, 0, 0, 31], listen, n));
+        locals.push(echo_exchange(&m, [127, 0, 0, 31], listen, n));
     }
     assert!(wait_until(Duration::from_secs(5), || access_lines(&m)
         .len()

@@ -233,17 +233,28 @@ impl Backend {
         Backend::start(name, "echo", &[])
     }
 
+    /// Starts a backend on a fresh port and waits until it accepts. A port from
+    /// `free_port()` can still be taken (as some connection's source port) before the
+    /// backend binds it; the backend then exits, and another port is tried.
     pub fn start(name: &str, mode: &str, extra: &[&str]) -> Backend {
-        let b = Backend::spawn_on(free_port(), name, mode, extra);
         let delayed = extra.contains(&"--bind-delay");
-        if !delayed {
-            assert!(
-                wait_until(Duration::from_secs(10), || TcpStream::connect(b.addr)
-                    .is_ok()),
-                "backend {name} did not start"
-            );
+        for _ in 0..5 {
+            let mut b = Backend::spawn_on(free_port(), name, mode, extra);
+            if delayed {
+                return b;
+            }
+            let addr = b.addr;
+            let mut exited = || matches!(b.child.try_wait(), Ok(Some(_)));
+            let up = wait_until(Duration::from_secs(10), || {
+                exited() || TcpStream::connect(addr).is_ok()
+            });
+            if exited() {
+                continue;
+            }
+            assert!(up, "backend {name} did not start");
+            return b;
         }
-        b
+        panic!("backend {name}: 5 ports in a row were taken before it could bind one");
     }
 
     pub fn spawn_on(port: u16, name: &str, mode: &str, extra: &[&str]) -> Backend {
