@@ -546,10 +546,12 @@ fn design_example() {
                     BackendConfig {
                         addr: addr("127.0.0.1:9001"),
                         weight: 100,
+                        id: None,
                     },
                     BackendConfig {
                         addr: addr("127.0.0.1:9002"),
                         weight: 50,
+                        id: None,
                     },
                 ],
                 dns: None,

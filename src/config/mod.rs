@@ -134,6 +134,11 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     /// 0..=1000; 0 means "no new connections".
     pub weight: u32,
+    /// What the backend is, beyond its address: the Swarm task ID for a backend found by
+    /// Docker discovery (Swarm reuses a stopped task's overlay address for a new task, and
+    /// the new task must not inherit the old one's health, ejection or back-off). `None`
+    /// for `mesh.toml`, static and DNS backends: their address is their identity.
+    pub id: Option<std::sync::Arc<str>>,
 }
 
 /// One service: its published ports, its policy, its static backends.

@@ -400,6 +400,7 @@ fn service<'f>(
         backends.push(BackendConfig {
             addr,
             weight: b.weight.map_or(defaults::WEIGHT, |w| w.0),
+            id: None,
         });
     }
     let dns = s.dns.as_ref().map(|d| d.get_ref().0.clone());

@@ -43,6 +43,8 @@ const MAX_WIRE_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// The most services and backends per service accepted from the wire.
 const MAX_WIRE_SERVICES: usize = 10_000;
 const MAX_WIRE_BACKENDS: usize = 100_000;
+/// The longest backend identity accepted from the wire (a Swarm task ID has 25 characters).
+const MAX_WIRE_ID: usize = 64;
 
 /// What the local Docker provider publishes for the feed.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +132,10 @@ pub struct WireHealth {
 pub struct WireBackend {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The backend's identity (the Swarm task ID), so that a follower too tells a new task
+    /// from the stopped one whose address it reuses. Absent from older managers' lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], v: T) -> String {
@@ -175,6 +181,12 @@ fn wire_replay_buffer() -> u32 {
     defaults::REPLAY_BUFFER
 }
 
+/// A backend identity from the wire: 1 to [`MAX_WIRE_ID`] printable ASCII characters, no
+/// space (it is logged and may be shown on the status page).
+fn id_ok(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_WIRE_ID && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 impl WireService {
     pub fn from_config(s: &ServiceConfig) -> WireService {
         WireService {
@@ -208,6 +220,7 @@ impl WireService {
                 .map(|b| WireBackend {
                     addr: b.addr,
                     weight: b.weight,
+                    id: b.id.as_deref().map(str::to_owned),
                 })
                 .collect(),
         }
@@ -276,6 +289,17 @@ impl WireService {
                 defaults::MAX_WEIGHT
             )));
         }
+        if let Some(b) = self
+            .backends
+            .iter()
+            .find(|b| b.id.as_deref().is_some_and(|id| !id_ok(id)))
+        {
+            return Err(err(format!(
+                "backend {} id {:?} is not usable (1 to {MAX_WIRE_ID} printable ASCII characters)",
+                b.addr,
+                b.id.as_deref().unwrap_or_default()
+            )));
+        }
         Ok(ServiceConfig {
             balance: keyword(&BALANCES, "balance", &self.balance).map_err(err)?,
             connect_timeout: duration("connect_timeout", self.connect_timeout_ms, true)
@@ -308,6 +332,7 @@ impl WireService {
                 .map(|b| BackendConfig {
                     addr: b.addr,
                     weight: b.weight,
+                    id: b.id.as_deref().map(Arc::from),
                 })
                 .collect(),
             dns: None,
@@ -451,6 +476,45 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         let (back, warnings) = services_from_wire(services).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(back, vec![s]);
+    }
+
+    #[test]
+    fn backend_ids_cross_the_wire_and_are_checked() {
+        let mut s = service();
+        s.backends[0].id = Some(Arc::from("p4m3yb1x0yq8dh5c2w0k6z7ns"));
+        let wire = WireService::from_config(&s);
+        let text = serde_json::to_string(&wire).unwrap();
+        // A backend without an identity has no "id" key on the wire.
+        assert_eq!(text.matches("\"id\"").count(), 1, "{text}");
+        let back: WireService = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.clone().into_config().unwrap(), s);
+        // An older manager sends no "id" at all: the backends have none.
+        let old = text.replace(r#","id":"p4m3yb1x0yq8dh5c2w0k6z7ns""#, "");
+        assert!(!old.contains("\"id\""), "{old}");
+        let parsed = serde_json::from_str::<WireService>(&old)
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(parsed.backends.iter().all(|b| b.id.is_none()));
+        // Bounded, printable ASCII, not empty.
+        for bad in [
+            String::new(),
+            "x".repeat(MAX_WIRE_ID + 1),
+            "task one".into(),
+            "task\u{1b}[31m".into(),
+            "tâche".into(),
+        ] {
+            let mut w = back.clone();
+            w.backends[1].id = Some(bad.clone());
+            let e = w.into_config().unwrap_err();
+            assert!(
+                e.contains("backend 10.0.1.6:80 id") && e.contains("not usable"),
+                "{bad:?}: {e}"
+            );
+        }
+        let mut w = back;
+        w.backends[1].id = Some("x".repeat(MAX_WIRE_ID));
+        assert!(w.into_config().is_ok());
     }
 
     #[test]
