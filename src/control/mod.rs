@@ -354,7 +354,7 @@ impl Control {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Reload(cfg, reply) => {
-                let r = self.apply(&cfg);
+                let r = self.refuse_emptying(&cfg).and_then(|()| self.apply(&cfg));
                 let error = r.as_ref().err().cloned();
                 match &error {
                     None => {
@@ -427,6 +427,39 @@ impl Control {
     }
 
     // === config and discovery ===
+
+    /// A reload that would leave no service while some run is refused, unless the file says
+    /// `allow_empty = true` (a file rewritten in place is empty or half-written for a
+    /// moment; applying it closed every listener).
+    fn refuse_emptying(&self, config: &Config) -> Result<(), String> {
+        let running: Vec<&str> = self
+            .services
+            .iter()
+            .filter(|s| !s.removed)
+            .map(|s| &*s.state.name)
+            .collect();
+        if config.allow_empty
+            || running.is_empty()
+            || !config.services.is_empty()
+            || self.provided.iter().any(|(_, list)| !list.is_empty())
+        {
+            return Ok(());
+        }
+        let mut names = running
+            .iter()
+            .take(3)
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>();
+        if running.len() > 3 {
+            names.push(format!("and {} more", running.len() - 3));
+        }
+        Err(format!(
+            "{}: no [[service]] in the file: it would remove every running service ({}); \
+             add allow_empty = true at the top of the file if that is intended",
+            config.path.display(),
+            names.join(", ")
+        ))
+    }
 
     /// Applies a config (start or reload): binding a new listener fails the whole reload
     /// with nothing changed.
