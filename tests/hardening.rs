@@ -1,5 +1,5 @@
 //! Issue #14, with the real binary: a config file rewritten in place (empty for a moment)
-//! never closes a listener.
+//! never closes a listener, and rejected reloads move no table generation.
 
 #![allow(clippy::unwrap_used)]
 
@@ -28,6 +28,10 @@ fn last_error(m: &Meshd) -> String {
         .as_str()
         .unwrap_or("")
         .to_string()
+}
+
+fn generation(m: &Meshd) -> u64 {
+    m.services()["generation"].as_u64().unwrap()
 }
 
 /// Writes `text` as the config and waits until meshd counted one more reload of the kind
@@ -80,6 +84,7 @@ fn a_config_rewritten_in_place_keeps_every_listener_and_connection() {
     ));
     let good = std::fs::read_to_string(&m.config).unwrap();
     let admin_only = format!("[admin]\nlisten = \"{}\"\n", m.admin);
+    let gen0 = generation(&m);
 
     let mut held = TcpStream::connect(listen).unwrap();
     held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -133,6 +138,7 @@ fn a_config_rewritten_in_place_keeps_every_listener_and_connection() {
             && err.contains("allow_empty = true"),
         "{err}"
     );
+    assert_eq!(generation(&m), gen0, "a rejected reload changed the table");
     assert!(m
         .log_text()
         .contains("config reload rejected, keeping the running config"));
@@ -163,6 +169,69 @@ fn a_config_rewritten_in_place_keeps_every_listener_and_connection() {
             .is_err()),
         "listener still open after a reload with allow_empty = true and no service"
     );
+}
+
+#[test]
+fn rejected_reloads_move_no_table_generation() {
+    let echo = Backend::echo("echo");
+    let other = Backend::echo("other");
+    let listen = addr(free_port());
+    let good = service_toml("web", listen, &[echo.addr], "", "check = \"none\"");
+    let m = Meshd::start(&good);
+    let text = std::fs::read_to_string(&m.config).unwrap();
+    let gen0 = generation(&m);
+    let metric0 = m.metric("meshd_table_generation", &[]);
+    assert_eq!(metric0, gen0 as f64);
+
+    // Files that fail to validate.
+    for i in 1..=5 {
+        reload_to(
+            &m,
+            &text.replace("[[service]]", &format!("[[service]]\nbogus_{i} = 1")),
+            false,
+        );
+        assert!(last_error(&m).contains(&format!("bogus_{i}")));
+    }
+    // A valid file that cannot be applied: its new listener's port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    reload_to(
+        &m,
+        &format!(
+            "{text}{}",
+            service_toml("api", taken_addr, &[echo.addr], "", "check = \"none\"")
+        ),
+        false,
+    );
+    assert!(
+        last_error(&m).contains(&taken_addr.to_string()),
+        "{}",
+        last_error(&m)
+    );
+    assert_eq!(reloads(&m), (0, 6));
+    // Counted and shown at once, in /metrics too, with the same generation.
+    assert_eq!(generation(&m), gen0);
+    assert_eq!(m.metric("meshd_table_generation", &[]), metric0);
+    assert_eq!(
+        m.metric("meshd_config_reloads_total", &[("result", "error")]),
+        6.0
+    );
+    echo_once(listen).unwrap();
+
+    // A reload that changes the table moves it.
+    reload_to(
+        &m,
+        &text.replace(
+            &format!("{{ addr = \"{}\" }}", echo.addr),
+            &format!(
+                "{{ addr = \"{}\" }}, {{ addr = \"{}\" }}",
+                echo.addr, other.addr
+            ),
+        ),
+        true,
+    );
+    assert!(wait_until(Duration::from_secs(5), || generation(&m) > gen0));
+    assert!(m.metric("meshd_table_generation", &[]) > metric0);
 }
 
 #[test]

@@ -199,6 +199,9 @@ pub struct Control {
     /// `mark_all_dirty`, which also covers the last service going away (no service is
     /// left to be dirty, but its slot must be emptied and the status updated).
     force_publish: bool,
+    /// Counters changed that no table holds (a rejected reload, a failed discovery poll):
+    /// publish the status snapshot alone, keeping the generation.
+    status_dirty: bool,
 }
 
 type AdminReply = oneshot::Sender<Result<(), AdminError>>;
@@ -299,6 +302,7 @@ impl Control {
             admin_replies: Vec::new(),
             building: false,
             force_publish: false,
+            status_dirty: false,
         }
     }
 
@@ -347,6 +351,9 @@ impl Control {
                 building = self.publish_if_dirty();
                 self.building = building.is_some();
             }
+            if building.is_none() && self.status_dirty {
+                self.publish_status();
+            }
             self.start_accept_loops();
         }
     }
@@ -366,11 +373,17 @@ impl Control {
                         tracing::error!(error = %e, "config reload rejected, keeping the running config: {e}");
                     }
                 }
+                // A rejected reload changed no table: its counters go out in the status
+                // alone, without a new generation.
+                if error.is_none() {
+                    self.mark_all_dirty();
+                } else {
+                    self.status_dirty = true;
+                }
                 self.last_reload = Some(ReloadResult {
                     at: SystemTime::now(),
                     error,
                 });
-                self.mark_all_dirty();
                 let _ = reply.send(r);
             }
             Command::ReloadFailed(e) => {
@@ -380,7 +393,7 @@ impl Control {
                     at: SystemTime::now(),
                     error: Some(e),
                 });
-                self.mark_all_dirty();
+                self.status_dirty = true;
             }
             Command::Admin {
                 service,
@@ -405,7 +418,7 @@ impl Control {
                     Some((_, n)) => *n += 1,
                     None => self.discovery_errors.push((provider, 1)),
                 }
-                self.mark_all_dirty();
+                self.status_dirty = true;
             }
             Command::StopListening(reply) => {
                 for s in &mut self.services {
@@ -1103,6 +1116,21 @@ impl Control {
         Some(tokio::task::spawn_blocking(move || plan.finish()))
     }
 
+    /// Stores a status snapshot with the counters as they are now and the published
+    /// services as they are: no new table, the generation stays.
+    fn publish_status(&mut self) {
+        self.status_dirty = false;
+        let current = self.status.load();
+        self.status.store(Arc::new(Status {
+            generation: current.generation,
+            services: current.services.clone(),
+            reloads_ok: self.reloads_ok,
+            reloads_err: self.reloads_err,
+            last_reload: self.last_reload.clone(),
+            discovery_errors: self.discovery_errors.clone(),
+        }));
+    }
+
     /// Builds and stores a new table generation and status snapshot, here and now (the
     /// first table, before meshd reports ready).
     pub fn publish(&mut self) {
@@ -1115,6 +1143,7 @@ impl Control {
     /// services' tables as they are, and the status snapshot.
     fn plan(&mut self) -> Plan {
         let now = Instant::now();
+        self.status_dirty = false; // the counters go out with this plan
         let mut planned = Vec::with_capacity(self.services.len());
         let mut services = Vec::with_capacity(self.services.len());
         for (index, s) in self.services.iter_mut().enumerate() {
