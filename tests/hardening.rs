@@ -1,17 +1,18 @@
 //! Issue #14, with the real binary: a config file rewritten in place (empty for a moment)
-//! never closes a listener, and rejected reloads move no table generation.
+//! never closes a listener, rejected reloads move no table generation, and connections
+//! that hold admin places without sending a request cannot starve `/readyz`.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -232,6 +233,119 @@ fn rejected_reloads_move_no_table_generation() {
     );
     assert!(wait_until(Duration::from_secs(5), || generation(&m) > gen0));
     assert!(m.metric("meshd_table_generation", &[]) > metric0);
+}
+
+/// A socket from `src` to `to`.
+fn connect_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(1))?;
+    Ok(s.into())
+}
+
+/// Closed by the other end (EOF or reset), without blocking.
+fn closed(s: &TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    s.set_nonblocking(true).unwrap();
+    let r = s.peek(&mut b);
+    s.set_nonblocking(false).unwrap();
+    match r {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != ErrorKind::WouldBlock,
+    }
+}
+
+/// Holds `n` connections from `src` to `admin`, half silent, half sending a request head
+/// one header line every 100 ms (slowloris), reopening each as soon as it is closed.
+fn attack(src: IpAddr, admin: SocketAddr, n: usize, stop: Arc<AtomicBool>) -> u64 {
+    let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut opened = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for (i, c) in conns.iter_mut().enumerate() {
+            let slow = i % 2 == 1;
+            let dead = match c {
+                None => true,
+                Some(s) if slow => s.write_all(b"X-Slow: 1\r\n").is_err() || closed(s),
+                Some(s) => closed(s),
+            };
+            if dead {
+                *c = connect_from(src, admin).ok();
+                opened += 1;
+                if slow {
+                    if let Some(s) = c {
+                        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\n");
+                    }
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    opened
+}
+
+#[test]
+fn silent_and_slowloris_admin_connections_from_one_source_do_not_starve_readyz() {
+    let m = Meshd::start("[log]\n");
+    let attacker = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    if connect_from(attacker, m.admin).is_err() {
+        panic!("cannot connect from {attacker}: the test needs 127.0.0.0/8 on lo");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            let admin = m.admin;
+            thread::spawn(move || attack(attacker, admin, 100, stop))
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+
+    // /readyz from 127.0.0.1, every 50 ms for 4 s (the attack outlives several first-byte
+    // and header timeouts).
+    let mut worst = Duration::ZERO;
+    let mut failures = Vec::new();
+    let end = Instant::now() + Duration::from_secs(4);
+    let mut asked = 0;
+    while Instant::now() < end {
+        let t = Instant::now();
+        let r = http_get(m.admin, "/readyz");
+        let took = t.elapsed();
+        worst = worst.max(took);
+        asked += 1;
+        if !matches!(r, Some((200, _))) {
+            failures.push(format!("{r:?} after {took:?}"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened: u64 = attackers.into_iter().map(|t| t.join().unwrap()).sum();
+
+    assert!(
+        failures.is_empty(),
+        "{} of {asked} /readyz failed while 300 connections from {attacker} held the admin port \
+         ({opened} opened): {failures:?}",
+        failures.len()
+    );
+    // Generous: the target is 100 ms; this only catches a wait for a timeout.
+    assert!(worst < Duration::from_secs(1), "slowest /readyz: {worst:?}");
+    // A silent connection from a third address is closed fast (the first byte is due
+    // within 1 s; the 5 s header timeout applied before).
+    let silent = connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), m.admin).unwrap();
+    let t0 = Instant::now();
+    wait_until(Duration::from_secs(6), || closed(&silent));
+    let held = t0.elapsed();
+    assert!(
+        held < Duration::from_secs(3),
+        "a silent admin connection was held {held:?}"
+    );
+    assert!(
+        m.log_text().contains("admin connections refused"),
+        "the per-source limit never refused a connection; log:\n{}",
+        m.log_text()
+    );
 }
 
 #[test]
