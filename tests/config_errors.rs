@@ -438,8 +438,44 @@ fn builtin_defaults() -> ServiceConfig {
 }
 
 #[test]
-fn empty_file_is_the_default_config() {
-    let c = parse("").unwrap();
+fn an_empty_file_is_refused() {
+    for text in [
+        "",
+        "\n",
+        "  \t\r\n\n",
+        "# only a comment\n",
+        "\n  # indented comment\n\n# another\n",
+    ] {
+        let e = parse(text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mesh.toml: the file is empty (nothing but whitespace or comments; truncated, or not \
+             written yet?): write the configuration into it",
+            "{text:?}"
+        );
+        assert_eq!(e.line_col(), None);
+        assert_eq!(e.path(), Path::new("mesh.toml"));
+    }
+    // Something in it, however little, is a configuration; a comment-like line inside a
+    // string is not a comment.
+    assert!(parse("[admin]\n").is_ok());
+    assert!(parse("# x\n[log]\naccess_log = false # y\n").is_ok());
+    assert!(parse("allow_empty = true\n").unwrap().allow_empty);
+    assert!(!parse("[log]\n").unwrap().allow_empty);
+    check_err(
+        "[admin]\nallow_empty = true\n",
+        "mesh.toml:2:1: unknown field `allow_empty`, expected one of `listen`, `token_file`, \
+         `metrics`",
+    );
+    check_err(
+        "allow_empty = \"yes\"\n",
+        "mesh.toml:1:15: invalid type: string \"yes\", expected a boolean",
+    );
+}
+
+#[test]
+fn a_file_with_an_empty_table_is_the_default_config() {
+    let c = parse("[admin]\n").unwrap();
     assert_eq!(
         c,
         Config {
@@ -457,6 +493,7 @@ fn empty_file_is_the_default_config() {
             defaults: builtin_defaults(),
             services: vec![],
             discovery: DiscoveryConfig::default(),
+            allow_empty: false,
         }
     );
 }
@@ -577,6 +614,7 @@ fn design_example() {
                     resolver: None,
                 }),
             },
+            allow_empty: false,
         }
     );
 }

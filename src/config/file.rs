@@ -24,10 +24,13 @@ pub type Key<T> = Option<Spanned<Parsed<T>>>;
 /// An optional integer key; `validate` checks its range and names the key.
 pub type Int = Option<Spanned<i64>>;
 
-/// The whole file. Every table is optional: an empty file is a valid configuration.
+/// The whole file. Every table is optional, but the file must hold something: `validate`
+/// refuses a file of nothing but whitespace and comments (a truncated file).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// A top-level key (before any table): this file may leave meshd with no service.
+    pub allow_empty: Option<bool>,
     #[serde(default)]
     pub admin: Admin,
     #[serde(default)]

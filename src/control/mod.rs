@@ -211,6 +211,9 @@ pub struct Control {
     /// `mark_all_dirty`, which also covers the last service going away (no service is
     /// left to be dirty, but its slot must be emptied and the status updated).
     force_publish: bool,
+    /// Counters changed that no table holds (a rejected reload, a failed discovery poll):
+    /// publish the status snapshot alone, keeping the generation.
+    status_dirty: bool,
 }
 
 type AdminReply = oneshot::Sender<Result<(), AdminError>>;
@@ -311,6 +314,7 @@ impl Control {
             admin_replies: Vec::new(),
             building: false,
             force_publish: false,
+            status_dirty: false,
         }
     }
 
@@ -359,6 +363,9 @@ impl Control {
                 building = self.publish_if_dirty();
                 self.building = building.is_some();
             }
+            if building.is_none() && self.status_dirty {
+                self.publish_status();
+            }
             self.start_accept_loops();
         }
     }
@@ -366,7 +373,7 @@ impl Control {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Reload(cfg, reply) => {
-                let r = self.apply(&cfg);
+                let r = self.refuse_emptying(&cfg).and_then(|()| self.apply(&cfg));
                 let error = r.as_ref().err().cloned();
                 match &error {
                     None => {
@@ -378,11 +385,17 @@ impl Control {
                         tracing::error!(error = %e, "config reload rejected, keeping the running config: {e}");
                     }
                 }
+                // A rejected reload changed no table: its counters go out in the status
+                // alone, without a new generation.
+                if error.is_none() {
+                    self.mark_all_dirty();
+                } else {
+                    self.status_dirty = true;
+                }
                 self.last_reload = Some(ReloadResult {
                     at: SystemTime::now(),
                     error,
                 });
-                self.mark_all_dirty();
                 let _ = reply.send(r);
             }
             Command::ReloadFailed(e) => {
@@ -392,7 +405,7 @@ impl Control {
                     at: SystemTime::now(),
                     error: Some(e),
                 });
-                self.mark_all_dirty();
+                self.status_dirty = true;
             }
             Command::Admin {
                 service,
@@ -417,7 +430,7 @@ impl Control {
                     Some((_, n)) => *n += 1,
                     None => self.discovery_errors.push((provider, 1)),
                 }
-                self.mark_all_dirty();
+                self.status_dirty = true;
             }
             Command::StopListening(reply) => {
                 for s in &mut self.services {
@@ -439,6 +452,39 @@ impl Control {
     }
 
     // === config and discovery ===
+
+    /// A reload that would leave no service while some run is refused, unless the file says
+    /// `allow_empty = true` (a file rewritten in place is empty or half-written for a
+    /// moment; applying it closed every listener).
+    fn refuse_emptying(&self, config: &Config) -> Result<(), String> {
+        let running: Vec<&str> = self
+            .services
+            .iter()
+            .filter(|s| !s.removed)
+            .map(|s| &*s.state.name)
+            .collect();
+        if config.allow_empty
+            || running.is_empty()
+            || !config.services.is_empty()
+            || self.provided.iter().any(|(_, list)| !list.is_empty())
+        {
+            return Ok(());
+        }
+        let mut names = running
+            .iter()
+            .take(3)
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>();
+        if running.len() > 3 {
+            names.push(format!("and {} more", running.len() - 3));
+        }
+        Err(format!(
+            "{}: no [[service]] in the file: it would remove every running service ({}); \
+             add allow_empty = true at the top of the file if that is intended",
+            config.path.display(),
+            names.join(", ")
+        ))
+    }
 
     /// Applies a config (start or reload): binding a new listener fails the whole reload
     /// with nothing changed.
@@ -1121,6 +1167,21 @@ impl Control {
         Some(tokio::task::spawn_blocking(move || plan.finish()))
     }
 
+    /// Stores a status snapshot with the counters as they are now and the published
+    /// services as they are: no new table, the generation stays.
+    fn publish_status(&mut self) {
+        self.status_dirty = false;
+        let current = self.status.load();
+        self.status.store(Arc::new(Status {
+            generation: current.generation,
+            services: current.services.clone(),
+            reloads_ok: self.reloads_ok,
+            reloads_err: self.reloads_err,
+            last_reload: self.last_reload.clone(),
+            discovery_errors: self.discovery_errors.clone(),
+        }));
+    }
+
     /// Builds and stores a new table generation and status snapshot, here and now (the
     /// first table, before meshd reports ready).
     pub fn publish(&mut self) {
@@ -1133,6 +1194,7 @@ impl Control {
     /// services' tables as they are, and the status snapshot.
     fn plan(&mut self) -> Plan {
         let now = Instant::now();
+        self.status_dirty = false; // the counters go out with this plan
         let mut planned = Vec::with_capacity(self.services.len());
         let mut services = Vec::with_capacity(self.services.len());
         for (index, s) in self.services.iter_mut().enumerate() {
