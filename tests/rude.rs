@@ -576,8 +576,11 @@ struct Snapshot {
     refused: f64,
     reset: f64,
     retries: f64,
-    /// `None` while this meshd has no such metric.
+    /// `None` while this meshd has no such metric (panic routing, hedging and replay on
+    /// early close are newer than this test).
     panic: Option<f64>,
+    hedged: Option<f64>,
+    replayed: Option<f64>,
     ejected: usize,
     down: usize,
     overflows: u64,
@@ -599,14 +602,18 @@ impl Snapshot {
             refused: errors("refused"),
             reset: errors("reset"),
             retries: metric_sum(&text, "meshd_connect_retries_total", &[]),
-            panic: text
-                .contains("meshd_panic_connections_total")
-                .then(|| metric_sum(&text, "meshd_panic_connections_total", &[])),
+            panic: optional(&text, "meshd_panic_connections_total"),
+            hedged: optional(&text, "meshd_hedged_connects_total"),
+            replayed: optional(&text, "meshd_replayed_connections_total"),
             ejected: log.matches("backend ejected after").count(),
             down: log.matches("backend down: health check failed").count(),
             overflows: listen_overflows(),
         }
     }
+}
+
+fn optional(text: &str, name: &str) -> Option<f64> {
+    text.contains(name).then(|| metric_sum(text, name, &[]))
 }
 
 /// The host's `TcpExtListenOverflows`: SYNs dropped because a listen queue was full.
@@ -677,6 +684,8 @@ impl Phases {
             reset: now.reset - a.reset,
             retries: now.retries - a.retries,
             panic: now.panic.map(|p| p - a.panic.unwrap_or(0.0)),
+            hedged: now.hedged.map(|p| p - a.hedged.unwrap_or(0.0)),
+            replayed: now.replayed.map(|p| p - a.replayed.unwrap_or(0.0)),
             ejected: now.ejected - a.ejected,
             down: now.down - a.down,
             overflows: now.overflows - a.overflows,
@@ -703,8 +712,8 @@ impl Phases {
 
 fn header() -> String {
     format!(
-        "{:<30} | {:>4} | {:>6} {:>6} | {:>6} {:>6} {:>5} | {:>6} {:>7} {:>7} {:>5} {:>7} {:>5} | {:>5} {:>4} | {:>8} | versions; errors",
-        "phase", "s", "close", "failed", "k-a", "failed", "retry", "no_bk", "timeout", "refused", "reset", "retries", "panic", "eject", "down", "overflow"
+        "{:<30} | {:>4} | {:>6} {:>6} | {:>6} {:>6} {:>5} | {:>6} {:>7} {:>7} {:>5} {:>7} {:>5} {:>6} {:>6} | {:>5} {:>4} | {:>8} | versions; errors",
+        "phase", "s", "close", "failed", "k-a", "failed", "retry", "no_bk", "timeout", "refused", "reset", "retries", "panic", "hedged", "replay", "eject", "down", "overflow"
     )
 }
 
@@ -718,7 +727,7 @@ impl Row {
             let _ = write!(v, "{k}={n} ");
         }
         format!(
-            "{:<30} | {:>4.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} | {:>6} {:>7} {:>7} {:>5} {:>7} {:>5} | {:>5} {:>4} | {:>8} | {}; {}",
+            "{:<30} | {:>4.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} | {:>6} {:>7} {:>7} {:>5} {:>7} {:>5} {:>6} {:>6} | {:>5} {:>4} | {:>8} | {}; {}",
             self.phase,
             self.secs,
             t.close.requests,
@@ -731,7 +740,9 @@ impl Row {
             d.refused,
             d.reset,
             d.retries,
-            d.panic.map_or("-".to_string(), |p| p.to_string()),
+            opt(d.panic),
+            opt(d.hedged),
+            opt(d.replayed),
             d.ejected,
             d.down,
             d.overflows,
@@ -739,6 +750,10 @@ impl Row {
             t.errors_line()
         )
     }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| v.to_string())
 }
 
 /// The last `n` warning lines of meshd's log.
