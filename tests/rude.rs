@@ -424,6 +424,8 @@ struct Orchestrator {
     next_id: u32,
     /// Tasks being stopped in the background (start-first, scale down).
     stoppers: Vec<thread::JoinHandle<()>>,
+    /// Every task's name by address, for the diagnosis of a failing phase.
+    names: BTreeMap<String, String>,
 }
 
 impl Orchestrator {
@@ -433,14 +435,18 @@ impl Orchestrator {
             .collect();
         let listen = addr(free_port());
         let meshd = Meshd::start(&config_text(listen, &tasks));
-        let o = Orchestrator {
+        let mut o = Orchestrator {
             kind,
             meshd,
             listen,
             tasks,
             next_id: TASKS as u32 + 1,
             stoppers: Vec::new(),
+            names: BTreeMap::new(),
         };
+        for t in &o.tasks {
+            o.names.insert(t.addr.to_string(), t.name.clone());
+        }
         let names = o.listed();
         o.wait_healthy(&names);
         o
@@ -462,14 +468,18 @@ impl Orchestrator {
     fn spawn(&mut self, version: &str) -> String {
         let name = format!("web.{version}.{}", self.next_id);
         self.next_id += 1;
-        self.tasks.push(Task::start(self.kind, &name));
+        let t = Task::start(self.kind, &name);
+        self.names.insert(t.addr.to_string(), name.clone());
+        self.tasks.push(t);
         name
     }
 
     fn spawn_broken(&mut self, version: &str) -> String {
         let name = format!("web.{version}.{}", self.next_id);
         self.next_id += 1;
-        self.tasks.push(Task::start_broken(self.kind, &name));
+        let t = Task::start_broken(self.kind, &name);
+        self.names.insert(t.addr.to_string(), name.clone());
+        self.tasks.push(t);
         name
     }
 
@@ -612,6 +622,31 @@ impl Snapshot {
     }
 }
 
+/// `meshd_connect_errors_total` by (backend, reason).
+fn backend_errors(m: &Meshd) -> BTreeMap<(String, String), f64> {
+    let (_, text) = http_get(m.admin, "/metrics").expect("metrics");
+    let label = |l: &str, k: &str| -> String {
+        l.split(&format!("{k}=\""))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut m = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("meshd_connect_errors_total{"))
+    {
+        let Some((head, v)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let v: f64 = v.parse().unwrap_or(0.0);
+        *m.entry((label(head, "backend"), label(head, "reason")))
+            .or_default() += v;
+    }
+    m
+}
+
 fn optional(text: &str, name: &str) -> Option<f64> {
     text.contains(name).then(|| metric_sum(text, name, &[]))
 }
@@ -644,6 +679,8 @@ struct Phases {
     kind: Kind,
     started: Instant,
     at_start: Snapshot,
+    /// `meshd_connect_errors_total` by (backend, reason) when the phase began.
+    errors_at_start: BTreeMap<(String, String), f64>,
     rows: Vec<Row>,
 }
 
@@ -655,6 +692,7 @@ impl Phases {
             kind,
             started: Instant::now(),
             at_start: Snapshot::take(meshd),
+            errors_at_start: backend_errors(meshd),
             rows: Vec::new(),
         }
     }
@@ -671,11 +709,13 @@ impl Phases {
         let end = (self.started + PHASE).max(Instant::now() + Duration::from_secs(1));
         thread::sleep(end.saturating_duration_since(Instant::now()));
         let tally = self.load.as_ref().unwrap().next_phase();
-        self.close(phase, tally, &o.meshd);
+        self.close(phase, tally, o);
     }
 
-    fn close(&mut self, phase: &'static str, tally: Tally, meshd: &Meshd) {
+    fn close(&mut self, phase: &'static str, tally: Tally, o: &Orchestrator) {
+        let meshd = &o.meshd;
         let now = Snapshot::take(meshd);
+        let errors = backend_errors(meshd);
         let a = self.at_start;
         let d = Snapshot {
             no_backend: now.no_backend - a.no_backend,
@@ -697,6 +737,54 @@ impl Phases {
             d,
         };
         println!("{:?}: {}", self.kind, row.format());
+        if row.tally.close.failed + row.tally.keepalive.failed > 0 {
+            // Which backend failed how, and where meshd left each one.
+            let s = meshd.services();
+            let listed = s["services"][0]["backends"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut by_backend: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for ((b, reason), n) in &errors {
+                let d = n - self
+                    .errors_at_start
+                    .get(&(b.clone(), reason.clone()))
+                    .unwrap_or(&0.0);
+                if d > 0.0 {
+                    by_backend
+                        .entry(b)
+                        .or_default()
+                        .push(format!("{reason}+{d}"));
+                }
+            }
+            for b in &listed {
+                let addr = b["addr"].as_str().unwrap_or_default();
+                by_backend.entry(addr).or_default();
+            }
+            let mut line = String::new();
+            for (addr, errs) in &by_backend {
+                let name = o.names.get(*addr).map_or("?", String::as_str);
+                let status =
+                    listed
+                        .iter()
+                        .find(|b| b["addr"] == *addr)
+                        .map_or("gone".to_string(), |b| {
+                            format!(
+                                "{}/{}/{}",
+                                b["state"].as_str().unwrap_or("?"),
+                                b["health"].as_str().unwrap_or("?"),
+                                b["status"].as_str().unwrap_or("?")
+                            )
+                        });
+                let _ = write!(line, "{name} {status} [{}]; ", errs.join(" "));
+            }
+            println!(
+                "{:?}:   connect errors by backend, state at the end: {}",
+                self.kind,
+                line.trim_end()
+            );
+        }
+        self.errors_at_start = errors;
         self.rows.push(row);
         self.at_start = now;
         self.started = Instant::now();
