@@ -205,6 +205,21 @@ impl Kind {
         assert!(ok, "{bin} is needed ({pkg}; scripts/setup.sh installs it)");
     }
 
+    /// Service settings beyond meshd's defaults. nginx, out of `worker_connections`, closes
+    /// connections that are still waiting for their request ("reusing connections"): the
+    /// backend closes before sending a byte, which no connect-side fix can hide. An HTTP
+    /// service whose requests are idempotent opts in to replaying them
+    /// (`retry_on_early_close`); `MESHD_RUDE_NO_REPLAY=1` runs nginx without it, to see
+    /// those failures. busybox and python run with the defaults.
+    fn service_extra(self) -> &'static str {
+        match self {
+            Kind::Nginx if std::env::var_os("MESHD_RUDE_NO_REPLAY").is_none() => {
+                "retry_on_early_close = true"
+            }
+            _ => "",
+        }
+    }
+
     /// What the orchestrator sends first to stop a task.
     fn stop_signal(self) -> i32 {
         match self {
@@ -434,7 +449,7 @@ impl Orchestrator {
             .map(|i| Task::start(kind, &format!("web.v1.{i}")))
             .collect();
         let listen = addr(free_port());
-        let meshd = Meshd::start(&config_text(listen, &tasks));
+        let meshd = Meshd::start(&config_text(kind, listen, &tasks));
         let mut o = Orchestrator {
             kind,
             meshd,
@@ -486,7 +501,7 @@ impl Orchestrator {
     /// Rewrites mesh.toml with the listed tasks (temp file + rename) and sends SIGHUP;
     /// returns once meshd shows the listed ones active and the others not.
     fn publish(&self) {
-        let text = config_text(self.listen, &self.tasks);
+        let text = config_text(self.kind, self.listen, &self.tasks);
         let text = format!("[admin]\nlisten = \"{}\"\n\n{text}", self.meshd.admin);
         let tmp = self.meshd.config.with_extension("toml.tmp");
         std::fs::write(&tmp, text).unwrap();
@@ -571,9 +586,9 @@ impl Orchestrator {
     }
 }
 
-fn config_text(listen: SocketAddr, tasks: &[Task]) -> String {
+fn config_text(kind: Kind, listen: SocketAddr, tasks: &[Task]) -> String {
     let backends: Vec<SocketAddr> = tasks.iter().filter(|t| t.listed).map(|t| t.addr).collect();
-    service_toml("web", listen, &backends, "", HEALTH)
+    service_toml("web", listen, &backends, kind.service_extra(), HEALTH)
 }
 
 // === phases, rows ===
