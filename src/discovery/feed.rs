@@ -43,6 +43,8 @@ const MAX_WIRE_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// The most services and backends per service accepted from the wire.
 const MAX_WIRE_SERVICES: usize = 10_000;
 const MAX_WIRE_BACKENDS: usize = 100_000;
+/// The longest backend identity accepted from the wire (a Swarm task ID has 25 characters).
+const MAX_WIRE_ID: usize = 64;
 
 /// What the local Docker provider publishes for the feed.
 #[derive(Debug, Clone, Default)]
@@ -94,6 +96,15 @@ pub struct WireService {
     pub balance: String,
     pub connect_timeout_ms: u64,
     pub connect_retries: u32,
+    /// Added after the first release: absent from an older manager's feed, so defaulted.
+    #[serde(default = "wire_hedge_delay_ms")]
+    pub hedge_delay_ms: u64,
+    #[serde(default = "wire_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+    #[serde(default)]
+    pub retry_on_early_close: bool,
+    #[serde(default = "wire_replay_buffer")]
+    pub replay_buffer: u32,
     pub idle_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub slow_start_ms: u64,
@@ -121,6 +132,10 @@ pub struct WireHealth {
 pub struct WireBackend {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The backend's identity (the Swarm task ID), so that a follower too tells a new task
+    /// from the stopped one whose address it reuses. Absent from older managers' lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], v: T) -> String {
@@ -154,6 +169,24 @@ fn duration(what: &str, v: u64, positive: bool) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn wire_hedge_delay_ms() -> u64 {
+    ms(defaults::HEDGE_DELAY)
+}
+
+fn wire_max_ejection_percent() -> u32 {
+    defaults::MAX_EJECTION_PERCENT
+}
+
+fn wire_replay_buffer() -> u32 {
+    defaults::REPLAY_BUFFER
+}
+
+/// A backend identity from the wire: 1 to [`MAX_WIRE_ID`] printable ASCII characters, no
+/// space (it is logged and may be shown on the status page).
+fn id_ok(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_WIRE_ID && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 impl WireService {
     pub fn from_config(s: &ServiceConfig) -> WireService {
         WireService {
@@ -162,6 +195,10 @@ impl WireService {
             balance: name_of(&BALANCES, s.balance),
             connect_timeout_ms: ms(s.connect_timeout),
             connect_retries: s.connect_retries,
+            hedge_delay_ms: ms(s.hedge_delay),
+            max_ejection_percent: s.max_ejection_percent,
+            retry_on_early_close: s.retry_on_early_close,
+            replay_buffer: s.replay_buffer,
             idle_timeout_ms: ms(s.idle_timeout),
             drain_timeout_ms: ms(s.drain_timeout),
             slow_start_ms: ms(s.slow_start),
@@ -183,6 +220,7 @@ impl WireService {
                 .map(|b| WireBackend {
                     addr: b.addr,
                     weight: b.weight,
+                    id: b.id.as_deref().map(str::to_owned),
                 })
                 .collect(),
         }
@@ -208,6 +246,19 @@ impl WireService {
                 "connect_retries {} is over {}",
                 self.connect_retries,
                 defaults::MAX_CONNECT_RETRIES
+            )));
+        }
+        if self.max_ejection_percent > 100 {
+            return Err(err(format!(
+                "max_ejection_percent {} is over 100",
+                self.max_ejection_percent
+            )));
+        }
+        if self.replay_buffer > defaults::MAX_REPLAY_BUFFER {
+            return Err(err(format!(
+                "replay_buffer {} is over {}",
+                self.replay_buffer,
+                defaults::MAX_REPLAY_BUFFER
             )));
         }
         if !(1..=65535).contains(&self.backlog) {
@@ -238,11 +289,26 @@ impl WireService {
                 defaults::MAX_WEIGHT
             )));
         }
+        if let Some(b) = self
+            .backends
+            .iter()
+            .find(|b| b.id.as_deref().is_some_and(|id| !id_ok(id)))
+        {
+            return Err(err(format!(
+                "backend {} id {:?} is not usable (1 to {MAX_WIRE_ID} printable ASCII characters)",
+                b.addr,
+                b.id.as_deref().unwrap_or_default()
+            )));
+        }
         Ok(ServiceConfig {
             balance: keyword(&BALANCES, "balance", &self.balance).map_err(err)?,
             connect_timeout: duration("connect_timeout", self.connect_timeout_ms, true)
                 .map_err(err)?,
             connect_retries: self.connect_retries,
+            hedge_delay: duration("hedge_delay", self.hedge_delay_ms, false).map_err(err)?,
+            max_ejection_percent: self.max_ejection_percent,
+            retry_on_early_close: self.retry_on_early_close,
+            replay_buffer: self.replay_buffer,
             idle_timeout: duration("idle_timeout", self.idle_timeout_ms, true).map_err(err)?,
             drain_timeout: duration("drain_timeout", self.drain_timeout_ms, false).map_err(err)?,
             slow_start: duration("slow_start", self.slow_start_ms, false).map_err(err)?,
@@ -266,6 +332,7 @@ impl WireService {
                 .map(|b| BackendConfig {
                     addr: b.addr,
                     weight: b.weight,
+                    id: b.id.as_deref().map(Arc::from),
                 })
                 .collect(),
             dns: None,
@@ -409,6 +476,45 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         let (back, warnings) = services_from_wire(services).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(back, vec![s]);
+    }
+
+    #[test]
+    fn backend_ids_cross_the_wire_and_are_checked() {
+        let mut s = service();
+        s.backends[0].id = Some(Arc::from("p4m3yb1x0yq8dh5c2w0k6z7ns"));
+        let wire = WireService::from_config(&s);
+        let text = serde_json::to_string(&wire).unwrap();
+        // A backend without an identity has no "id" key on the wire.
+        assert_eq!(text.matches("\"id\"").count(), 1, "{text}");
+        let back: WireService = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.clone().into_config().unwrap(), s);
+        // An older manager sends no "id" at all: the backends have none.
+        let old = text.replace(r#","id":"p4m3yb1x0yq8dh5c2w0k6z7ns""#, "");
+        assert!(!old.contains("\"id\""), "{old}");
+        let parsed = serde_json::from_str::<WireService>(&old)
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(parsed.backends.iter().all(|b| b.id.is_none()));
+        // Bounded, printable ASCII, not empty.
+        for bad in [
+            String::new(),
+            "x".repeat(MAX_WIRE_ID + 1),
+            "task one".into(),
+            "task\u{1b}[31m".into(),
+            "tâche".into(),
+        ] {
+            let mut w = back.clone();
+            w.backends[1].id = Some(bad.clone());
+            let e = w.into_config().unwrap_err();
+            assert!(
+                e.contains("backend 10.0.1.6:80 id") && e.contains("not usable"),
+                "{bad:?}: {e}"
+            );
+        }
+        let mut w = back;
+        w.backends[1].id = Some("x".repeat(MAX_WIRE_ID));
+        assert!(w.into_config().is_ok());
     }
 
     #[test]

@@ -12,12 +12,17 @@
 //!   IDs): a task's desired state only moves forward, so a lagging manager's answer that
 //!   shows an old task as running again must not bring it back.
 //!
+//! Each backend carries its task's ID (`BackendConfig::id`): Swarm hands a stopped task's
+//! overlay address to a new task, and the control plane must see a new backend there, not
+//! the old one with its health and ejection state.
+//!
 //! Invariant: no I/O and no clock. Everything is decided from one [`Snapshot`] (one poll of
 //! `/services`, `/tasks`, `/nodes`) and the tracker's memory of earlier ones, so it is
 //! tested from recorded engine answers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use super::api::{NetworkAttachment, Node, Service, Task};
 use super::labels::{self, LabelError};
@@ -154,7 +159,9 @@ impl Tracker {
                 (None, Some(own)) => Via::Shared(own),
                 (None, None) => Via::NonIngress,
             };
-            let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
+            // Address -> the task that holds it. Two running tasks never share an address;
+            // should a lagging answer show it, the first one listed keeps it.
+            let mut ips: BTreeMap<IpAddr, Arc<str>> = BTreeMap::new();
             let mut unreachable = 0usize;
             let mut task_networks: BTreeSet<&str> = BTreeSet::new();
             let mut ambiguous: BTreeSet<&str> = BTreeSet::new();
@@ -176,7 +183,7 @@ impl Tracker {
                                 not_shared = Some(&att.network.spec.name);
                             }
                         }
-                        ips.insert(ip);
+                        ips.entry(ip).or_insert_with(|| Arc::from(t.id.as_str()));
                     }
                     Pick::Ambiguous(nets) => {
                         ambiguous.extend(nets);
@@ -246,9 +253,10 @@ impl Tracker {
                 let mut config = m.config;
                 config.backends = ips
                     .iter()
-                    .map(|&ip| BackendConfig {
+                    .map(|(&ip, id)| BackendConfig {
                         addr: SocketAddr::new(ip, m.target),
                         weight: defaults::WEIGHT,
+                        id: Some(id.clone()),
                     })
                     .collect();
                 claimed.push((name.clone(), config));
@@ -402,6 +410,32 @@ pub fn changes(old: &[ServiceConfig], new: &[ServiceConfig]) -> Vec<String> {
                         },
                     ));
                 }
+                let old_ids: HashMap<SocketAddr, Option<&str>> = o
+                    .backends
+                    .iter()
+                    .map(|b| (b.addr, b.id.as_deref()))
+                    .collect();
+                let replaced: Vec<String> = s
+                    .backends
+                    .iter()
+                    .filter_map(|b| {
+                        let old = *old_ids.get(&b.addr)?;
+                        (old != b.id.as_deref()).then(|| {
+                            format!(
+                                "{} (task {} -> {})",
+                                b.addr,
+                                short_id(old),
+                                short_id(b.id.as_deref())
+                            )
+                        })
+                    })
+                    .collect();
+                if !replaced.is_empty() {
+                    out.push(format!(
+                        "service {name:?}: a new task reuses an address: {}",
+                        replaced.join(" ")
+                    ));
+                }
                 let mut o2 = (*o).clone();
                 o2.backends.clone_from(&s.backends);
                 if o2 != **s {
@@ -419,6 +453,11 @@ pub fn changes(old: &[ServiceConfig], new: &[ServiceConfig]) -> Vec<String> {
         ));
     }
     out
+}
+
+/// A task ID as `docker service ps` shows it (12 characters), or `-`.
+fn short_id(id: Option<&str>) -> &str {
+    id.map_or("-", |id| id.get(..12).unwrap_or(id))
 }
 
 /// A bounded set of task IDs, forgetting the oldest first.
@@ -534,6 +573,48 @@ mod tests {
         let got: Vec<SocketAddr> = svc.backends.iter().map(|b| b.addr).collect();
         assert_eq!(got, want);
         assert!(svc.backends.iter().all(|b| b.weight == 100));
+    }
+
+    #[test]
+    fn each_backend_carries_its_task_id() {
+        let s = snap(fixture!("services.json"), fixture!("tasks-steady.json"));
+        let d = Tracker::default().observe(&s, &defaults(), None);
+        let want: BTreeMap<SocketAddr, &str> = s
+            .tasks
+            .iter()
+            .map(|t| (SocketAddr::new(ip(t), 80), t.id.as_str()))
+            .collect();
+        let got: BTreeMap<SocketAddr, &str> = d.services[0]
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.id.as_deref().unwrap()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_new_task_on_a_stopped_tasks_address_is_a_new_backend() {
+        let d = defaults();
+        let mut tr = Tracker::default();
+        let steady = snap(fixture!("services.json"), fixture!("tasks-steady.json"));
+        let before = tr.observe(&steady, &d, None).services;
+        // The first task stops and vanishes; Swarm gives its address to a new task.
+        let mut next = steady.clone();
+        let old = next.tasks[0].id.clone();
+        next.tasks[0].id = "newtask0000000000000000001".into();
+        let after = tr.observe(&next, &d, None).services;
+        assert!(tr.is_retired(&old));
+        let addr = SocketAddr::new(ip(&next.tasks[0]), 80);
+        let b = after[0].backends.iter().find(|b| b.addr == addr).unwrap();
+        assert_eq!(b.id.as_deref(), Some("newtask0000000000000000001"));
+        assert_ne!(before, after, "the provider sends the change");
+        assert_eq!(
+            changes(&before, &after),
+            [format!(
+                "service \"meshfix-web\": a new task reuses an address: {addr} (task {} -> newtask00000)",
+                &old[..12]
+            )]
+        );
     }
 
     #[test]
