@@ -13,8 +13,9 @@
 //!
 //! Each runs as three "tasks" (processes on ephemeral loopback ports, each in its own
 //! process group) behind the real meshd with static backends and default data-plane
-//! settings (`connect_timeout`, `connect_retries`, ejection; a tcp health check every
-//! 500 ms). An orchestrator changes the backends the way Swarm does, by rewriting mesh.toml
+//! settings (`connect_timeout`, `connect_retries`, hedging, ejection; a tcp health check
+//! every 500 ms) — except that nginx's service opts in to `retry_on_early_close` (see
+//! `Kind::service_extra`). An orchestrator changes the backends the way Swarm does, by rewriting mesh.toml
 //! and sending SIGHUP: a removed task is unlisted first, gets its stop signal 2 s later and
 //! is killed 1.5 s after that if it is still running (Swarm: 2 s, then the stop grace).
 //! Phases: baseline; a stop-first update; a start-first update; scale 3 -> 6; scale 6 -> 3;
