@@ -6,11 +6,41 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 #  - dnsmasq (dnsmasq-base): the real DNS server tests/dns.rs points DNS discovery at.
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+#  - busybox-static: busybox httpd, a task nobody here wrote (a fork per connection, a small
+#    backlog, ignores SIGTERM as PID 1) for tests/rude.rs and the demo's rude phase.
+command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
+#  - nginx-light: nginx with `listen ... backlog=4`, overloaded on purpose (tests/rude.rs).
+#    Only the binary is used: the Debian service must not start (see policy-rc.d below).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+#  - apache2-utils: ab, the load generator the field notes were measured with.
+command -v ab >/dev/null 2>&1 || need+=(apache2-utils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   echo "setup: installing ${need[*]}" >&2
+  # No package may start a system service (nginx would listen on :80): policy-rc.d exit
+  # 101 tells invoke-rc.d not to. Kept if one exists (Docker images ship one), else
+  # written for the install and removed after.
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+# Belt and braces: a system nginx left running (an older install, or systemd starting it
+# despite policy-rc.d) is stopped; the tests run their own nginx on ephemeral ports.
+if [ -f /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  echo "setup: stopping the system nginx service" >&2
+  $SUDO systemctl stop nginx 2>/dev/null || $SUDO service nginx stop 2>/dev/null ||
+    $SUDO kill "$(cat /run/nginx.pid)" 2>/dev/null || true
+fi
+if [ -d /run/systemd/system ] && systemctl is-enabled nginx >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
 #  - prometheus_client (PyPI): a second, independent parser of meshd's /metrics output in
 #    tests/observability.rs (checks each metric family's type and label names).
