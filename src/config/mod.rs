@@ -17,7 +17,7 @@ use std::time::Duration;
 
 pub use validate::{parse_duration, ConfigError};
 
-/// Default values, documented in one place (DESIGN.md `[defaults]`).
+/// Default values, documented in one place (docs/configuration.md lists each).
 pub mod defaults {
     use std::time::Duration;
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9901";
