@@ -373,6 +373,15 @@ fn check_refuses_an_empty_file_and_warns_about_a_file_with_no_service() {
             err.starts_with(&format!("{}: the file is empty", path.display())),
             "{err}"
         );
+        // Starting on it fails the same way, before binding anything.
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let start_err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{start_err}");
+        assert_eq!(start_err, err, "meshd and meshd check disagree");
     }
     let (path, code, err) = run("none.toml", "[log]\n");
     assert_eq!(code, Some(0), "{err}");
