@@ -83,7 +83,8 @@ const TASKS_FILTER: &str = r#"{"desired-state":["running","shutdown","remove"]}"
 const SERVICES_FILTER: &str = r#"{"label":["mesh.publish"]}"#;
 /// Service and node changes (triggers), and task containers stopping on this node. The
 /// `event` key applies to every type: service and node events are create, update and
-/// remove; a container's create and update only trigger a poll.
+/// remove; a container's create and update events pass too, and are ignored (a node's
+/// containers come and go: they trigger no poll).
 const EVENTS_FILTER: &str = r#"{"type":["service","node","container"],"event":["create","update","remove","kill","die","stop"]}"#;
 /// Task IDs from container events waiting for the poll loop.
 const STOPS_QUEUE: usize = 1024;
@@ -290,9 +291,11 @@ impl Provider {
                         fast_until = Some(Instant::now() + FAST_AFTER_EVENT);
                     }
                     Some(id) = self.stops.recv() => {
-                        fast_until = Some(Instant::now() + FAST_AFTER_EVENT);
-                        self.task_stopped(&id).await;
-                        // A drain does not wait for a poll, and needs none.
+                        // A drain does not wait for a poll, and needs none; a routed task
+                        // stopping is usually replaced soon: polls go fast for a while.
+                        if self.task_stopped(&id).await {
+                            fast_until = Some(Instant::now() + FAST_AFTER_EVENT);
+                        }
                         continue;
                     }
                     _ = self.commands.closed() => return,
@@ -346,14 +349,14 @@ impl Provider {
 
     /// A task container on this node is stopping (event): the task leaves the table at
     /// once, computed from the last snapshot (which may be older than the engine's state:
-    /// the next poll corrects everything else).
-    async fn task_stopped(&mut self, id: &str) {
+    /// the next poll corrects everything else). True if meshd routed to that task.
+    async fn task_stopped(&mut self, id: &str) -> bool {
         if self.tracker.is_retired(id) {
-            return;
+            return false;
         }
         self.tracker.retire(id);
         let Some(snap) = self.last.take() else {
-            return;
+            return false;
         };
         let routed = self.sent.as_ref().is_some_and(|list| {
             list.iter()
@@ -367,6 +370,7 @@ impl Provider {
         }
         self.apply(&snap, false).await;
         self.last = Some(snap);
+        routed
     }
 
     /// Turns `snap` into mesh services, publishes them for followers and sends them to the
@@ -725,9 +729,9 @@ fn stopping_task(ev: &api::Event) -> Option<&str> {
         .filter(|id| stops && !id.is_empty())
 }
 
-/// Subscribes to service, node and container events; each one (and each reconnect) wakes
-/// the poll loop, and a task container stopping is sent on `stops` at once. Reconnects
-/// with a back-off when the stream fails or ends.
+/// Subscribes to service, node and container events: each service or node event (and each
+/// reconnect) wakes the poll loop; a task container stopping is sent on `stops` at once.
+/// Reconnects with a back-off when the stream fails or ends.
 async fn watch_events(client: Client, trigger: Arc<Notify>, stops: mpsc::Sender<String>) {
     let path = format!("/events?filters={}", client::encode_query(EVENTS_FILTER));
     let mut backoff = Duration::from_secs(1);
@@ -763,12 +767,15 @@ async fn watch_events(client: Client, trigger: Arc<Notify>, stops: mpsc::Sender<
                                 name = ev.actor.attributes.get("name").map_or("", String::as_str),
                                 "docker discovery: event"
                             );
-                            if let Some(id) = stopping_task(&ev) {
-                                // Full (a burst far beyond any real one): the poll it
-                                // triggers covers the rest.
-                                let _ = stops.try_send(id.to_owned());
+                            if ev.kind != "container" {
+                                trigger.notify_one();
+                            } else if let Some(id) = stopping_task(&ev) {
+                                if stops.try_send(id.to_owned()).is_err() {
+                                    // Full (a burst far beyond any real one): a poll
+                                    // covers the rest.
+                                    trigger.notify_one();
+                                }
                             }
-                            trigger.notify_one();
                         }
                     }
                     if line.len() > 1 << 20 {
