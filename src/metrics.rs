@@ -41,6 +41,10 @@ pub const ACCEPT_EXHAUSTED: &str = "meshd_accept_exhausted_total";
 pub const FORWARDED_BYTES: &str = "meshd_forwarded_bytes_total";
 pub const PIPES_CREATED: &str = "meshd_pipes_created_total";
 pub const DISCOVERY_ERRORS: &str = "meshd_discovery_errors_total";
+pub const PANIC_CONNECTIONS: &str = "meshd_panic_connections_total";
+pub const EJECTIONS: &str = "meshd_ejections_total";
+pub const HEDGED_CONNECTS: &str = "meshd_hedged_connects_total";
+pub const REPLAYED_CONNECTIONS: &str = "meshd_replayed_connections_total";
 
 /// How long a series nobody updates survives (a gone backend's last values stay visible
 /// this long).
@@ -141,6 +145,22 @@ fn describe() {
         "Pipes created for splice (pooled and reused)."
     );
     describe_counter!(
+        PANIC_CONNECTIONS,
+        "Connections served by a backend outside the eligible set because none was left (ejected, unhealthy or draining)."
+    );
+    describe_counter!(
+        EJECTIONS,
+        "Backends taken out by passive outlier detection (refused, reset or unreachable connects in a row)."
+    );
+    describe_counter!(
+        HEDGED_CONNECTS,
+        "Second connects started on another backend because the first had not completed after hedge_delay."
+    );
+    describe_counter!(
+        REPLAYED_CONNECTIONS,
+        "Connections replayed on another backend after their backend closed before answering (retry_on_early_close)."
+    );
+    describe_counter!(
         DISCOVERY_ERRORS,
         "Failed discovery polls, by provider; the last good state is kept."
     );
@@ -205,6 +225,10 @@ pub struct ServiceMetrics {
     retries: Counter,
     no_backend: Counter,
     max_conn: Counter,
+    panic: Counter,
+    ejections: Counter,
+    hedged: Counter,
+    replayed: Counter,
 }
 
 impl ServiceMetrics {
@@ -213,7 +237,11 @@ impl ServiceMetrics {
         ServiceMetrics {
             retries: metrics::counter!(CONNECT_RETRIES, "service" => s.clone()),
             no_backend: metrics::counter!(REJECTED, "service" => s.clone(), "reason" => "no_backend"),
-            max_conn: metrics::counter!(REJECTED, "service" => s, "reason" => "max_connections"),
+            max_conn: metrics::counter!(REJECTED, "service" => s.clone(), "reason" => "max_connections"),
+            panic: metrics::counter!(PANIC_CONNECTIONS, "service" => s.clone()),
+            ejections: metrics::counter!(EJECTIONS, "service" => s.clone()),
+            hedged: metrics::counter!(HEDGED_CONNECTS, "service" => s.clone()),
+            replayed: metrics::counter!(REPLAYED_CONNECTIONS, "service" => s),
         }
     }
 
@@ -223,6 +251,12 @@ impl ServiceMetrics {
             .absolute(s.rejected_no_backend.load(Ordering::Relaxed));
         self.max_conn
             .absolute(s.rejected_max_connections.load(Ordering::Relaxed));
+        self.panic
+            .absolute(s.panic_connections.load(Ordering::Relaxed));
+        self.ejections.absolute(s.ejections.load(Ordering::Relaxed));
+        self.hedged
+            .absolute(s.hedged_connects.load(Ordering::Relaxed));
+        self.replayed.absolute(s.replays.load(Ordering::Relaxed));
     }
 }
 

@@ -51,7 +51,8 @@ const ERRORS: &[(&str, &str)] = &[
     (
         "[[service]]\nname = \"web\"\nlistn = [\"0.0.0.0:8080\"]\n",
         "mesh.toml:3:1: unknown field `listn`, expected one of `name`, `listen`, `backends`, \
-         `dns`, `balance`, `connect_timeout`, `connect_retries`, `idle_timeout`, \
+         `dns`, `balance`, `connect_timeout`, `connect_retries`, `hedge_delay`, \
+         `max_ejection_percent`, `retry_on_early_close`, `replay_buffer`, `idle_timeout`, \
          `drain_timeout`, `slow_start`, `half_close_timeout`, `max_connections`, \
          `proxy_protocol`, `backlog`, `health`",
     ),
@@ -110,7 +111,7 @@ const ERRORS: &[(&str, &str)] = &[
     ),
     (
         "[defaults]\nconnect_timeout = \"0s\"\n",
-        "mesh.toml:2:19: connect_timeout must be greater than zero: use e.g. \"1s\"",
+        "mesh.toml:2:19: connect_timeout must be greater than zero: use e.g. \"5s\"",
     ),
     (
         "[discovery.docker]\npoll_interval = \"0ms\"\n",
@@ -410,8 +411,12 @@ fn builtin_defaults() -> ServiceConfig {
         name: String::new(),
         listen: vec![],
         balance: Balance::P2c,
-        connect_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(5),
         connect_retries: 2,
+        hedge_delay: Duration::from_millis(200),
+        max_ejection_percent: 50,
+        retry_on_early_close: false,
+        replay_buffer: 16384,
         idle_timeout: Duration::from_secs(3600),
         drain_timeout: Duration::from_secs(30),
         slow_start: Duration::ZERO,
@@ -515,13 +520,21 @@ fn design_example() {
                 format: LogFormat::Human,
                 access_log: false,
             },
-            defaults: builtin_defaults(),
+            defaults: ServiceConfig {
+                // The example sets the DESIGN.md value, not meshd's built-in 5 s.
+                connect_timeout: Duration::from_secs(1),
+                ..builtin_defaults()
+            },
             services: vec![ServiceConfig {
                 name: "web".into(),
                 listen: vec![addr("0.0.0.0:8080")],
                 balance: Balance::RoundRobin,
                 connect_timeout: Duration::from_secs(1),
                 connect_retries: 2,
+                hedge_delay: Duration::from_millis(200),
+                max_ejection_percent: 50,
+                retry_on_early_close: false,
+                replay_buffer: 16384,
                 idle_timeout: Duration::from_secs(3600),
                 drain_timeout: Duration::from_secs(30),
                 slow_start: Duration::ZERO,

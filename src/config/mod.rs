@@ -21,7 +21,18 @@ pub use validate::{parse_duration, ConfigError};
 pub mod defaults {
     use std::time::Duration;
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9901";
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// One connect attempt's bound. Longer than Linux's first SYN retransmission (1 s), so a
+    /// SYN dropped by a busy task's full listen queue is retried by the kernel instead of
+    /// failing the attempt; hedging (`HEDGE_DELAY`) keeps the client's wait short meanwhile.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// A second connect to another backend starts when the first has not completed after
+    /// this long (a dropped SYN would otherwise cost the client a 1 s retransmission).
+    pub const HEDGE_DELAY: Duration = Duration::from_millis(200);
+    /// Passive ejection never takes more than this share of a service's backends out.
+    pub const MAX_EJECTION_PERCENT: u32 = 50;
+    /// Client bytes kept for a replay on early close (`retry_on_early_close`).
+    pub const REPLAY_BUFFER: u32 = 16 * 1024;
+    pub const MAX_REPLAY_BUFFER: u32 = 1024 * 1024;
     pub const CONNECT_RETRIES: u32 = 2;
     /// Upper bound for `connect_retries`: the set of tried backends lives on the stack.
     pub const MAX_CONNECT_RETRIES: u32 = 16;
@@ -139,6 +150,16 @@ pub struct ServiceConfig {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub connect_retries: u32,
+    /// Start a second connect to another backend after this long without an answer; zero
+    /// turns hedging off.
+    pub hedge_delay: Duration,
+    /// 0..=100: the most of this service's backends passive ejection takes out at once.
+    pub max_ejection_percent: u32,
+    /// Replay a connection on another backend when its backend closes or resets it before
+    /// sending a byte (opt-in: the backend may have acted on what it received).
+    pub retry_on_early_close: bool,
+    /// The most client bytes kept for such a replay; past it the connection is not replayed.
+    pub replay_buffer: u32,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub slow_start: Duration,

@@ -840,8 +840,22 @@ impl Control {
         let now = Instant::now();
         let s = &mut self.services[si];
         if !backend.is_ejected() {
-            // Refused on the connection path: it is the service's last usable backend.
-            spared_log(&s.state, backend);
+            // Refused on the connection path: the service's last usable backend, or its
+            // ejection budget is spent.
+            let others = s
+                .backends
+                .iter()
+                .any(|o| !Arc::ptr_eq(&o.backend, backend) && o.backend.is_usable());
+            if others {
+                tracing::warn!(
+                    service = &*s.state.name,
+                    backend = &*backend.addr_label,
+                    max_ejection_percent = s.config.max_ejection_percent,
+                    "backend not ejected after consecutive connect failures: max_ejection_percent of the service's backends are ejected already"
+                );
+            } else {
+                spared_log(&s.state, backend);
+            }
             return;
         }
         if s.backends[bi].ejected_until.is_some() {
@@ -872,6 +886,7 @@ impl Control {
             .min(EJECT_MAX);
         b.ejected_at = Some((now, health::now_ms()));
         b.ejected_until = Some(now + backoff);
+        s.state.ejections.fetch_add(1, Ordering::Relaxed);
         s.dirty = true;
         tracing::warn!(
             service = &*s.state.name,

@@ -96,6 +96,15 @@ pub struct WireService {
     pub balance: String,
     pub connect_timeout_ms: u64,
     pub connect_retries: u32,
+    /// Added after the first release: absent from an older manager's feed, so defaulted.
+    #[serde(default = "wire_hedge_delay_ms")]
+    pub hedge_delay_ms: u64,
+    #[serde(default = "wire_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+    #[serde(default)]
+    pub retry_on_early_close: bool,
+    #[serde(default = "wire_replay_buffer")]
+    pub replay_buffer: u32,
     pub idle_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub slow_start_ms: u64,
@@ -160,6 +169,18 @@ fn duration(what: &str, v: u64, positive: bool) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn wire_hedge_delay_ms() -> u64 {
+    ms(defaults::HEDGE_DELAY)
+}
+
+fn wire_max_ejection_percent() -> u32 {
+    defaults::MAX_EJECTION_PERCENT
+}
+
+fn wire_replay_buffer() -> u32 {
+    defaults::REPLAY_BUFFER
+}
+
 /// A backend identity from the wire: 1 to [`MAX_WIRE_ID`] printable ASCII characters, no
 /// space (it is logged and may be shown on the status page).
 fn id_ok(id: &str) -> bool {
@@ -174,6 +195,10 @@ impl WireService {
             balance: name_of(&BALANCES, s.balance),
             connect_timeout_ms: ms(s.connect_timeout),
             connect_retries: s.connect_retries,
+            hedge_delay_ms: ms(s.hedge_delay),
+            max_ejection_percent: s.max_ejection_percent,
+            retry_on_early_close: s.retry_on_early_close,
+            replay_buffer: s.replay_buffer,
             idle_timeout_ms: ms(s.idle_timeout),
             drain_timeout_ms: ms(s.drain_timeout),
             slow_start_ms: ms(s.slow_start),
@@ -223,6 +248,19 @@ impl WireService {
                 defaults::MAX_CONNECT_RETRIES
             )));
         }
+        if self.max_ejection_percent > 100 {
+            return Err(err(format!(
+                "max_ejection_percent {} is over 100",
+                self.max_ejection_percent
+            )));
+        }
+        if self.replay_buffer > defaults::MAX_REPLAY_BUFFER {
+            return Err(err(format!(
+                "replay_buffer {} is over {}",
+                self.replay_buffer,
+                defaults::MAX_REPLAY_BUFFER
+            )));
+        }
         if !(1..=65535).contains(&self.backlog) {
             return Err(err(format!("backlog {} is out of range", self.backlog)));
         }
@@ -267,6 +305,10 @@ impl WireService {
             connect_timeout: duration("connect_timeout", self.connect_timeout_ms, true)
                 .map_err(err)?,
             connect_retries: self.connect_retries,
+            hedge_delay: duration("hedge_delay", self.hedge_delay_ms, false).map_err(err)?,
+            max_ejection_percent: self.max_ejection_percent,
+            retry_on_early_close: self.retry_on_early_close,
+            replay_buffer: self.replay_buffer,
             idle_timeout: duration("idle_timeout", self.idle_timeout_ms, true).map_err(err)?,
             drain_timeout: duration("drain_timeout", self.drain_timeout_ms, false).map_err(err)?,
             slow_start: duration("slow_start", self.slow_start_ms, false).map_err(err)?,

@@ -82,13 +82,18 @@ pub struct Transition {
     pub health: Health,
 }
 
-/// Milliseconds since the Unix epoch of the last passed check, per backend (for re-admitting
-/// an ejected backend only after a check passed since its ejection).
+/// Milliseconds on a monotonic clock (since the first call in this process), for the last
+/// passed check of a backend: an ejected backend is re-admitted only after a check passed
+/// since its ejection. Monotonic, so a wall-clock step back cannot keep a backend out.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    // +1: a check that passes in the very first millisecond still reads as "after" an
+    // ejection recorded at 0.
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 /// Checks `backend` every `interval` (±10% jitter, so checks of many backends spread out)

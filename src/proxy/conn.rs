@@ -1,14 +1,28 @@
 //! One client connection: pick a backend from the service snapshot taken at accept, connect
-//! (retrying on other backends before the client sees anything), send the PROXY header if
-//! configured, then forward until the connection ends.
+//! (hedging and retrying on other backends before the client sees anything; panic routing
+//! when no eligible backend is left), send the PROXY header if configured, optionally hold
+//! the request for a replay until the backend answers, then forward until the connection
+//! ends.
+//!
+//! Why connects are hedged: a busy task (full listen queue) drops SYNs, and Linux resends a
+//! dropped SYN only after 1 s. So when a connect has not completed after `hedge_delay`, a
+//! second one starts on another backend and the first to complete wins; the other is
+//! dropped (its socket closed). Each attempt is bounded by `connect_timeout`, and a timeout
+//! only says the backend is busy: it is retried elsewhere but never counts towards
+//! ejection. Refused, reset and unreachable do.
 //!
 //! Invariant: no lock, no string formatting (the access log, off by default, aside), no
-//! allocation: the snapshot and backend are `Arc` clones, the tried-set and PROXY header live
-//! on this task's stack.
+//! allocation unless `retry_on_early_close` asks for a replay buffer: the snapshot and
+//! backend are `Arc` clones, the tried-set, both connect attempts and the PROXY header live
+//! in this task's own state.
 
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -19,11 +33,16 @@ use super::forward::{self, End, Limits, Mode};
 use super::{connect, proxy_protocol};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
 use crate::config::ProxyProtocol;
-use crate::table::{Backend, Ejection, ServiceTable};
+use crate::table::{Backend, ConnectError, Ejection, ServiceTable};
 
-/// Consecutive connect failures after which a backend is ejected at once (passive outlier
-/// detection), without waiting for its next health check.
+/// Consecutive connect failures (refused, reset, unreachable; never timeouts) after which a
+/// backend is ejected at once (passive outlier detection), without waiting for its next
+/// health check.
 pub const EJECT_AFTER_FAILURES: u32 = 3;
+
+/// At most this many panic-routing attempts per connection (beyond the normal ones): a
+/// service with thousands of listed backends does not hold a client for thousands of tries.
+const PANIC_ATTEMPTS: usize = 8;
 
 /// What every connection of the process shares.
 #[derive(Debug)]
@@ -39,6 +58,13 @@ pub struct Shared {
 /// Decrements a live-connection counter however the task ends (also on cancellation).
 struct Live<'a>(&'a AtomicU64);
 
+impl<'a> Live<'a> {
+    fn count(c: &'a AtomicU64) -> Live<'a> {
+        c.fetch_add(1, Ordering::Relaxed);
+        Live(c)
+    }
+}
+
 impl Drop for Live<'_> {
     fn drop(&mut self) {
         let prev = self.0.fetch_sub(1, Ordering::Relaxed);
@@ -46,21 +72,325 @@ impl Drop for Live<'_> {
     }
 }
 
-/// Indices of the backends already tried for this connection, on the stack.
-struct Tried {
-    idx: [u32; MAX_CONNECT_RETRIES as usize + 1],
+/// Capacity of the tried-set: every normal attempt, one hedge, every panic attempt.
+const TRIED: usize = MAX_CONNECT_RETRIES as usize + 2 + PANIC_ATTEMPTS;
+
+/// One connection's connect budget and the backends it already tried (indices into
+/// [`ServiceTable::listed`]), on the task's own state.
+struct Attempts {
+    tried: [u32; TRIED],
     len: usize,
+    /// Failed attempts outside panic routing (bounded by `connect_retries`).
+    failures: u32,
+    /// Attempts started by panic routing.
+    panics: usize,
+    /// Whether an attempt failed: the next one started is a retry.
+    retrying: bool,
 }
 
-impl Tried {
+impl Attempts {
+    fn new() -> Attempts {
+        Attempts {
+            tried: [0; TRIED],
+            len: 0,
+            failures: 0,
+            panics: 0,
+            retrying: false,
+        }
+    }
+
     fn contains(&self, i: usize) -> bool {
-        self.idx[..self.len].contains(&(i as u32))
+        self.tried[..self.len].contains(&(i as u32))
     }
 
     fn push(&mut self, i: usize) {
-        if self.len < self.idx.len() {
-            self.idx[self.len] = i as u32;
+        if self.len < self.tried.len() {
+            self.tried[self.len] = i as u32;
             self.len += 1;
+        }
+    }
+
+    /// The next backend to try, as an index into [`ServiceTable::listed`], and whether it
+    /// is a panic-routing pick. Eligible, usable, untried backends first (the balancer's
+    /// pick); when none is left, panic routing: ejected, then unhealthy, then draining.
+    fn next(&mut self, svc: &ServiceTable, client: SocketAddr) -> Option<(usize, bool)> {
+        if self.failures > svc.config.connect_retries {
+            return None;
+        }
+        let pick = svc.selector.pick(
+            client.ip(),
+            |i| svc.backends[i].active(),
+            |i| self.contains(i) || !svc.backends[i].is_usable(),
+        );
+        if let Some(i) = pick {
+            self.push(i);
+            return Some((i, false));
+        }
+        if self.panics >= PANIC_ATTEMPTS || self.len >= TRIED {
+            return None;
+        }
+        let k = svc.panic_candidate(|k| self.contains(k))?;
+        self.push(k);
+        self.panics += 1;
+        Some((k, true))
+    }
+
+    /// Records a failed attempt on `b`: counted by reason; a refusal, reset or unreachable
+    /// counts towards ejection, a timeout (a busy task dropping SYNs) does not.
+    fn failed(
+        &mut self,
+        svc: &ServiceTable,
+        k: usize,
+        panic: bool,
+        e: ConnectError,
+        shared: &Shared,
+    ) {
+        self.retrying = true;
+        if !panic {
+            self.failures += 1;
+        }
+        let Some(b) = svc.listed(k) else { return };
+        b.stats.connect_errors[e as usize].fetch_add(1, Ordering::Relaxed);
+        if e == ConnectError::Timeout {
+            return;
+        }
+        let n = b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        // Never the service's last usable backend, never past `max_ejection_percent`
+        // (`ServiceTable::eject`); panic candidates are not in the eligible set.
+        if n >= EJECT_AFTER_FAILURES && k < svc.backends.len() && svc.eject(k) != Ejection::Nothing
+        {
+            let _ = shared.ejected.send(b.clone());
+        }
+    }
+}
+
+/// One connect attempt to `b`, counted in its live connections while it runs (so
+/// `least_conn` and `p2c` see in-flight connects).
+async fn attempt(b: &Backend, timeout: Duration) -> Result<TcpStream, connect::Failure> {
+    let _live = Live::count(&b.active);
+    connect::connect(b.addr, timeout).await
+}
+
+/// How dialing ended.
+enum Dialed<'a> {
+    Up {
+        server: TcpStream,
+        backend: &'a Arc<Backend>,
+        /// Its index in [`ServiceTable::listed`].
+        k: usize,
+        /// Picked by panic routing.
+        panic: bool,
+    },
+    /// Every allowed attempt failed, or nothing was left to try.
+    NoBackend,
+}
+
+/// Connects to a backend of `svc`: up to two attempts in flight. The first starts at once;
+/// if it has not completed after `hedge_delay`, a second (the hedge) starts on another
+/// backend; a failed attempt is replaced at once by the next candidate while the budget
+/// lasts. The first attempt to complete wins; the other is dropped (its socket closed).
+async fn dial<'a>(
+    svc: &'a ServiceTable,
+    client: SocketAddr,
+    attempts: &mut Attempts,
+    shared: &Shared,
+) -> Dialed<'a> {
+    let cfg = &*svc.config;
+    // Two attempt slots and, for each, (listed index, panic pick).
+    let mut slots = [pin!(None), pin!(None)];
+    let mut meta: [Option<(usize, bool)>; 2] = [None, None];
+    let mut hedged = cfg.hedge_delay.is_zero();
+    let mut hedge = pin!(tokio::time::sleep(cfg.hedge_delay));
+    let t0 = Instant::now();
+
+    // Starts the next candidate in slot `s`; false if there is none.
+    macro_rules! start {
+        ($s:expr) => {{
+            let s = $s;
+            match attempts.next(svc, client) {
+                Some((k, panic)) => match svc.listed(k) {
+                    Some(b) => {
+                        if std::mem::take(&mut attempts.retrying) {
+                            svc.state.retries.fetch_add(1, Ordering::Relaxed);
+                        }
+                        slots[s].set(Some(attempt(b, cfg.connect_timeout)));
+                        meta[s] = Some((k, panic));
+                        true
+                    }
+                    None => false,
+                },
+                None => false,
+            }
+        }};
+    }
+
+    start!(0);
+    loop {
+        if meta.iter().all(Option::is_none) {
+            return Dialed::NoBackend;
+        }
+        enum Ev {
+            Done(usize, Result<TcpStream, connect::Failure>),
+            Hedge,
+        }
+        let ev = poll_fn(|cx| {
+            for (s, slot) in slots.iter_mut().enumerate() {
+                if let Some(f) = slot.as_mut().as_pin_mut() {
+                    if let Poll::Ready(r) = f.poll(cx) {
+                        return Poll::Ready(Ev::Done(s, r));
+                    }
+                }
+            }
+            if !hedged && hedge.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Hedge);
+            }
+            Poll::Pending
+        })
+        .await;
+
+        match ev {
+            Ev::Hedge => {
+                hedged = true;
+                // The attempt in flight is slow (a dropped SYN waits 1 s for the kernel to
+                // resend it): race a second one on another backend.
+                if let Some(free) = meta.iter().position(Option::is_none) {
+                    if start!(free) {
+                        svc.state.hedged_connects.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ev::Done(s, r) => {
+                slots[s].set(None);
+                let Some((k, panic)) = meta[s].take() else {
+                    continue;
+                };
+                match r {
+                    Ok(server) => {
+                        let Some(backend) = svc.listed(k) else {
+                            continue;
+                        };
+                        backend.consecutive_failures.store(0, Ordering::Relaxed);
+                        svc.state
+                            .connect_duration
+                            .record(t0.elapsed().as_secs_f64());
+                        if panic {
+                            svc.state.panic_connections.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Dialed::Up {
+                            server,
+                            backend,
+                            k,
+                            panic,
+                        };
+                    }
+                    Err(connect::Failure::Local(_)) => {
+                        // Out of descriptors or ports here: another backend would fail the
+                        // same way, and this one is not to blame.
+                        return Dialed::NoBackend;
+                    }
+                    Err(connect::Failure::Backend(e)) => {
+                        attempts.failed(svc, k, panic, e, shared);
+                        start!(s);
+                        if !hedged && meta[1 - s].is_none() {
+                            // The replacement is the one attempt in flight: it gets its own
+                            // hedge delay.
+                            hedge.as_mut().reset(Instant::now() + cfg.hedge_delay);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the replay phase saw (see [`hold_for_replay`]).
+enum Replay {
+    /// The backend sent a first byte (or the request outgrew the buffer): forward.
+    Forward,
+    /// The backend closed or reset before sending a byte: try another.
+    EarlyClose,
+    /// The client went away, or an idle timeout passed.
+    Abandon,
+}
+
+/// Writes all of `b` to `s` (through `&TcpStream`: the replay phase reads and writes the
+/// same socket from two `select!` arms).
+async fn send_all(s: &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
+    while !b.is_empty() {
+        s.writable().await?;
+        match s.try_write(b) {
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `retry_on_early_close`: sends the client's bytes to `server` while keeping a copy (up to
+/// `cap`), until the backend sends its first byte. Bytes already in `buf` (kept from an
+/// earlier backend) are sent first; `client_eof` remembers a client's FIN across backends.
+async fn hold_for_replay(
+    client: &TcpStream,
+    server: &TcpStream,
+    buf: &mut Vec<u8>,
+    cap: usize,
+    client_eof: &mut bool,
+    idle: Duration,
+) -> Replay {
+    let fin = |s: &TcpStream| socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
+    if send_all(server, buf).await.is_err() || (*client_eof && fin(server).is_err()) {
+        return Replay::EarlyClose;
+    }
+    let mut deadline = Instant::now() + idle;
+    let mut peek = [0u8; 1];
+    loop {
+        if buf.len() >= cap {
+            // Too much to replay: from here on the connection is forwarded as any other
+            // (a later early close is the client's to see).
+            return Replay::Forward;
+        }
+        let client_readable = async {
+            if *client_eof {
+                std::future::pending().await
+            } else {
+                client.readable().await
+            }
+        };
+        tokio::select! {
+            r = server.peek(&mut peek) => return match r {
+                Ok(0) | Err(_) => Replay::EarlyClose,
+                Ok(_) => Replay::Forward,
+            },
+            r = client_readable => {
+                if r.is_err() {
+                    return Replay::Abandon;
+                }
+                let start = buf.len();
+                buf.resize(start + (cap - start).min(forward::SCRATCH), 0);
+                match client.try_read(&mut buf[start..]) {
+                    Ok(0) => {
+                        buf.truncate(start);
+                        *client_eof = true;
+                        if fin(server).is_err() {
+                            return Replay::EarlyClose;
+                        }
+                    }
+                    Ok(n) => {
+                        buf.truncate(start + n);
+                        deadline = Instant::now() + idle;
+                        if send_all(server, &buf[start..]).await.is_err() {
+                            return Replay::EarlyClose;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf.truncate(start),
+                    Err(_) => {
+                        buf.truncate(start);
+                        return Replay::Abandon;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => return Replay::Abandon,
         }
     }
 }
@@ -71,89 +401,100 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
     let _service_live = Live(&svc.state.active);
     let accepted = Instant::now();
     let cfg = &*svc.config;
-    let mut tried = Tried {
-        idx: [0; MAX_CONNECT_RETRIES as usize + 1],
-        len: 0,
-    };
-    let mut failures = 0u32;
-    let (mut server, backend) = loop {
-        let pick = svc.selector.pick(
-            peer.ip(),
-            |i| svc.backends[i].active(),
-            |i| tried.contains(i) || !svc.backends[i].is_usable(),
-        );
-        let Some(i) = pick else {
-            svc.state
-                .rejected_no_backend
-                .fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        if failures > 0 {
-            // A retry is counted only when another backend is actually tried.
-            svc.state.retries.fetch_add(1, Ordering::Relaxed);
-        }
-        tried.push(i);
-        let b = &svc.backends[i];
-        b.active.fetch_add(1, Ordering::Relaxed);
-        let t0 = Instant::now();
-        match connect::connect(b.addr, cfg.connect_timeout).await {
-            Ok(s) => {
-                svc.state
-                    .connect_duration
-                    .record(t0.elapsed().as_secs_f64());
-                b.consecutive_failures.store(0, Ordering::Relaxed);
-                break (s, b);
-            }
-            Err(connect::Failure::Local(_)) => {
-                // Out of descriptors or ports here: retrying elsewhere fails the same way,
-                // and the backend is not to blame.
-                b.active.fetch_sub(1, Ordering::Relaxed);
+    let mut attempts = Attempts::new();
+    // `retry_on_early_close`: the client's bytes kept for a replay (allocated only then).
+    let mut replay: Option<(Vec<u8>, bool)> = None;
+    let replays = cfg.retry_on_early_close && cfg.replay_buffer > 0;
+    let (server, backend, replayed) = loop {
+        let (mut server, backend, k, panic) = match dial(&svc, peer, &mut attempts, shared).await {
+            Dialed::Up {
+                server,
+                backend,
+                k,
+                panic,
+            } => (server, backend, k, panic),
+            Dialed::NoBackend => {
                 svc.state
                     .rejected_no_backend
                     .fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(connect::Failure::Backend(e)) => {
-                b.active.fetch_sub(1, Ordering::Relaxed);
-                b.stats.connect_errors[e as usize].fetch_add(1, Ordering::Relaxed);
-                let n = b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                // Never the service's last usable backend (`ServiceTable::eject`).
-                if n >= EJECT_AFTER_FAILURES && svc.eject(i) != Ejection::Nothing {
-                    let _ = shared.ejected.send(b.clone());
+        };
+        let live = Live::count(&backend.active);
+
+        // The address the client connected to costs a getsockname: only the header needs it.
+        let header = match cfg.proxy_protocol {
+            ProxyProtocol::Off => None,
+            v => proxy_protocol::encode(v, peer, client.local_addr().unwrap_or(peer)),
+        };
+        if let Some(h) = header {
+            if server.write_all(h.as_bytes()).await.is_err() {
+                if replays {
+                    drop(live);
+                    attempts.failed(&svc, k, panic, ConnectError::Reset, shared);
+                    svc.state.replays.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
-                if failures == cfg.connect_retries {
-                    svc.state
-                        .rejected_no_backend
-                        .fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                failures += 1;
+                log_access(
+                    shared,
+                    &svc,
+                    backend,
+                    peer,
+                    accepted,
+                    End::BackendReset,
+                    0,
+                    0,
+                );
+                return;
+            }
+        }
+        if !replays {
+            break (server, backend, (live, 0));
+        }
+        let (buf, eof) = replay.get_or_insert_with(|| (Vec::new(), false));
+        match hold_for_replay(
+            &client,
+            &server,
+            buf,
+            cfg.replay_buffer as usize,
+            eof,
+            cfg.idle_timeout,
+        )
+        .await
+        {
+            Replay::Forward => {
+                let sent = buf.len() as u64;
+                break (server, backend, (live, sent));
+            }
+            Replay::Abandon => {
+                log_access(
+                    shared,
+                    &svc,
+                    backend,
+                    peer,
+                    accepted,
+                    End::ClientReset,
+                    0,
+                    0,
+                );
+                return;
+            }
+            Replay::EarlyClose => {
+                // Closed before a byte came back: nothing reached the client, so the
+                // request is sent again elsewhere. A task that accepts and closes counts
+                // towards its ejection like a refusal.
+                drop(live);
+                attempts.failed(&svc, k, panic, ConnectError::Reset, shared);
+                svc.state.replays.fetch_add(1, Ordering::Relaxed);
             }
         }
     };
-    let _backend_live = Live(&backend.active);
+    let (_backend_live, replayed_rx) = replayed;
     backend.stats.connections.fetch_add(1, Ordering::Relaxed);
-
-    // The address the client connected to costs a getsockname: only the header needs it.
-    let header = match cfg.proxy_protocol {
-        ProxyProtocol::Off => None,
-        v => proxy_protocol::encode(v, peer, client.local_addr().unwrap_or(peer)),
-    };
-    if let Some(h) = header {
-        if server.write_all(h.as_bytes()).await.is_err() {
-            log_access(
-                shared,
-                &svc,
-                backend,
-                peer,
-                accepted,
-                End::BackendReset,
-                0,
-                0,
-            );
-            return;
-        }
-    }
+    backend
+        .stats
+        .bytes_rx
+        .fetch_add(replayed_rx, Ordering::Relaxed);
 
     let limits = Limits {
         idle_timeout: cfg.idle_timeout,
@@ -167,7 +508,14 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
         .conn_duration
         .record(accepted.elapsed().as_secs_f64());
     log_access(
-        shared, &svc, backend, peer, accepted, out.end, out.rx, out.tx,
+        shared,
+        &svc,
+        backend,
+        peer,
+        accepted,
+        out.end,
+        out.rx + replayed_rx,
+        out.tx,
     );
 }
 

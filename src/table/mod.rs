@@ -36,6 +36,15 @@ pub struct ServiceState {
     /// Ejections refused because the backend was the service's last usable one (counted
     /// once per failure streak).
     pub ejections_spared: AtomicU64,
+    /// Backends ejected by passive outlier detection (counted by the control plane).
+    pub ejections: AtomicU64,
+    /// Connections served by a backend outside the eligible set because none was left
+    /// (panic routing: ejected, then failing health checks, then draining).
+    pub panic_connections: AtomicU64,
+    /// Second connects started because the first had not completed after `hedge_delay`.
+    pub hedged_connects: AtomicU64,
+    /// Connections replayed on another backend after an early close (`retry_on_early_close`).
+    pub replays: AtomicU64,
     /// Seconds a connection lived; registered once, recorded per closed connection.
     pub conn_duration: metrics::Histogram,
     /// Seconds a successful connect took.
@@ -55,6 +64,10 @@ impl ServiceState {
             rejected_max_connections: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             ejections_spared: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            panic_connections: AtomicU64::new(0),
+            hedged_connects: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
         }
     }
 }
@@ -71,6 +84,41 @@ pub struct ServiceTable {
     /// Shared with the previous generation's table when the algorithm and the (address,
     /// weight) list are unchanged: only services whose backends changed pay for a build.
     pub selector: Arc<Selector>,
+    /// The service's other listed backends (not eligible when the table was built: failing
+    /// or awaiting health checks, draining, ejected), for panic routing only: when no
+    /// eligible backend is left, a connection tries these before it is refused.
+    pub fallback: Vec<Arc<Backend>>,
+}
+
+/// Panic routing's order of preference (see [`ServiceTable::panic_candidate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PanicClass {
+    /// Active and healthy, but ejected by passive outlier detection.
+    Ejected,
+    /// Active, but failing (or not yet passing) health checks.
+    Unhealthy,
+    /// Draining: no longer listed, but possibly still answering (a stopping task).
+    Draining,
+}
+
+impl PanicClass {
+    pub const ALL: [PanicClass; 3] = [
+        PanicClass::Ejected,
+        PanicClass::Unhealthy,
+        PanicClass::Draining,
+    ];
+
+    /// The class `b` is in now; `None` for a usable backend (not a panic candidate) and a
+    /// gone one (never tried).
+    pub fn of(b: &Backend) -> Option<PanicClass> {
+        match b.state() {
+            State::Gone => None,
+            State::Draining => Some(PanicClass::Draining),
+            State::Active if b.health() != Health::Up => Some(PanicClass::Unhealthy),
+            State::Active if b.is_ejected() => Some(PanicClass::Ejected),
+            State::Active => None,
+        }
+    }
 }
 
 /// A backend offered to `build`, with the weight it should get in this generation
@@ -87,8 +135,9 @@ pub struct Candidate {
 pub enum Ejection {
     /// Ejected now: the control plane must schedule its re-admission.
     Ejected,
-    /// Not ejected: it is the service's last usable backend (Envoy's "panic" rule). The
-    /// first refusal of a failure streak is reported to the control plane (logged).
+    /// Not ejected: it is the service's last usable backend (Envoy's "panic" rule), or
+    /// `max_ejection_percent` of its backends are ejected already. The first refusal of a
+    /// failure streak is reported to the control plane (logged).
     SparedFirst,
     /// Not ejected, already reported in this streak; or it was ejected already.
     Nothing,
@@ -112,6 +161,7 @@ enum PreparedKind {
         weights: Box<[u32]>,
         /// `None`: must be built.
         selector: Option<Arc<Selector>>,
+        fallback: Vec<Arc<Backend>>,
     },
 }
 
@@ -136,8 +186,9 @@ impl Prepared {
                 backends,
                 weights,
                 selector,
+                fallback,
             } => Arc::new(ServiceTable::assemble(
-                state, config, backends, weights, selector,
+                state, config, backends, weights, selector, fallback,
             )),
         }
     }
@@ -151,8 +202,8 @@ impl ServiceTable {
         config: Arc<ServiceConfig>,
         candidates: &[Candidate],
     ) -> ServiceTable {
-        let (backends, weights) = eligible(candidates);
-        ServiceTable::assemble(state, config, backends, weights, None)
+        let (backends, weights, fallback) = eligible(candidates);
+        ServiceTable::assemble(state, config, backends, weights, None, fallback)
     }
 
     /// A table around `selector`, or a selector built now over `backends` and `weights`.
@@ -162,6 +213,7 @@ impl ServiceTable {
         backends: Vec<Arc<Backend>>,
         weights: Box<[u32]>,
         selector: Option<Arc<Selector>>,
+        fallback: Vec<Arc<Backend>>,
     ) -> ServiceTable {
         let selector = selector.unwrap_or_else(|| {
             let list: Vec<_> = backends
@@ -177,6 +229,7 @@ impl ServiceTable {
             backends,
             weights,
             selector,
+            fallback,
         }
     }
 
@@ -190,7 +243,7 @@ impl ServiceTable {
         candidates: &[Candidate],
         previous: Option<&Arc<ServiceTable>>,
     ) -> Prepared {
-        let (backends, weights) = eligible(candidates);
+        let (backends, weights, fallback) = eligible(candidates);
         let selector = previous
             .filter(|p| {
                 p.selector.algorithm() == config.balance
@@ -209,6 +262,11 @@ impl ServiceTable {
                     .iter()
                     .zip(&backends)
                     .all(|(a, b)| Arc::ptr_eq(a, b))
+                && p.fallback.len() == fallback.len()
+                && p.fallback
+                    .iter()
+                    .zip(&fallback)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
             {
                 return Prepared(PreparedKind::Same(p.clone()));
             }
@@ -219,6 +277,7 @@ impl ServiceTable {
             backends,
             weights,
             selector,
+            fallback,
         })
     }
 
@@ -242,6 +301,15 @@ impl ServiceTable {
             return Ejection::Nothing;
         }
         if self.another_usable(i) {
+            if !self.ejection_allowed() {
+                // Capacity first (`max_ejection_percent`): reported once per streak, like
+                // the last usable backend below.
+                return if b.mark_eject_spared() {
+                    Ejection::SparedFirst
+                } else {
+                    Ejection::Nothing
+                };
+            }
             if b.set_ejected(true) {
                 return Ejection::Nothing;
             }
@@ -259,22 +327,68 @@ impl ServiceTable {
         }
     }
 
+    /// `max_ejection_percent`: one more ejection keeps the ejected share of the backends
+    /// within it (one ejection is always allowed with two or more backends, as in Envoy,
+    /// unless the percentage is 0). Two threads ejecting at once may both pass: the bound
+    /// can be exceeded by one for a moment, never the last-usable rule below.
+    fn ejection_allowed(&self) -> bool {
+        let pct = u64::from(self.config.max_ejection_percent);
+        if pct == 0 {
+            return false;
+        }
+        let n = self.backends.len() as u64;
+        let ejected = self.backends.iter().filter(|b| b.is_ejected()).count() as u64;
+        ejected == 0 || (ejected + 1) * 100 <= pct * n
+    }
+
+    /// Backend `k` of the combined index space of panic routing: `backends`, then
+    /// `fallback`.
+    #[inline]
+    pub fn listed(&self, k: usize) -> Option<&Arc<Backend>> {
+        match k.checked_sub(self.backends.len()) {
+            None => self.backends.get(k),
+            Some(f) => self.fallback.get(f),
+        }
+    }
+
+    /// Panic routing: the first listed backend, in [`PanicClass`] order, that `skip` does
+    /// not exclude, as an index into [`listed`](ServiceTable::listed). Called only when no
+    /// eligible backend is left; O(n), atomics only.
+    pub fn panic_candidate(&self, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.backends.len() + self.fallback.len();
+        PanicClass::ALL.into_iter().find_map(|class| {
+            (0..n).find(|&k| {
+                !skip(k) && self.listed(k).and_then(|b| PanicClass::of(b)) == Some(class)
+            })
+        })
+    }
+
     fn another_usable(&self, i: usize) -> bool {
         let n = self.backends.len();
         (1..n).any(|k| self.backends[(i + k) % n].is_usable())
     }
 }
 
-/// The candidates that may take connections (active, healthy, weighted) and their weights.
-fn eligible(candidates: &[Candidate]) -> (Vec<Arc<Backend>>, Box<[u32]>) {
-    let (backends, weights): (Vec<_>, Vec<_>) = candidates
-        .iter()
-        .filter(|c| {
-            c.weight > 0 && c.backend.state() == State::Active && c.backend.health() == Health::Up
-        })
-        .map(|c| (c.backend.clone(), c.weight))
-        .unzip();
-    (backends, weights.into_boxed_slice())
+/// Eligible backends, their weights, and the panic-routing fallback.
+type Split = (Vec<Arc<Backend>>, Box<[u32]>, Vec<Arc<Backend>>);
+
+/// The candidates that may take connections (active, healthy, weighted) and their weights;
+/// and the rest that panic routing may try (every other one not gone, except an active one
+/// an operator weighted 0).
+fn eligible(candidates: &[Candidate]) -> Split {
+    let mut backends = Vec::with_capacity(candidates.len());
+    let mut weights = Vec::with_capacity(candidates.len());
+    let mut fallback = Vec::new();
+    for c in candidates {
+        let state = c.backend.state();
+        if c.weight > 0 && state == State::Active && c.backend.health() == Health::Up {
+            backends.push(c.backend.clone());
+            weights.push(c.weight);
+        } else if state == State::Draining || (state == State::Active && c.weight > 0) {
+            fallback.push(c.backend.clone());
+        }
+    }
+    (backends, weights.into_boxed_slice(), fallback)
 }
 
 /// The whole snapshot.
@@ -334,12 +448,17 @@ mod tests {
     use crate::config::{Balance, Config};
 
     fn config(balance: Balance) -> Arc<ServiceConfig> {
+        config_with(balance, 50)
+    }
+
+    fn config_with(balance: Balance, max_ejection_percent: u32) -> Arc<ServiceConfig> {
         let text = "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\nbackends = [{ addr = \"127.0.0.1:9001\" }]\n";
         let mut cfg = Config::parse(std::path::Path::new("t.toml"), text)
             .expect("valid config")
             .services
             .remove(0);
         cfg.balance = balance;
+        cfg.max_ejection_percent = max_ejection_percent;
         Arc::new(cfg)
     }
 
@@ -407,7 +526,7 @@ mod tests {
         let state = Arc::new(ServiceState::new("web".into(), 0));
         let t = ServiceTable::build(
             state.clone(),
-            config(Balance::RoundRobin),
+            config_with(Balance::RoundRobin, 100),
             &candidates(&[100, 100]),
         );
         assert_eq!(t.eject(0), Ejection::Ejected);
@@ -424,6 +543,63 @@ mod tests {
         // Once another backend is usable again, it can be ejected.
         t.backends[0].set_ejected(false);
         assert_eq!(t.eject(1), Ejection::Ejected);
+    }
+
+    #[test]
+    fn ejection_stops_at_max_ejection_percent() {
+        let state = Arc::new(ServiceState::new("web".into(), 0));
+        let t = ServiceTable::build(
+            state,
+            config_with(Balance::RoundRobin, 50),
+            &candidates(&[100; 5]),
+        );
+        // 5 backends at 50%: two may be ejected (40%), a third would make 60%.
+        assert_eq!(t.eject(0), Ejection::Ejected);
+        assert_eq!(t.eject(1), Ejection::Ejected);
+        assert_eq!(t.eject(2), Ejection::SparedFirst);
+        assert_eq!(t.eject(2), Ejection::Nothing, "reported once per streak");
+        assert!(!t.backends[2].is_ejected());
+        // 0% ejects nothing, ever; one backend of two is always allowed above 0%.
+        let off = ServiceTable::build(
+            Arc::new(ServiceState::new("web".into(), 0)),
+            config_with(Balance::RoundRobin, 0),
+            &candidates(&[100; 4]),
+        );
+        assert_ne!(off.eject(0), Ejection::Ejected);
+        let two = ServiceTable::build(
+            Arc::new(ServiceState::new("web".into(), 0)),
+            config_with(Balance::RoundRobin, 10),
+            &candidates(&[100; 2]),
+        );
+        assert_eq!(two.eject(0), Ejection::Ejected);
+    }
+
+    #[test]
+    fn panic_routing_prefers_ejected_then_unhealthy_then_draining() {
+        let state = Arc::new(ServiceState::new("web".into(), 0));
+        let cands = candidates(&[100; 4]);
+        // 1 draining, 2 never healthy: both listed as fallback at build time.
+        cands[1].backend.set_state(State::Draining);
+        cands[2].backend.set_health(Health::Unknown);
+        let t = ServiceTable::build(state, config(Balance::RoundRobin), &cands);
+        assert_eq!(t.backends.len(), 2);
+        assert_eq!(t.fallback.len(), 2);
+        let addr_of = |k: usize| t.listed(k).map(|b| b.addr.port());
+        // The eligible ones are usable: not panic candidates.
+        assert_eq!(t.panic_candidate(|_| false).map(addr_of), Some(Some(9002)));
+        // After the table was built, backend 0 is ejected and 3 fails its checks.
+        t.backends[0].set_ejected(true);
+        t.backends[1].set_health(Health::Down);
+        let mut tried = Vec::new();
+        while let Some(k) = t.panic_candidate(|k| tried.contains(&k)) {
+            tried.push(k);
+        }
+        let order: Vec<_> = tried.iter().map(|&k| addr_of(k).unwrap()).collect();
+        // Ejected (9000), unhealthy (9003, then 9002 never healthy), draining (9001).
+        assert_eq!(order, vec![9000, 9003, 9002, 9001]);
+        // Gone backends are never tried.
+        cands[1].backend.set_state(State::Gone);
+        assert!(t.panic_candidate(|k| tried[..3].contains(&k)).is_none());
     }
 
     /// Two worker threads failing the last two usable backends at the same instant must not
