@@ -1344,6 +1344,9 @@ fn swarm_busybox_tasks_under_ab() {
         let mut phase = |name: &str, n: u64, v: &str, action: &dyn Fn()| {
             let before = metric_series(admin);
             let ejected_before = ejections_logged(&lb);
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
             let t0 = Instant::now();
             let close = Ab::start(&url, false);
             let keep = Ab::start(&url, true);
@@ -1389,6 +1392,25 @@ fn swarm_busybox_tasks_under_ab() {
                         "      {what}: {} {} non-2xx {}",
                         c.failed, c.breakdown, c.non_2xx
                     );
+                }
+            }
+            if p.close.failed + p.keep.failed > 0 {
+                // What meshd saw during the phase: its warnings and the control plane's
+                // and discovery's lines (the reason for a refusal is in there).
+                let o = docker_out(&["logs", "--since", &format!("{since:.3}"), &lb], T);
+                let text = format!("{}{}", o.stdout, o.stderr);
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        l.contains(" WARN ")
+                            || l.contains(" ERROR ")
+                            || l.contains("meshd::control")
+                            || l.contains("docker discovery")
+                    })
+                    .collect();
+                println!("      meshd log during the phase ({} lines):", lines.len());
+                for l in lines.iter().take(150) {
+                    println!("        {l}");
                 }
             }
             assert!(
