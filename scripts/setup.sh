@@ -6,10 +6,15 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 #  - dnsmasq (dnsmasq-base): the real DNS server tests/dns.rs points DNS discovery at.
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
-#  - busybox-static: busybox httpd in a FROM scratch image, the impolite task of
-#    tests/docker.rs (deploy/busybox/build-image.sh); replaces Debian's dynamic busybox.
+#  - busybox-static: busybox httpd, a task nobody here wrote (a fork per connection, a small
+#    backlog, ignores SIGTERM as PID 1): tests/rude.rs, the demo's rude phase, and the
+#    FROM scratch image of tests/docker.rs (deploy/busybox/build-image.sh); it replaces
+#    Debian's dynamic busybox.
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
-#  - ab (apache2-utils): the load of tests/docker.rs's busybox phases.
+#  - nginx-light: nginx with `listen ... backlog=4`, overloaded on purpose (tests/rude.rs).
+#    Only the binary is used: the Debian service must not start (see policy-rc.d below).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+#  - apache2-utils: ab, the load generator of tests/docker.rs's busybox phases.
 command -v ab >/dev/null 2>&1 || need+=(apache2-utils)
 #  - docker-init (tini): `docker service create --init` needs it next to dockerd.
 if command -v dockerd >/dev/null 2>&1 && ! command -v docker-init >/dev/null 2>&1; then
@@ -18,8 +23,30 @@ fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   echo "setup: installing ${need[*]}" >&2
+  # No package may start a system service (nginx would listen on :80): policy-rc.d exit
+  # 101 tells invoke-rc.d not to. Kept if one exists (Docker images ship one), else
+  # written for the install and removed after.
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+# Belt and braces: a system nginx left running (an older install, or systemd starting it
+# despite policy-rc.d) is stopped; the tests run their own nginx on ephemeral ports.
+if [ -f /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  echo "setup: stopping the system nginx service" >&2
+  $SUDO systemctl stop nginx 2>/dev/null || $SUDO service nginx stop 2>/dev/null ||
+    $SUDO kill "$(cat /run/nginx.pid)" 2>/dev/null || true
+fi
+if [ -d /run/systemd/system ] && systemctl is-enabled nginx >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
 #  - prometheus_client (PyPI): a second, independent parser of meshd's /metrics output in
 #    tests/observability.rs (checks each metric family's type and label names).

@@ -51,6 +51,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    if let Some(h) = metrics {
+        tokio::spawn(crate::metrics::upkeep(h));
+    }
+
     // Signal handlers first: a signal that arrives once we are ready must find them.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

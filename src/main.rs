@@ -34,7 +34,9 @@ struct Cli {
 enum Cmd {
     /// Run the proxy (the default).
     Run,
-    /// Validate the config: exit 0 if valid, 1 with FILE:LINE:COL: message.
+    /// Validate the config: exit 0 if valid, 1 with FILE:LINE:COL: message. An empty file
+    /// is an error; a file with no service is valid but warned about (a running meshd
+    /// refuses to reload to it unless it says allow_empty = true).
     Check,
     /// A self-contained zero-downtime demonstration: real backend tasks behind meshd under
     /// load, through scale-up, scale-down, rolling updates, a broken release and a kill -9.
@@ -87,6 +89,16 @@ fn main() -> ExitCode {
                         cfg.services.len(),
                         cfg.services.iter().map(|s| s.listen.len()).sum::<usize>()
                     );
+                    // Services may come from Docker discovery; otherwise none will run.
+                    if cfg.services.is_empty() && !cfg.allow_empty && cfg.discovery.docker.is_none()
+                    {
+                        eprintln!(
+                            "{}: warning: no [[service]]: meshd would serve nothing, and a running \
+                             meshd with services refuses to reload to this file; add \
+                             allow_empty = true at the top of the file if that is intended",
+                            path.display()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -36,6 +36,20 @@ pub fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sends `sig` to every process in process group `pgid` (`kill(-pgid, sig)`): a task and
+/// the children it forked (`meshd demo`'s busybox httpd tasks fork one per connection).
+pub fn signal_group(pgid: u32, sig: libc::c_int) -> std::io::Result<()> {
+    let pgid = libc::pid_t::try_from(pgid).map_err(std::io::Error::other)?;
+    if pgid <= 1 {
+        return Err(std::io::Error::other("not a process group id"));
+    }
+    // SAFETY: kill(2) takes two integers and reads no memory of ours.
+    if unsafe { libc::kill(-pgid, sig) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether the next byte to read from TCP socket `fd` is at the urgent mark
 /// (`SIOCATMARK`). A read stops short there with bytes still queued. On error: `true`
 /// (the caller then reads on instead of assuming the queue is empty).

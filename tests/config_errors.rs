@@ -135,11 +135,60 @@ const ERRORS: &[(&str, &str)] = &[
         "[discovery.dns]\nresolver = \"8.8.8.8\"\n",
         "mesh.toml:2:12: invalid address \"8.8.8.8\": expected IP:PORT, e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
     ),
+    // The single-string shorthand: the error points at the string.
     (
-        "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\n",
-        "mesh.toml:3:10: listen must be an array of addresses: write listen = [\"0.0.0.0:8080\"]",
+        "[[service]]\nname = \"web\"\nlisten = \"1.2.3.4\"\n",
+        "mesh.toml:3:10: invalid address \"1.2.3.4\": expected IP:PORT, e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = 8080\n",
+        "mesh.toml:3:10: invalid type: integer `8080`, expected an address such as \"0.0.0.0:8080\", \
+         or an array of them",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\nbackends = [\"127.0.0.1:9001\"]\n\
+         [[service]]\nname = \"api\"\nlisten = \"0.0.0.0:8080\"\nbackends = [\"127.0.0.1:9001\"]\n",
+        "mesh.toml:7:10: service \"api\": listen 0.0.0.0:8080 is already used by service \"web\"",
     ),
     // --- backends ---
+    // The string shorthand: a bad address points at its own string, among strings and tables.
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
+         backends = [\"127.0.0.1:9001\", \"localhost:9002\"]\n",
+        "mesh.toml:4:31: invalid address \"localhost:9002\": expected IP:PORT, e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
+         backends = [\n  { addr = \"127.0.0.1:9001\" },\n  \"127.0.0.1:0\",\n]\n",
+        "mesh.toml:6:3: invalid address \"127.0.0.1:0\": port 0 is not allowed, use a port in 1..=65535",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
+         backends = [\"127.0.0.1:9001\", { addr = \"127.0.0.1:9001\" }]\n",
+        "mesh.toml:4:40: service \"web\": backend 127.0.0.1:9001 is listed twice: remove one \
+         (weight sets its share)",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
+         backends = [{ addr = \"127.0.0.1:9001\" }, \"127.0.0.1:9001\"]\n",
+        "mesh.toml:4:42: service \"web\": backend 127.0.0.1:9001 is listed twice: remove one \
+         (weight sets its share)",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\nbackends = [5]\n",
+        "mesh.toml:4:13: invalid type: integer `5`, expected an address such as \"127.0.0.1:9001\" \
+         or a table such as { addr = \"127.0.0.1:9001\", weight = 100 }",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
+         backends = [\"127.0.0.1:9001\", { addr = \"127.0.0.1:9002\", wieght = 5 }]\n",
+        "mesh.toml:4:58: unknown field `wieght`, expected `addr` or `weight`",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
+         backends = [{ weight = 5 }]\n",
+        "mesh.toml:4:13: missing field `addr`",
+    ),
     (
         "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
          backends = [{ addr = \"127.0.0.1:9001\", weight = 1001 }]\n",
@@ -438,8 +487,44 @@ fn builtin_defaults() -> ServiceConfig {
 }
 
 #[test]
-fn empty_file_is_the_default_config() {
-    let c = parse("").unwrap();
+fn an_empty_file_is_refused() {
+    for text in [
+        "",
+        "\n",
+        "  \t\r\n\n",
+        "# only a comment\n",
+        "\n  # indented comment\n\n# another\n",
+    ] {
+        let e = parse(text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mesh.toml: the file is empty (nothing but whitespace or comments; truncated, or not \
+             written yet?): write the configuration into it",
+            "{text:?}"
+        );
+        assert_eq!(e.line_col(), None);
+        assert_eq!(e.path(), Path::new("mesh.toml"));
+    }
+    // Something in it, however little, is a configuration; a comment-like line inside a
+    // string is not a comment.
+    assert!(parse("[admin]\n").is_ok());
+    assert!(parse("# x\n[log]\naccess_log = false # y\n").is_ok());
+    assert!(parse("allow_empty = true\n").unwrap().allow_empty);
+    assert!(!parse("[log]\n").unwrap().allow_empty);
+    check_err(
+        "[admin]\nallow_empty = true\n",
+        "mesh.toml:2:1: unknown field `allow_empty`, expected one of `listen`, `token_file`, \
+         `metrics`",
+    );
+    check_err(
+        "allow_empty = \"yes\"\n",
+        "mesh.toml:1:15: invalid type: string \"yes\", expected a boolean",
+    );
+}
+
+#[test]
+fn a_file_with_an_empty_table_is_the_default_config() {
+    let c = parse("[admin]\n").unwrap();
     assert_eq!(
         c,
         Config {
@@ -457,6 +542,7 @@ fn empty_file_is_the_default_config() {
             defaults: builtin_defaults(),
             services: vec![],
             discovery: DiscoveryConfig::default(),
+            allow_empty: false,
         }
     );
 }
@@ -577,8 +663,50 @@ fn design_example() {
                     resolver: None,
                 }),
             },
+            allow_empty: false,
         }
     );
+}
+
+/// DESIGN.md's shorthands: `listen = "ADDR"` and `backends = ["ADDR", ...]` (a string is
+/// `{ addr = "ADDR" }` with the default weight; strings and tables mix in one array).
+#[test]
+fn listen_and_backend_shorthands() {
+    let short = parse(
+        r#"
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+backends = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 50 }, "[::1]:9003"]
+"#,
+    )
+    .unwrap();
+    let long = parse(
+        r#"
+[[service]]
+name = "web"
+listen = ["0.0.0.0:8080"]
+backends = [
+  { addr = "127.0.0.1:9001" },
+  { addr = "127.0.0.1:9002", weight = 50 },
+  { addr = "[::1]:9003", weight = 100 },
+]
+"#,
+    )
+    .unwrap();
+    assert_eq!(short, long);
+    let s = &short.services[0];
+    assert_eq!(s.listen, vec![addr("0.0.0.0:8080")]);
+    let backends: Vec<(SocketAddr, u32)> = s.backends.iter().map(|b| (b.addr, b.weight)).collect();
+    assert_eq!(
+        backends,
+        vec![
+            (addr("127.0.0.1:9001"), 100),
+            (addr("127.0.0.1:9002"), 50),
+            (addr("[::1]:9003"), 100)
+        ]
+    );
+    assert!(s.backends.iter().all(|b| b.id.is_none()));
 }
 
 #[test]

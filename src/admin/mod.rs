@@ -5,16 +5,24 @@
 //! control plane through one channel. Safe by default: it binds loopback unless configured
 //! otherwise (validation refuses a non-loopback address without a token), mutations are
 //! POST/PUT only and need the bearer token when `token_file` is set (compared in constant
-//! time), request bodies are capped at 4 KiB, headers must arrive within 5 s, and at most
-//! 64 admin connections are served at once.
+//! time), request bodies are capped at 4 KiB.
+//!
+//! It cannot be starved by connections that hold a slot and send nothing, or send slowly
+//! (slowloris): a connection must send its first byte within 1 s of being accepted, a
+//! request head (and body) must be complete within 5 s, a keep-alive connection idle for
+//! 5 s is closed; one source address (an IPv6 /64) holds at most 16 connections at once,
+//! every source together at most 64, and 32 more are kept for loopback sources, so
+//! `/readyz` and a same-host Prometheus are answered while remote sources fill the rest.
+//! A connection over a limit is reset at once (no handshake state is kept for it).
 
 pub mod api;
 mod page;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -24,15 +32,27 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{AdminError, AdminOp, Command, StatusHandle};
 use crate::discovery::feed::{self, FeedBody, FeedRx};
 use crate::proxy::close::CloseSignal;
 
 const MAX_BODY: usize = 4096;
+/// Admin connections at once, from every source together.
 const MAX_CONNS: usize = 64;
+/// More connections that only loopback sources may take once `MAX_CONNS` are in use.
+const LOOPBACK_RESERVE: usize = 32;
+/// Connections at once from one source address (IPv6: one /64).
+const MAX_CONNS_PER_SOURCE: usize = 16;
+/// A connection that has sent nothing this long after it was accepted is closed.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A request head, and a request body, must arrive within this; a keep-alive connection
+/// idle this long is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one log line per this long about refused connections.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What every admin request can see.
 pub struct AdminState {
@@ -49,13 +69,110 @@ pub struct AdminState {
     pub feed: Option<FeedRx>,
 }
 
+/// Who holds admin connections: the limits of the module comment.
+struct Limits {
+    shared: usize,
+    reserve: usize,
+    per_source: usize,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    shared: usize,
+    reserve: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection's place; given back when dropped.
+struct Slot {
+    limits: Arc<Limits>,
+    source: IpAddr,
+    reserve: bool,
+}
+
+impl Limits {
+    fn new(shared: usize, reserve: usize, per_source: usize) -> Arc<Limits> {
+        Arc::new(Limits {
+            shared,
+            reserve,
+            per_source,
+            held: Mutex::new(Held::default()),
+        })
+    }
+
+    /// A place for a connection from `peer`, or `None` when a limit is reached.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
+        let source = source_key(peer);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.by_source.get(&source).copied().unwrap_or(0) >= self.per_source {
+            return None;
+        }
+        let reserve = if held.shared < self.shared {
+            held.shared += 1;
+            false
+        } else if source.is_loopback() && held.reserve < self.reserve {
+            held.reserve += 1;
+            true
+        } else {
+            return None;
+        };
+        *held.by_source.entry(source).or_insert(0) += 1;
+        Some(Slot {
+            limits: self.clone(),
+            source,
+            reserve,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.limits.held.lock().unwrap_or_else(|e| e.into_inner());
+        if self.reserve {
+            held.reserve -= 1;
+        } else {
+            held.shared -= 1;
+        }
+        if let Some(n) = held.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                held.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The address a per-source limit counts: IPv4 (also when IPv4-mapped), or an IPv6 /64
+/// (one host commonly holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            if !v6.is_loopback() {
+                o[8..].fill(0);
+            }
+            IpAddr::from(o)
+        }
+        v4 => v4,
+    }
+}
+
+/// Closes with an RST: a refused or silent connection leaves no state behind.
+fn reset(sock: TcpStream) {
+    let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+    drop(sock);
+}
+
 /// Serves the admin API on `listener` until `stop` closes.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Arc<CloseSignal>) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNS));
+    let limits = Limits::new(MAX_CONNS, LOOPBACK_RESERVE, MAX_CONNS_PER_SOURCE);
+    let mut refused = 0u64;
+    let mut refused_logged: Option<Instant> = None;
     let stopped = stop.wait();
     tokio::pin!(stopped);
     loop {
-        let (sock, _) = tokio::select! {
+        let (sock, peer) = tokio::select! {
             _ = &mut stopped => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -66,21 +183,43 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Arc<Clos
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            continue; // over the limit: drop the connection
+        let Some(slot) = limits.admit(peer.ip()) else {
+            reset(sock);
+            refused += 1;
+            if refused_logged.is_none_or(|t| t.elapsed() >= REFUSED_LOG_EVERY) {
+                tracing::warn!(
+                    refused,
+                    last_source = %peer.ip(),
+                    "admin connections refused: a limit is reached (16 per source address, 64 in all, 32 more for loopback)"
+                );
+                refused_logged = Some(Instant::now());
+                refused = 0;
+            }
+            continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
+            // Nothing sent within FIRST_BYTE_TIMEOUT: a client that would send a request
+            // has done so; an idle connection only holds a place.
+            let mut one = [0u8; 1];
+            match tokio::time::timeout(FIRST_BYTE_TIMEOUT, sock.peek(&mut one)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    reset(sock);
+                    drop(slot);
+                    return;
+                }
+            }
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(sock), svc)
                 .await;
-            drop(permit);
+            drop(slot);
         });
     }
 }
@@ -269,9 +408,10 @@ struct WeightBody {
 }
 
 async fn read_weight(req: Request<Incoming>) -> Result<u32, Resp> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(HEADER_TIMEOUT, body).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) | Err(_) => {
             return Err(error(
                 StatusCode::BAD_REQUEST,
                 "body too large or unreadable: send {\"weight\": N}",
@@ -362,7 +502,50 @@ fn percent_decode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use super::{percent_decode, source_key, Limits};
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn limits_per_source_in_all_and_a_loopback_reserve() {
+        let l = Limits::new(4, 2, 2);
+        let a1 = l.admit(ip("10.0.0.1")).expect("first");
+        let _a2 = l.admit(ip("10.0.0.1")).expect("second");
+        assert!(l.admit(ip("10.0.0.1")).is_none(), "per-source limit");
+        let _b1 = l.admit(ip("10.0.0.2")).expect("another source");
+        let _b2 = l.admit(ip("10.0.0.2")).expect("another source");
+        assert!(l.admit(ip("10.0.0.3")).is_none(), "all shared places taken");
+        let lo1 = l.admit(ip("127.0.0.1")).expect("loopback reserve");
+        let _lo2 = l.admit(ip("::1")).expect("loopback reserve");
+        assert!(l.admit(ip("127.0.0.9")).is_none(), "reserve full");
+        drop(lo1);
+        assert!(
+            l.admit(ip("10.0.0.3")).is_none(),
+            "the reserve is loopback only"
+        );
+        let _lo3 = l.admit(ip("127.0.0.1")).expect("reserve place given back");
+        drop(a1);
+        let _c = l.admit(ip("10.0.0.3")).expect("shared place given back");
+        let held = l.held.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!((held.shared, held.reserve), (4, 2));
+    }
+
+    #[test]
+    fn one_ipv6_64_is_one_source_and_mapped_ipv4_is_ipv4() {
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:aaaa::1")),
+            source_key(ip("2001:db8:1:2:bbbb::2"))
+        );
+        assert_ne!(
+            source_key(ip("2001:db8:1:2::1")),
+            source_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(source_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert!(source_key(ip("::1")).is_loopback());
+    }
 
     #[test]
     fn decodes_ipv6_paths_and_survives_garbage() {

@@ -24,10 +24,13 @@ pub type Key<T> = Option<Spanned<Parsed<T>>>;
 /// An optional integer key; `validate` checks its range and names the key.
 pub type Int = Option<Spanned<i64>>;
 
-/// The whole file. Every table is optional: an empty file is a valid configuration.
+/// The whole file. Every table is optional, but the file must hold something: `validate`
+/// refuses a file of nothing but whitespace and comments (a truncated file).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// A top-level key (before any table): this file may leave meshd with no service.
+    pub allow_empty: Option<bool>,
     #[serde(default)]
     pub admin: Admin,
     #[serde(default)]
@@ -96,8 +99,9 @@ pub struct Health {
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: Spanned<Parsed<ServiceName>>,
+    #[serde(default, deserialize_with = "listen_list")]
     pub listen: Option<Spanned<ListenList>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "backend_list")]
     pub backends: Vec<Backend>,
     pub dns: Key<DnsTarget>,
 
@@ -403,33 +407,99 @@ impl<'de> Deserialize<'de> for Weight {
     }
 }
 
-/// `listen = ["0.0.0.0:8080", "[::]:8080"]`. A bare string is the common mistake: say so.
+/// `listen = ["0.0.0.0:8080", "[::]:8080"]`, or one address: `listen = "0.0.0.0:8080"`.
+/// Each address keeps its own span (a single string: the string's).
 #[derive(Debug)]
 pub struct ListenList(pub Vec<Spanned<Parsed<SocketAddr>>>);
 
-impl<'de> Deserialize<'de> for ListenList {
+/// What the file says for `listen`, before the single-string form gets its span.
+enum ListenRaw {
+    One(Parsed<SocketAddr>),
+    Many(Vec<Spanned<Parsed<SocketAddr>>>),
+}
+
+impl<'de> Deserialize<'de> for ListenRaw {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = ListenList;
+            type Value = ListenRaw;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"an array of addresses such as ["0.0.0.0:8080"]"#)
+                f.write_str(r#"an address such as "0.0.0.0:8080", or an array of them"#)
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
-                Err(E::custom(format!(
-                    "listen must be an array of addresses: write listen = [{s:?}]"
-                )))
+                SocketAddr::from_value(s)
+                    .map(|a| ListenRaw::One(Parsed(a)))
+                    .map_err(E::custom)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut addrs = Vec::new();
                 while let Some(a) = seq.next_element()? {
                     addrs.push(a);
                 }
-                Ok(ListenList(addrs))
+                Ok(ListenRaw::Many(addrs))
             }
         }
         d.deserialize_any(V)
     }
+}
+
+fn listen_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<ListenList>>, D::Error> {
+    let raw = Spanned::<ListenRaw>::deserialize(d)?;
+    let span = raw.span();
+    let list = match raw.into_inner() {
+        ListenRaw::One(a) => vec![Spanned::new(span.clone(), a)],
+        ListenRaw::Many(v) => v,
+    };
+    Ok(Some(Spanned::new(span, ListenList(list))))
+}
+
+/// One entry of `backends`: a table, or the shorthand `"127.0.0.1:9001"` (the default
+/// weight). Both may be mixed in one array.
+enum BackendRaw {
+    Addr(Parsed<SocketAddr>),
+    Table(Backend),
+}
+
+impl<'de> Deserialize<'de> for BackendRaw {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BackendRaw;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    r#"an address such as "127.0.0.1:9001" or a table such as { addr = "127.0.0.1:9001", weight = 100 }"#,
+                )
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                SocketAddr::from_value(s)
+                    .map(|a| BackendRaw::Addr(Parsed(a)))
+                    .map_err(E::custom)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Backend::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(BackendRaw::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `backends = [...]`: each shorthand string becomes `{ addr = "..." }` with its own span.
+fn backend_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Backend>, D::Error> {
+    let raw = Vec::<Spanned<BackendRaw>>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|b| {
+            let span = b.span();
+            match b.into_inner() {
+                BackendRaw::Addr(a) => Backend {
+                    addr: Spanned::new(span, a),
+                    weight: None,
+                },
+                BackendRaw::Table(t) => t,
+            }
+        })
+        .collect())
 }
 
 /// `[[service]]` is an array of tables; `[service]` (single brackets) is the common mistake.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 pub use validate::{parse_duration, ConfigError};
 
-/// Default values, documented in one place (DESIGN.md `[defaults]`).
+/// Default values, documented in one place (docs/configuration.md lists each).
 pub mod defaults {
     use std::time::Duration;
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9901";
@@ -69,6 +69,10 @@ pub struct Config {
     /// In file order. Names and listen addresses are unique (validated).
     pub services: Vec<ServiceConfig>,
     pub discovery: DiscoveryConfig,
+    /// Top-level `allow_empty = true`: a reload to this file may remove every running
+    /// service. Without it, a reload that would leave no service while some run is refused
+    /// (a file rewritten in place is empty, or half-written, for a moment).
+    pub allow_empty: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -32,6 +32,15 @@ pub enum ConfigError {
         kind: io::ErrorKind,
         message: String,
     },
+    /// The file holds nothing but whitespace and comments: refused rather than taken for a
+    /// configuration without services (a file being rewritten in place is empty for a
+    /// moment).
+    #[error(
+        "{}: the file is empty (nothing but whitespace or comments; truncated, or not \
+         written yet?): write the configuration into it",
+        path.display()
+    )]
+    Empty { path: PathBuf },
     /// The file's content is wrong at `line:col` (both 1-based, the column in characters).
     #[error("{}:{line}:{col}: {message}", path.display())]
     Invalid {
@@ -55,7 +64,7 @@ impl ConfigError {
     /// 1-based line and column (in characters) of the fault; `None` for an I/O error.
     pub fn line_col(&self) -> Option<(usize, usize)> {
         match self {
-            ConfigError::Io { .. } => None,
+            ConfigError::Io { .. } | ConfigError::Empty { .. } => None,
             ConfigError::Invalid { line, col, .. } => Some((*line, *col)),
         }
     }
@@ -63,7 +72,9 @@ impl ConfigError {
     /// The config file the error is about.
     pub fn path(&self) -> &Path {
         match self {
-            ConfigError::Io { path, .. } | ConfigError::Invalid { path, .. } => path,
+            ConfigError::Io { path, .. }
+            | ConfigError::Empty { path }
+            | ConfigError::Invalid { path, .. } => path,
         }
     }
 
@@ -71,6 +82,7 @@ impl ConfigError {
     pub fn message(&self) -> &str {
         match self {
             ConfigError::Io { message, .. } | ConfigError::Invalid { message, .. } => message,
+            ConfigError::Empty { .. } => "the file is empty (only whitespace or comments)",
         }
     }
 }
@@ -197,6 +209,11 @@ impl Cx<'_> {
 pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let cx = Cx { path, text };
     let file: FileConfig = toml::from_str(text).map_err(|e| cx.toml(&e))?;
+    if is_blank(text) {
+        return Err(ConfigError::Empty {
+            path: path.to_owned(),
+        });
+    }
 
     let admin = admin(&cx, &file.admin)?;
     let log = LogConfig {
@@ -248,6 +265,17 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         defaults,
         services,
         discovery,
+        allow_empty: file.allow_empty.unwrap_or(false),
+    })
+}
+
+/// Valid TOML with nothing in it: every line blank or a comment. (Checked after parsing, so
+/// a line that only looks blank, or a comment inside a multi-line string, is never
+/// mistaken: the parser has seen the text first.)
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|l| {
+        let l = l.trim_matches([' ', '\t', '\r', '\u{feff}']);
+        l.is_empty() || l.starts_with('#')
     })
 }
 

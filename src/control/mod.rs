@@ -66,8 +66,18 @@ pub enum Source {
     Docker = 4,
 }
 
-/// Endpoints (address, weight) one source gives one service.
-pub type Endpoints = Vec<(SocketAddr, u32)>;
+/// An endpoint one source gives one service: address, weight, and identity (a Swarm task
+/// ID; `None` where the address is the identity: mesh.toml, DNS).
+pub type Endpoint = (SocketAddr, u32, Option<Arc<str>>);
+/// Endpoints one source gives one service.
+pub type Endpoints = Vec<Endpoint>;
+
+fn endpoints_of(backends: &[crate::config::BackendConfig]) -> Endpoints {
+    backends
+        .iter()
+        .map(|b| (b.addr, b.weight, b.id.clone()))
+        .collect()
+}
 
 /// A desired service and its endpoint sets by source.
 type Desired = (ServiceConfig, Vec<(Source, Endpoints)>);
@@ -138,6 +148,8 @@ pub enum Command {
 
 struct BackendEntry {
     backend: Arc<Backend>,
+    /// The task this backend is (Swarm); `None` where the address is the identity.
+    id: Option<Arc<str>>,
     metrics: Arc<BackendMetrics>,
     weight: u32,
     weight_override: Option<u32>,
@@ -199,6 +211,9 @@ pub struct Control {
     /// `mark_all_dirty`, which also covers the last service going away (no service is
     /// left to be dirty, but its slot must be emptied and the status updated).
     force_publish: bool,
+    /// Counters changed that no table holds (a rejected reload, a failed discovery poll):
+    /// publish the status snapshot alone, keeping the generation.
+    status_dirty: bool,
 }
 
 type AdminReply = oneshot::Sender<Result<(), AdminError>>;
@@ -299,6 +314,7 @@ impl Control {
             admin_replies: Vec::new(),
             building: false,
             force_publish: false,
+            status_dirty: false,
         }
     }
 
@@ -347,6 +363,9 @@ impl Control {
                 building = self.publish_if_dirty();
                 self.building = building.is_some();
             }
+            if building.is_none() && self.status_dirty {
+                self.publish_status();
+            }
             self.start_accept_loops();
         }
     }
@@ -354,7 +373,7 @@ impl Control {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Reload(cfg, reply) => {
-                let r = self.apply(&cfg);
+                let r = self.refuse_emptying(&cfg).and_then(|()| self.apply(&cfg));
                 let error = r.as_ref().err().cloned();
                 match &error {
                     None => {
@@ -366,11 +385,17 @@ impl Control {
                         tracing::error!(error = %e, "config reload rejected, keeping the running config: {e}");
                     }
                 }
+                // A rejected reload changed no table: its counters go out in the status
+                // alone, without a new generation.
+                if error.is_none() {
+                    self.mark_all_dirty();
+                } else {
+                    self.status_dirty = true;
+                }
                 self.last_reload = Some(ReloadResult {
                     at: SystemTime::now(),
                     error,
                 });
-                self.mark_all_dirty();
                 let _ = reply.send(r);
             }
             Command::ReloadFailed(e) => {
@@ -380,7 +405,7 @@ impl Control {
                     at: SystemTime::now(),
                     error: Some(e),
                 });
-                self.mark_all_dirty();
+                self.status_dirty = true;
             }
             Command::Admin {
                 service,
@@ -405,7 +430,7 @@ impl Control {
                     Some((_, n)) => *n += 1,
                     None => self.discovery_errors.push((provider, 1)),
                 }
-                self.mark_all_dirty();
+                self.status_dirty = true;
             }
             Command::StopListening(reply) => {
                 for s in &mut self.services {
@@ -427,6 +452,39 @@ impl Control {
     }
 
     // === config and discovery ===
+
+    /// A reload that would leave no service while some run is refused, unless the file says
+    /// `allow_empty = true` (a file rewritten in place is empty or half-written for a
+    /// moment; applying it closed every listener).
+    fn refuse_emptying(&self, config: &Config) -> Result<(), String> {
+        let running: Vec<&str> = self
+            .services
+            .iter()
+            .filter(|s| !s.removed)
+            .map(|s| &*s.state.name)
+            .collect();
+        if config.allow_empty
+            || running.is_empty()
+            || !config.services.is_empty()
+            || self.provided.iter().any(|(_, list)| !list.is_empty())
+        {
+            return Ok(());
+        }
+        let mut names = running
+            .iter()
+            .take(3)
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>();
+        if running.len() > 3 {
+            names.push(format!("and {} more", running.len() - 3));
+        }
+        Err(format!(
+            "{}: no [[service]] in the file: it would remove every running service ({}); \
+             add allow_empty = true at the top of the file if that is intended",
+            config.path.display(),
+            names.join(", ")
+        ))
+    }
 
     /// Applies a config (start or reload): binding a new listener fails the whole reload
     /// with nothing changed.
@@ -450,10 +508,7 @@ impl Control {
         };
         let mut out = Vec::new();
         for s in &config.services {
-            let mut sets = vec![(
-                Source::Static,
-                s.backends.iter().map(|b| (b.addr, b.weight)).collect(),
-            )];
+            let mut sets = vec![(Source::Static, endpoints_of(&s.backends))];
             for src in [Source::Dns, Source::Docker] {
                 // Endpoints given for this service, or the backends of a provider's service
                 // of the same name (the configured service's settings win).
@@ -463,7 +518,7 @@ impl Control {
                     .filter(|(p, _)| *p == src)
                     .flat_map(|(_, list)| list.iter())
                     .find(|p| p.name == s.name)
-                    .map(|p| p.backends.iter().map(|b| (b.addr, b.weight)).collect());
+                    .map(|p| endpoints_of(&p.backends));
                 let set = endpoints(&s.name, src).or(from_service).unwrap_or_default();
                 sets.push((src, set));
             }
@@ -478,10 +533,7 @@ impl Control {
                 {
                     continue;
                 }
-                let sets = vec![(
-                    *src,
-                    s.backends.iter().map(|b| (b.addr, b.weight)).collect(),
-                )];
+                let sets = vec![(*src, endpoints_of(&s.backends))];
                 out.push((s.clone(), sets));
             }
         }
@@ -612,7 +664,12 @@ impl Control {
     fn discovered(&mut self, source: Source, sets: Vec<Discovered>) {
         self.endpoints.retain(|((src, _), _)| *src != source);
         for set in sets {
-            self.endpoints.push(((source, set.service), set.endpoints));
+            let endpoints = set
+                .endpoints
+                .into_iter()
+                .map(|(a, w)| (a, w, None))
+                .collect();
+            self.endpoints.push(((source, set.service), endpoints));
         }
         if let Err(e) = self.reconcile(None, false) {
             tracing::error!("applying discovered endpoints: {e}");
@@ -693,14 +750,14 @@ impl Control {
 
     /// Makes `wanted` the set of endpoints `source` gives service `idx`: new ones are added
     /// (gated by health checks), missing ones lose this source and drain if no source is left.
-    fn set_source(&mut self, idx: usize, source: Source, wanted: &[(SocketAddr, u32)]) {
+    fn set_source(&mut self, idx: usize, source: Source, wanted: &[Endpoint]) {
         let bit = source as u8;
         let now = Instant::now();
         let s = &mut self.services[idx];
         let cfg = s.config.clone();
         // Looked up by address: a set of n endpoints costs O(n), not O(n²) (10,000 backends
         // took ~10^8 comparisons on every reload).
-        let wanted_addrs: HashSet<SocketAddr> = wanted.iter().map(|&(a, _)| a).collect();
+        let wanted_addrs: HashSet<SocketAddr> = wanted.iter().map(|(a, _, _)| *a).collect();
         for b in &mut s.backends {
             if b.sources & bit != 0 && !wanted_addrs.contains(&b.backend.addr) {
                 b.sources &= !bit;
@@ -721,8 +778,32 @@ impl Control {
                 by_addr.entry(b.backend.addr).or_insert(i);
             }
         }
-        for &(addr, weight) in wanted {
+        for (addr, weight, id) in wanted {
+            let (addr, weight) = (*addr, *weight);
             if let Some(b) = by_addr.get(&addr).map(|&i| &mut s.backends[i]) {
+                if let Some(id) = id {
+                    match &b.id {
+                        // A new task on a stopped task's address (Swarm reuses overlay
+                        // addresses): a new backend, with none of the old one's health,
+                        // ejection or back-off.
+                        Some(old) if old != id => {
+                            tracing::info!(
+                                service = &*s.state.name,
+                                backend = &*b.backend.addr_label,
+                                old_task = &**old,
+                                new_task = &**id,
+                                "new task on a stopped task's address: fresh health and ejection state"
+                            );
+                            renew(b, &cfg, id.clone(), bit, now);
+                            spawn_checker(b, &cfg, &self.health_tx);
+                            b.weight = weight;
+                            s.dirty = true;
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => b.id = Some(id.clone()),
+                    }
+                }
                 b.sources |= bit;
                 if b.weight != weight {
                     b.weight = weight;
@@ -751,6 +832,7 @@ impl Control {
             let mut e = BackendEntry {
                 metrics: Arc::new(BackendMetrics::new(&s.state.name, &backend.addr_label)),
                 backend,
+                id: id.clone(),
                 weight,
                 weight_override: None,
                 sources: bit,
@@ -1085,6 +1167,21 @@ impl Control {
         Some(tokio::task::spawn_blocking(move || plan.finish()))
     }
 
+    /// Stores a status snapshot with the counters as they are now and the published
+    /// services as they are: no new table, the generation stays.
+    fn publish_status(&mut self) {
+        self.status_dirty = false;
+        let current = self.status.load();
+        self.status.store(Arc::new(Status {
+            generation: current.generation,
+            services: current.services.clone(),
+            reloads_ok: self.reloads_ok,
+            reloads_err: self.reloads_err,
+            last_reload: self.last_reload.clone(),
+            discovery_errors: self.discovery_errors.clone(),
+        }));
+    }
+
     /// Builds and stores a new table generation and status snapshot, here and now (the
     /// first table, before meshd reports ready).
     pub fn publish(&mut self) {
@@ -1097,6 +1194,7 @@ impl Control {
     /// services' tables as they are, and the status snapshot.
     fn plan(&mut self) -> Plan {
         let now = Instant::now();
+        self.status_dirty = false; // the counters go out with this plan
         let mut planned = Vec::with_capacity(self.services.len());
         let mut services = Vec::with_capacity(self.services.len());
         for (index, s) in self.services.iter_mut().enumerate() {
@@ -1220,6 +1318,36 @@ fn spared_log(state: &ServiceState, backend: &Backend) {
     );
 }
 
+/// Makes `b` a new backend at the same address, for task `id`: the old task is gone (its
+/// address was given to a new one), so its connections are closed and nothing of its
+/// health, ejection or back-off carries over. The metric series (by address) stay.
+fn renew(b: &mut BackendEntry, cfg: &ServiceConfig, id: Arc<str>, bit: u8, now: Instant) {
+    let old = &b.backend;
+    if old.state() == State::Active {
+        old.set_state(State::Draining);
+    }
+    old.close.close();
+    old.set_state(State::Gone);
+    if let Some(stop) = b.checker.take() {
+        stop.close();
+    }
+    let trusted = cfg.health.check == CheckKind::None;
+    b.backend = Arc::new(Backend::new(
+        old.service.clone(),
+        old.addr,
+        if trusted { Health::Up } else { Health::Unknown },
+    ));
+    b.id = Some(id);
+    b.sources = bit;
+    b.weight_override = None;
+    b.operator_drained = false;
+    b.up_since = trusted.then_some(now);
+    b.drain = None;
+    b.last_pass = Arc::new(AtomicU64::new(0));
+    b.ejected_at = None;
+    b.ejected_until = None;
+}
+
 fn start_drain(b: &mut BackendEntry, drain_timeout: Duration, now: Instant) {
     b.backend.set_state(State::Draining);
     b.drain = Some((now, now + drain_timeout));
@@ -1313,6 +1441,7 @@ mod tests {
         BackendEntry {
             metrics: Arc::new(BackendMetrics::new("s", "127.0.0.1:1")),
             backend,
+            id: None,
             weight,
             weight_override: None,
             sources: 1,
@@ -1324,6 +1453,98 @@ mod tests {
             ejected_at: None,
             ejected_until: None,
         }
+    }
+
+    /// A control plane with no config: services come from a provider only.
+    fn control() -> Control {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            mode: crate::proxy::forward::Mode::Copy,
+            access_log: std::sync::atomic::AtomicBool::new(false),
+            ejected: tx,
+        }));
+        let mut c = Control::new(
+            TableHandle::new(),
+            StatusHandle::default(),
+            shared,
+            TaskTracker::new(),
+            rx,
+        );
+        c.config = Some(Arc::new(
+            Config::parse(std::path::Path::new("t.toml"), "[discovery.docker]\n").unwrap(),
+        ));
+        c
+    }
+
+    /// Service "web" with task `task` on 10.0.1.5 (if any) and another task on 10.0.1.9.
+    fn swarm_service(c: &Control, task: Option<&str>) -> ServiceConfig {
+        let mut s = c.config.as_ref().unwrap().defaults.clone();
+        s.name = "web".into();
+        s.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        s.health.check = CheckKind::None;
+        let tasks = [("10.0.1.9:80", Some("task-z")), ("10.0.1.5:80", task)];
+        s.backends = tasks
+            .iter()
+            .filter_map(|(a, t)| {
+                Some(crate::config::BackendConfig {
+                    addr: a.parse().unwrap(),
+                    weight: 100,
+                    id: Some((*t)?.into()),
+                })
+            })
+            .collect();
+        s
+    }
+
+    fn entry_at<'a>(c: &'a Control, addr: &str) -> Vec<&'a BackendEntry> {
+        c.services[0]
+            .backends
+            .iter()
+            .filter(|b| b.backend.addr_label.as_ref() == addr && b.backend.state() != State::Gone)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_new_task_on_an_old_tasks_address_starts_fresh() {
+        let mut c = control();
+        c.provided(Source::Docker, vec![swarm_service(&c, Some("task-a"))]);
+        let old = entry_at(&c, "10.0.1.5:80")[0].backend.clone();
+        // Task a misbehaved: ejected with a back-off, then it stopped (drains).
+        old.set_ejected(true);
+        old.ejections.store(4, Ordering::Relaxed);
+        old.consecutive_failures.store(3, Ordering::Relaxed);
+        let i = c.services[0]
+            .backends
+            .iter()
+            .position(|b| Arc::ptr_eq(&b.backend, &old))
+            .unwrap();
+        c.services[0].backends[i].ejected_until = Some(Instant::now() + EJECT_MAX);
+        c.provided(Source::Docker, vec![swarm_service(&c, None)]);
+        assert_eq!(old.state(), State::Draining);
+
+        // Swarm gives its address to task b.
+        c.provided(Source::Docker, vec![swarm_service(&c, Some("task-b"))]);
+        let live = entry_at(&c, "10.0.1.5:80");
+        assert_eq!(live.len(), 1);
+        let b = live[0];
+        assert!(!Arc::ptr_eq(&b.backend, &old), "a new backend");
+        assert_eq!(b.id.as_deref(), Some("task-b"));
+        assert_eq!(b.backend.state(), State::Active);
+        assert!(!b.backend.is_ejected());
+        assert_eq!(b.backend.ejections.load(Ordering::Relaxed), 0);
+        assert_eq!(b.backend.consecutive_failures.load(Ordering::Relaxed), 0);
+        assert!(b.ejected_until.is_none());
+        // The old task's connections are closed: it no longer exists.
+        assert!(old.close.is_closed());
+        assert_eq!(old.state(), State::Gone);
+        let new = b.backend.clone();
+
+        // The same task listed again keeps its backend (no churn).
+        c.provided(Source::Docker, vec![swarm_service(&c, Some("task-b"))]);
+        assert!(c.services[0]
+            .backends
+            .iter()
+            .any(|b| Arc::ptr_eq(&b.backend, &new)));
     }
 
     #[test]

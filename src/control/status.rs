@@ -30,7 +30,7 @@ pub struct ReloadResult {
     pub error: Option<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServiceStatus {
     pub state: Arc<ServiceState>,
     pub config: Arc<ServiceConfig>,
@@ -41,7 +41,7 @@ pub struct ServiceStatus {
     pub eligible: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BackendStatus {
     pub backend: Arc<Backend>,
     pub metrics: Arc<BackendMetrics>,

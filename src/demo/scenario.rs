@@ -43,6 +43,16 @@
 //! 7. `kill -9 one task`: SIGKILL, no drain. Only connections open on that task at that
 //!    instant may fail; meshd retries new connections elsewhere. Once meshd has noticed
 //!    (ejected or health down), the orchestrator unlists it and adds a replacement.
+//! 8. `rude tasks: busybox httpd`: tasks nobody here wrote, overloaded on purpose. Two
+//!    busybox httpd tasks (`busybox httpd -f`: a fork per connection, a listen backlog of
+//!    9, closes after each response, and run as `sh -c 'trap "" TERM; exec busybox httpd'`
+//!    it ignores SIGTERM, like PID 1 in a `FROM scratch` image) replace the v1 tasks
+//!    (start-first), then are updated `bb1 -> bb2` stop-first: unlisted, SIGTERM 1 s later
+//!    (ignored), SIGKILL `RUDE_GRACE` after that, the new one added. Meanwhile `--clients`
+//!    more clients, one connection per request and no pause, join the load: the busybox
+//!    listen queues overflow and the kernel drops SYNs (the note gives the host's
+//!    `TcpExtListenOverflows` delta). Needs `busybox` (Debian `busybox-static`); without
+//!    it the phase is skipped with a line saying so.
 //!
 //! # What is counted
 //!
@@ -143,6 +153,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const PACE: Duration = Duration::from_millis(10);
 /// The longest the admin API may take to answer one call.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the orchestrator waits for a busybox task to exit after SIGTERM before it
+/// sends SIGKILL (it never exits: it ignores SIGTERM). Swarm waits 10 s by default.
+const RUDE_GRACE: Duration = Duration::from_secs(1);
+/// busybox httpd tasks in the rude phase.
+const RUDE_TASKS: usize = 2;
 /// The longest meshd may take to exit after SIGTERM once the load stopped.
 const MESHD_EXIT_WITHIN: Duration = Duration::from_secs(10);
 
@@ -154,7 +169,8 @@ const STOP_FIRST: &str = "update v1->v2 stop-first";
 const START_FIRST: &str = "update v2->v1 start-first";
 const BROKEN: &str = "broken v3 rolled back";
 const KILL: &str = "kill -9 one task";
-const PHASES: [&str; 7] = [
+const RUDE: &str = "rude tasks: busybox httpd";
+const PHASES: [&str; 8] = [
     BASELINE,
     SCALE_UP,
     SCALE_DOWN,
@@ -162,6 +178,7 @@ const PHASES: [&str; 7] = [
     START_FIRST,
     BROKEN,
     KILL,
+    RUDE,
 ];
 
 // === entry ===
@@ -236,6 +253,15 @@ async fn scenario(opts: &DemoOpts, c: &mut Cluster) -> anyhow::Result<Vec<Row>> 
     r.phase(START_FIRST, update_start_first(c, "v1")).await?;
     r.phase(BROKEN, broken_release(c)).await?;
     r.phase(KILL, kill_one(c)).await?;
+    match busybox() {
+        Some(bb) => {
+            r.phase(RUDE, rude_tasks(c, load.clone(), opts.clients, bb))
+                .await?
+        }
+        None => println!(
+            "{RUDE}: skipped: no busybox on this machine (Debian: apt-get install busybox-static)"
+        ),
+    }
 
     load.stop.store(true, Ordering::Relaxed);
     let joined = tokio::time::timeout(REQUEST_TIMEOUT + PACE * 2, async {
@@ -387,6 +413,104 @@ async fn kill_one(c: &mut Cluster) -> anyhow::Result<Outcome> {
         ),
         ..Outcome::default()
     })
+}
+
+/// Phase 8: busybox httpd tasks replace the v1 tasks, then are updated stop-first, under
+/// `burst` extra unpaced connection-per-request clients.
+async fn rude_tasks(
+    c: &mut Cluster,
+    load: Arc<Load>,
+    burst: usize,
+    busybox: PathBuf,
+) -> anyhow::Result<Outcome> {
+    let overflows_at_start = listen_overflows();
+    let stop_burst = Arc::new(AtomicBool::new(false));
+    let mut burst_clients = JoinSet::new();
+    for _ in 0..burst {
+        burst_clients.spawn(burst_client(load.clone(), stop_burst.clone()));
+    }
+    let result = async {
+        let mut rude = Vec::new();
+        for _ in 0..RUDE_TASKS {
+            rude.push(c.spawn_busybox(&busybox, "bb1")?);
+        }
+        c.list(&rude)?;
+        c.wait_healthy(&rude).await?;
+        let polite: Vec<u32> = c
+            .tasks
+            .iter()
+            .map(|t| t.id)
+            .filter(|id| !rude.contains(id))
+            .collect();
+        c.remove(&polite).await?;
+        for id in rude {
+            c.remove(&[id]).await?;
+            let new = c.spawn_busybox(&busybox, "bb2")?;
+            c.list(&[new])?;
+            c.wait_healthy(&[new]).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    stop_burst.store(true, Ordering::Relaxed);
+    while burst_clients.join_next().await.is_some() {}
+    result?;
+    let overflows = listen_overflows().saturating_sub(overflows_at_start);
+    Ok(Outcome {
+        must_answer: Some("bb2"),
+        note: format!(
+            "{RUDE_TASKS} busybox httpd replaced v1, then bb1->bb2 stop-first (SIGTERM ignored, \
+             SIGKILL after {}), +{burst} unpaced clients; listen overflows +{overflows}",
+            fmt_dur(RUDE_GRACE)
+        ),
+        ..Outcome::default()
+    })
+}
+
+/// A connection-per-request client with no pause, until `stop` (the rude phase's burst).
+async fn burst_client(load: Arc<Load>, stop: Arc<AtomicBool>) {
+    let mut buf = Vec::with_capacity(1024);
+    while !stop.load(Ordering::Relaxed) && !load.stop.load(Ordering::Relaxed) {
+        let i = load.enter();
+        let t0 = Instant::now();
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, request_close(load.target, &mut buf))
+            .await
+            .unwrap_or_else(|_| Err("timeout".to_string()));
+        load.record(i, result, t0.elapsed());
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The busybox binary, if this machine has one that runs.
+fn busybox() -> Option<PathBuf> {
+    ["busybox", "/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| {
+            std::process::Command::new(p)
+                .arg("true")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+}
+
+/// The host's `TcpExtListenOverflows` (/proc/net/netstat): SYNs dropped because a listen
+/// queue was full. Host-wide; 0 if it cannot be read.
+fn listen_overflows() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (tcp_ext.next(), tcp_ext.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 // === phases and rows ===
@@ -1046,9 +1170,28 @@ struct Task {
     addr: SocketAddr,
     /// Listed in `mesh.toml`.
     listed: bool,
-    /// Killed on drop.
+    /// Killed on drop (with its process group, see `Drop`).
     child: Child,
     log: PathBuf,
+    /// How long the orchestrator waits for it to exit after SIGTERM before SIGKILL.
+    grace: Duration,
+    /// busybox httpd: ignores SIGTERM (expected, not a problem), forks per connection.
+    rude: bool,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        kill_group(&self.child);
+    }
+}
+
+/// SIGKILL to a task's whole process group (busybox httpd's forked children too), then
+/// the task itself. Only while the task is not reaped: until then its pid, which is also
+/// its group's id, cannot belong to anyone else.
+fn kill_group(child: &Child) {
+    if let Some(pid) = child.id() {
+        let _ = crate::sys::signal_group(pid, libc::SIGKILL);
+    }
 }
 
 /// What a `kill -9` left behind.
@@ -1151,6 +1294,16 @@ impl Cluster {
         Ok(id)
     }
 
+    /// Starts a busybox httpd task (not listed yet); returns its id.
+    fn spawn_busybox(&mut self, busybox: &Path, version: &str) -> anyhow::Result<u32> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let t = Task::spawn_busybox(busybox, &self.dir, id, version)?;
+        tracing::info!(task = %t.name, addr = %t.addr, "busybox httpd task started");
+        self.tasks.push(t);
+        Ok(id)
+    }
+
     /// Lists tasks in mesh.toml: meshd health-gates them.
     fn list(&mut self, ids: &[u32]) -> anyhow::Result<()> {
         for &id in ids {
@@ -1201,12 +1354,17 @@ impl Cluster {
         }
         tracing::info!(tasks = %names(&stopping), "SIGTERM sent");
         for t in &mut stopping {
-            match tokio::time::timeout(TASK_GRACE + Duration::from_secs(2), t.child.wait()).await {
+            match tokio::time::timeout(t.grace, t.child.wait()).await {
                 Ok(Ok(status)) if status.success() => {}
                 Ok(Ok(status)) => tracing::warn!(task = %t.name, %status, "task exited uncleanly"),
                 Ok(Err(e)) => tracing::warn!(task = %t.name, error = %e, "cannot reap task"),
                 Err(_) => {
-                    tracing::warn!(task = %t.name, "task ignored SIGTERM: killing it");
+                    if t.rude {
+                        tracing::info!(task = %t.name, "task ignored SIGTERM (as busybox httpd as PID 1 does): killing it");
+                    } else {
+                        tracing::warn!(task = %t.name, "task ignored SIGTERM: killing it");
+                    }
+                    kill_group(&t.child);
                     let _ = t.child.start_kill();
                     let _ = t.child.wait().await;
                 }
@@ -1338,11 +1496,13 @@ impl Cluster {
             let _ = send_signal(&t.child, libc::SIGTERM);
         }
         for t in &mut self.tasks {
-            if tokio::time::timeout(TASK_GRACE, t.child.wait())
+            if tokio::time::timeout(t.grace.min(TASK_GRACE), t.child.wait())
                 .await
                 .is_err()
             {
+                kill_group(&t.child);
                 let _ = t.child.start_kill();
+                let _ = t.child.wait().await;
             }
         }
         tracing::info!("meshd and every task stopped");
@@ -1375,6 +1535,46 @@ impl Task {
             listed: false,
             child,
             log,
+            grace: TASK_GRACE + Duration::from_secs(2),
+            rude: false,
+        })
+    }
+
+    /// A busybox httpd task: serves `index.html` (its name) and `healthz` from its own
+    /// directory; SIGTERM is ignored across the exec, as for PID 1 in a container.
+    fn spawn_busybox(busybox: &Path, dir: &Path, id: u32, version: &str) -> anyhow::Result<Task> {
+        let name = format!("{SERVICE}.{version}.{id}");
+        let addr = free_addr()?;
+        let www = dir.join(&name);
+        std::fs::create_dir(&www).with_context(|| format!("creating {}", www.display()))?;
+        std::fs::write(www.join("index.html"), format!("{name}\n"))
+            .and_then(|()| std::fs::write(www.join("healthz"), "ok\n"))
+            .with_context(|| format!("writing the pages of {name}"))?;
+        let log = dir.join(format!("{name}.log"));
+        let logf =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = command(busybox);
+        cmd.args([
+            "sh",
+            "-c",
+            "trap '' TERM; exec \"$0\" httpd -f -p \"$1\" -h \"$2\"",
+        ])
+        .arg(busybox)
+        .arg(addr.to_string())
+        .arg(&www)
+        .stderr(logf);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting task {name} (busybox httpd)"))?;
+        Ok(Task {
+            id,
+            name,
+            addr,
+            listed: false,
+            child,
+            log,
+            grace: RUDE_GRACE,
+            rude: true,
         })
     }
 }
@@ -1402,6 +1602,10 @@ fn write_config(
         .filter(|t| t.listed)
         .map(|t| format!("  {{ addr = \"{}\" }}, # {}\n", t.addr, t.name))
         .collect();
+    // `connect_timeout` is meshd's default. A connect timeout under Linux's first SYN
+    // retransmission (1 s) gives up on a connect that a busy task's full listen queue merely
+    // delayed: with one busybox task left in the rude phase's stop-first window (nothing to
+    // hedge to), 500 ms failed 157 of 11,490 requests; the default, 0.
     let text = format!(
         "# Written by `meshd demo`, the orchestrator: rewritten (temp file + rename) at every step.\n\
          [admin]\n\
@@ -1411,7 +1615,6 @@ fn write_config(
          name = \"{SERVICE}\"\n\
          listen = [\"{listen}\"]\n\
          balance = \"round_robin\"\n\
-         connect_timeout = \"500ms\"\n\
          connect_retries = 2\n\
          drain_timeout = \"5s\"\n\
          slow_start = \"1s\"\n\

@@ -86,6 +86,16 @@ struct Attempts {
     panics: usize,
     /// Whether an attempt failed: the next one started is a retry.
     retrying: bool,
+    /// Per tried backend (aligned with `tried`): it failed this connection hard (refused,
+    /// unreachable): never tried again. A timeout or an early close (an overloaded task
+    /// shedding connections) is transient: another round may try it again.
+    hard: [bool; TRIED],
+    /// Early closes replayed (bounded by `connect_retries + 1`, apart from `failures`: the
+    /// backend accepted the connect, it did not fail it).
+    early: u32,
+    /// The next attempt goes to a backend this connection already tried: it waits
+    /// [`AGAIN_PAUSE`] first.
+    again: bool,
 }
 
 impl Attempts {
@@ -96,11 +106,18 @@ impl Attempts {
             failures: 0,
             panics: 0,
             retrying: false,
+            hard: [false; TRIED],
+            early: 0,
+            again: false,
         }
     }
 
     fn contains(&self, i: usize) -> bool {
         self.tried[..self.len].contains(&(i as u32))
+    }
+
+    fn failed_hard(&self, i: usize) -> bool {
+        (0..self.len).any(|j| self.tried[j] == i as u32 && self.hard[j])
     }
 
     fn push(&mut self, i: usize) {
@@ -114,7 +131,8 @@ impl Attempts {
     /// is a panic-routing pick. Eligible, usable, untried backends first (the balancer's
     /// pick); when none is left, panic routing: ejected, then unhealthy, then draining.
     fn next(&mut self, svc: &ServiceTable, client: SocketAddr) -> Option<(usize, bool)> {
-        if self.failures > svc.config.connect_retries {
+        let budget = svc.config.connect_retries;
+        if self.failures > budget || self.early > budget {
             return None;
         }
         let pick = svc.selector.pick(
@@ -129,25 +147,52 @@ impl Attempts {
         if self.panics >= PANIC_ATTEMPTS || self.len >= TRIED {
             return None;
         }
-        let k = svc.panic_candidate(|k| self.contains(k))?;
-        self.push(k);
-        self.panics += 1;
-        Some((k, true))
+        if let Some(k) = svc.panic_candidate(|k| self.contains(k)) {
+            self.push(k);
+            self.panics += 1;
+            return Some((k, true));
+        }
+        // Every listed backend was tried. While the budget lasts, go round again (after a
+        // pause) over the eligible backends that only timed out or closed early: an
+        // overloaded task that shed this connection a moment ago accepts the next one.
+        // A backend that refused is never tried again.
+        if self.failures + self.early == 0 {
+            return None;
+        }
+        let i = svc.selector.pick(
+            client.ip(),
+            |i| svc.backends[i].active(),
+            |i| !svc.backends[i].is_usable() || self.failed_hard(i),
+        )?;
+        self.again = true;
+        Some((i, false))
     }
 
-    /// Records a failed attempt on `b`: counted by reason; a refusal, reset or unreachable
-    /// counts towards ejection, a timeout (a busy task dropping SYNs) does not.
+    /// Records a failed attempt on listed backend `k`: a connect error, or (`early`) a
+    /// backend that accepted and closed before answering. Counted by reason; refused,
+    /// reset, unreachable and early closes count towards ejection, a timeout (a busy task
+    /// dropping SYNs) does not.
     fn failed(
         &mut self,
         svc: &ServiceTable,
         k: usize,
         panic: bool,
         e: ConnectError,
+        early: bool,
         shared: &Shared,
     ) {
         self.retrying = true;
-        if !panic {
+        if early {
+            self.early += 1;
+        } else if !panic {
             self.failures += 1;
+        }
+        if !early && !matches!(e, ConnectError::Timeout | ConnectError::Reset) {
+            for j in 0..self.len {
+                if self.tried[j] == k as u32 {
+                    self.hard[j] = true;
+                }
+            }
         }
         let Some(b) = svc.listed(k) else { return };
         b.stats.connect_errors[e as usize].fetch_add(1, Ordering::Relaxed);
@@ -164,9 +209,19 @@ impl Attempts {
     }
 }
 
-/// One connect attempt to `b`, counted in its live connections while it runs (so
-/// `least_conn` and `p2c` see in-flight connects).
-async fn attempt(b: &Backend, timeout: Duration) -> Result<TcpStream, connect::Failure> {
+/// The pause before a connection tries a backend it already tried (see `Attempts::next`).
+const AGAIN_PAUSE: Duration = Duration::from_millis(100);
+
+/// One connect attempt to `b` after `pause`, counted in its live connections while it runs
+/// (so `least_conn` and `p2c` see in-flight connects).
+async fn attempt(
+    b: &Backend,
+    timeout: Duration,
+    pause: Duration,
+) -> Result<TcpStream, connect::Failure> {
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
     let _live = Live::count(&b.active);
     connect::connect(b.addr, timeout).await
 }
@@ -213,7 +268,12 @@ async fn dial<'a>(
                         if std::mem::take(&mut attempts.retrying) {
                             svc.state.retries.fetch_add(1, Ordering::Relaxed);
                         }
-                        slots[s].set(Some(attempt(b, cfg.connect_timeout)));
+                        let pause = if std::mem::take(&mut attempts.again) {
+                            AGAIN_PAUSE
+                        } else {
+                            Duration::ZERO
+                        };
+                        slots[s].set(Some(attempt(b, cfg.connect_timeout, pause)));
                         meta[s] = Some((k, panic));
                         true
                     }
@@ -289,7 +349,7 @@ async fn dial<'a>(
                         return Dialed::NoBackend;
                     }
                     Err(connect::Failure::Backend(e)) => {
-                        attempts.failed(svc, k, panic, e, shared);
+                        attempts.failed(svc, k, panic, e, false, shared);
                         start!(s);
                         if !hedged && meta[1 - s].is_none() {
                             // The replacement is the one attempt in flight: it gets its own
@@ -431,7 +491,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
             if server.write_all(h.as_bytes()).await.is_err() {
                 if replays {
                     drop(live);
-                    attempts.failed(&svc, k, panic, ConnectError::Reset, shared);
+                    attempts.failed(&svc, k, panic, ConnectError::Reset, true, shared);
                     svc.state.replays.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -484,7 +544,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
                 // request is sent again elsewhere. A task that accepts and closes counts
                 // towards its ejection like a refusal.
                 drop(live);
-                attempts.failed(&svc, k, panic, ConnectError::Reset, shared);
+                attempts.failed(&svc, k, panic, ConnectError::Reset, true, shared);
                 svc.state.replays.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -2,6 +2,8 @@
 //! loopback ports, wait on `/readyz` and on conditions instead of sleeping, read until EOF.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
