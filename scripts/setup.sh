@@ -7,13 +7,19 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 #  - dnsmasq (dnsmasq-base): the real DNS server tests/dns.rs points DNS discovery at.
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 #  - busybox-static: busybox httpd, a task nobody here wrote (a fork per connection, a small
-#    backlog, ignores SIGTERM as PID 1) for tests/rude.rs and the demo's rude phase.
-command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
+#    backlog, ignores SIGTERM as PID 1): tests/rude.rs, the demo's rude phase, and the
+#    FROM scratch image of tests/docker.rs (deploy/busybox/build-image.sh); it replaces
+#    Debian's dynamic busybox.
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
 #  - nginx-light: nginx with `listen ... backlog=4`, overloaded on purpose (tests/rude.rs).
 #    Only the binary is used: the Debian service must not start (see policy-rc.d below).
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-#  - apache2-utils: ab, the load generator the field notes were measured with.
+#  - apache2-utils: ab, the load generator of tests/docker.rs's busybox phases.
 command -v ab >/dev/null 2>&1 || need+=(apache2-utils)
+#  - docker-init (tini): `docker service create --init` needs it next to dockerd.
+if command -v dockerd >/dev/null 2>&1 && ! command -v docker-init >/dev/null 2>&1; then
+  need+=(tini)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   echo "setup: installing ${need[*]}" >&2

@@ -15,9 +15,14 @@
 //! 7. leaves the machine as it found it, also on failure (a Drop guard): removes what it
 //!    created, leaves the swarm only if it created it.
 //!
+//! `swarm_workers_follow_a_manager_and_fail_over` runs meshd "nodes" that follow a
+//! manager's feed; `swarm_busybox_tasks_under_ab` runs the same phases with ordinary,
+//! impolite tasks (busybox httpd, deploy/busybox/) under `ab`.
+//!
 //! The swarm part is bounded by [`BUDGET`]; the image build (a release build, minutes on a
 //! cold cache) is bounded separately. Set `MESHD_DOCKER_TARGET_DIR` to reuse a static build
-//! directory (default: target/static).
+//! directory (default: target/static), or `MESHD_DOCKER_IMAGE` to run a meshd image built
+//! beforehand (e.g. an older commit, to compare).
 
 mod common;
 
@@ -393,6 +398,11 @@ fn backend_args(v: &str, extra: &str) -> String {
 /// Steps 1-4 (see the top of the file); `None` when the machine has no engine or its swarm
 /// state does not allow the test (printed as SKIPPED).
 fn setup(tag_name: &str) -> Option<Swarm> {
+    setup_with(tag_name, true)
+}
+
+/// [`setup`], with the labelled `meshd backend` app service only when `app`.
+fn setup_with(tag_name: &str, app: bool) -> Option<Swarm> {
     // 1. An engine?
     let info = docker_out(
         &[
@@ -430,31 +440,37 @@ fn setup(tag_name: &str) -> Option<Swarm> {
         if vx.ok { "supported" } else { vx.stderr.trim() }
     );
 
-    // 3. The image: our own static binary, no registry.
-    let tag = format!("meshd:{tag_name}-{}", std::process::id());
+    // 3. The image: our own static binary, no registry (or a given one, kept).
     let mut created = Created::default();
-    let target_dir = std::env::var_os("MESHD_DOCKER_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/static"));
-    let t0 = Instant::now();
-    created.images.push(tag.clone());
-    let b = run_cmd(
-        Command::new(repo().join("deploy/build-image.sh"))
-            .arg(&tag)
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .current_dir(repo()),
-        BUILD_TIMEOUT,
-    );
-    assert!(
-        b.ok,
-        "deploy/build-image.sh failed (exit {:?}):\n{}",
-        b.code, b.stderr
-    );
-    println!(
-        "image: {} in {:.0}s",
-        b.stdout.trim(),
-        t0.elapsed().as_secs_f64()
-    );
+    let tag = if let Ok(given) = std::env::var("MESHD_DOCKER_IMAGE") {
+        println!("image: {given} (MESHD_DOCKER_IMAGE; not built, not removed)");
+        given
+    } else {
+        let tag = format!("meshd:{tag_name}-{}", std::process::id());
+        let target_dir = std::env::var_os("MESHD_DOCKER_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/static"));
+        let t0 = Instant::now();
+        created.images.push(tag.clone());
+        let b = run_cmd(
+            Command::new(repo().join("deploy/build-image.sh"))
+                .arg(&tag)
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .current_dir(repo()),
+            BUILD_TIMEOUT,
+        );
+        assert!(
+            b.ok,
+            "deploy/build-image.sh failed (exit {:?}):\n{}",
+            b.code, b.stderr
+        );
+        println!(
+            "image: {} in {:.0}s",
+            b.stdout.trim(),
+            t0.elapsed().as_secs_f64()
+        );
+        tag
+    };
     let start = Instant::now();
 
     // 4. The swarm, the network, the app service.
@@ -497,6 +513,15 @@ fn setup(tag_name: &str) -> Option<Swarm> {
         o.stderr.trim()
     );
     println!("probe: attachable overlay network {net}: created");
+    if !app {
+        return Some(Swarm {
+            created,
+            tag,
+            net,
+            svc,
+            start,
+        });
+    }
     created.services.push(svc.clone());
     let args_v1 = backend_args("v1", "");
     let mut create: Vec<&str> = vec![
@@ -1015,4 +1040,526 @@ fn swarm_workers_follow_a_manager_and_fail_over() {
     println!("meshd_discovery_errors_total{{provider=\"docker\"}} on the worker: {errors}");
     assert!(errors >= 2.0, "failures not counted: {errors}");
     assert_eq!(total_failed, 0, "requests failed; worker log:\n{log}");
+}
+
+// === ordinary, impolite tasks: busybox httpd under ab ===
+
+/// The busybox test's swarm part (both variants, every phase): about 4 minutes on an idle
+/// machine, 8 on this one under other builds (a stop-first update of three tasks that
+/// ignore SIGTERM alone takes 3 x (3.2 s notice + 5 s grace + 2 s delay)).
+const RUDE_BUDGET: Duration = Duration::from_secs(900);
+/// ab's concurrency, for each of the two clients (one connection per request; keep-alive).
+const AB_CLIENTS: &str = "20";
+/// How long the steady phase lasts.
+const STEADY: Duration = Duration::from_secs(10);
+
+/// One `ab` run in the background, ended with SIGINT (ab then prints what it counted).
+struct Ab {
+    child: std::process::Child,
+}
+
+/// What ab counted: complete requests, failed ones (with ab's breakdown), non-2xx answers.
+#[derive(Default, Clone)]
+struct AbCount {
+    complete: u64,
+    failed: u64,
+    breakdown: String,
+    non_2xx: u64,
+}
+
+impl Ab {
+    fn start(url: &str, keep_alive: bool) -> Ab {
+        let mut cmd = Command::new("ab");
+        // -r: go on after socket errors; -t with a large -n: run until interrupted.
+        cmd.args(["-r", "-t", "3600", "-n", "100000000", "-c", AB_CLIENTS]);
+        if keep_alive {
+            cmd.arg("-k");
+        }
+        let child = cmd
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ab (apache2-utils; scripts/setup.sh installs it)");
+        Ab { child }
+    }
+
+    /// Interrupts ab and reads its report.
+    fn finish(mut self) -> AbCount {
+        let pid = self.child.id().to_string();
+        let _ = run_cmd(
+            Command::new("kill").args(["-INT", &pid]),
+            Duration::from_secs(5),
+        );
+        let mut out = String::new();
+        if let Some(mut so) = self.child.stdout.take() {
+            let _ = so.read_to_string(&mut out);
+        }
+        let _ = self.child.wait();
+        let num = |key: &str| -> u64 {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        AbCount {
+            complete: num("Complete requests:"),
+            failed: num("Failed requests:"),
+            breakdown: out
+                .lines()
+                .find(|l| l.trim_start().starts_with("(Connect:"))
+                .map(|l| l.trim().to_string())
+                .unwrap_or_default(),
+            non_2xx: num("Non-2xx responses:"),
+        }
+    }
+}
+
+impl Drop for Ab {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every series of meshd's /metrics (name and labels as written) with its value.
+fn metric_series(admin: SocketAddr) -> std::collections::HashMap<String, f64> {
+    let Some((200, body)) = common::http_get(admin, "/metrics") else {
+        return Default::default();
+    };
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (head, v) = l.rsplit_once(' ')?;
+            Some((head.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What one metric grew by between two readings, summed over the series of `name` whose
+/// labels include `label` (e.g. `reason="timeout"`). A series that disappeared (a backend
+/// gone) counts only what it grew before; `None` when meshd has no such metric at all.
+fn metric_delta(
+    before: &std::collections::HashMap<String, f64>,
+    after: &std::collections::HashMap<String, f64>,
+    name: &str,
+    label: &str,
+) -> Option<f64> {
+    let matches = |k: &str| {
+        (k == name || k.starts_with(&format!("{name}{{")))
+            && (label.is_empty() || k.contains(label))
+    };
+    let mut found = false;
+    let mut sum = 0.0;
+    for (k, v) in after.iter().filter(|(k, _)| matches(k)) {
+        found = true;
+        sum += (v - before.get(k).copied().unwrap_or(0.0)).max(0.0);
+    }
+    found.then_some(sum)
+}
+
+/// One phase's line: what both ab clients counted and what meshd's counters grew by.
+struct RudePhase {
+    name: String,
+    secs: f64,
+    close: AbCount,
+    keep: AbCount,
+    no_backend: Option<f64>,
+    panic: Option<f64>,
+    ejections: Option<f64>,
+    timeouts: Option<f64>,
+    retries: Option<f64>,
+}
+
+fn show(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+impl RudePhase {
+    fn header() -> String {
+        format!(
+            "{:<34} {:>5} | {:>7} {:>6} | {:>7} {:>6} | {:>10} {:>5} {:>5} {:>8} {:>7}",
+            "phase",
+            "secs",
+            "req",
+            "failed",
+            "ka req",
+            "failed",
+            "no_backend",
+            "panic",
+            "eject",
+            "timeouts",
+            "retries"
+        )
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{:<34} {:>5.1} | {:>7} {:>6} | {:>7} {:>6} | {:>10} {:>5} {:>5} {:>8} {:>7}",
+            self.name,
+            self.secs,
+            self.close.complete,
+            self.close.failed,
+            self.keep.complete,
+            self.keep.failed,
+            show(self.no_backend),
+            show(self.panic),
+            show(self.ejections),
+            show(self.timeouts),
+            show(self.retries)
+        )
+    }
+}
+
+/// busybox httpd tasks (Debian's busybox-static in a FROM scratch image: a fork per
+/// connection, a small listen backlog, a close after each response; as PID 1 it ignores
+/// SIGTERM) behind meshd with its defaults, under 20 connection-per-request and 20
+/// keep-alive `ab` clients, through every phase that changes a service's tasks: steady, a
+/// stop-first and a start-first update, scale 3 -> 6 -> 2, and an update to a release that
+/// exits at once which Swarm rolls back. Twice: the plain image (SIGKILL after the 5 s stop
+/// grace period) and `--init` (exits at once on SIGTERM). Asserts 0 failed
+/// connection-per-request requests in every phase; keep-alive failures are reported.
+///
+/// Not in the default run (`cargo test --test docker -- --ignored swarm_busybox`): it takes
+/// 4-7 minutes, and its crashing-release phase still loses requests in about one run of
+/// four, when Swarm has stopped every old task before it rolls back (no task accepts
+/// connections for a moment: docs/swarm.md, Limits); in another run Swarm did not roll the
+/// release back within 90 s. Every other phase has had 0 failures in every run.
+#[test]
+#[ignore = "minutes long; the crashing-release phase is not yet reliable (docs/swarm.md, Limits)"]
+fn swarm_busybox_tasks_under_ab() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for tool in ["ab", "busybox"] {
+        if !run_cmd(
+            Command::new("sh").args(["-c", &format!("command -v {tool}")]),
+            T,
+        )
+        .ok
+        {
+            panic!("{tool} is missing: run scripts/setup.sh");
+        }
+    }
+    let Some(mut sw) = setup_with("meshrude", false) else {
+        return;
+    };
+    let id = std::process::id();
+    let start = sw.start;
+    let budget_left = || RUDE_BUDGET.saturating_sub(start.elapsed());
+
+    // The task images: v1, v2 (same length answers: ab counts a different length as a
+    // failure) and a release that exits at once.
+    let images: Vec<String> = ["v1", "v2", "crash"]
+        .iter()
+        .map(|v| format!("meshbb:{v}-{id}"))
+        .collect();
+    for (img, body) in images.iter().zip(["v1", "v2", "crash"]) {
+        sw.created.images.push(img.clone());
+        let mut cmd = Command::new(repo().join("deploy/busybox/build-image.sh"));
+        cmd.args([img.as_str(), body]);
+        if body == "crash" {
+            cmd.arg("false");
+        }
+        let o = run_cmd(&mut cmd, Duration::from_secs(120));
+        assert!(o.ok, "busybox image: {}{}", o.stderr, o.stdout);
+        println!("image: {}", o.stdout.trim());
+    }
+
+    // meshd with its defaults (tcp health checks every 1 s, connect_timeout 1 s), the
+    // Docker provider polling every 500 ms; one port per variant.
+    let lb = format!("meshrude-lb-{id}");
+    let dir = TempDir::new("docker-rude");
+    std::fs::write(dir.0.join("token"), "rudetest\n").expect("token");
+    std::fs::write(
+        dir.0.join("mesh.toml"),
+        "[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"token\"\n\n\
+         [discovery.docker]\nendpoint = \"unix:///var/run/docker.sock\"\npoll_interval = \"500ms\"\n",
+    )
+    .expect("config");
+    let ports = [free_port(), free_port()];
+    let admin_port = free_port();
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    run_meshd(
+        &mut sw,
+        &lb,
+        &dir.0,
+        "mesh.toml",
+        true,
+        &[
+            format!("127.0.0.1:{}:8080", ports[0]),
+            format!("127.0.0.1:{}:8081", ports[1]),
+            format!("127.0.0.1:{admin_port}:9901"),
+        ],
+    );
+    let logs = || container_logs(&lb);
+
+    let mut tables: Vec<(String, Vec<RudePhase>)> = Vec::new();
+    for (variant, (init, port)) in [(false, ports[0]), (true, ports[1])]
+        .into_iter()
+        .enumerate()
+    {
+        let label = if init {
+            "--init"
+        } else {
+            "plain (ignores SIGTERM)"
+        };
+        let svc = format!("meshrude-{}-{id}", if init { "init" } else { "plain" });
+        let publish = format!("mesh.publish={}:80", 8080 + variant);
+        sw.created.services.push(svc.clone());
+        let mut create: Vec<&str> = vec![
+            "service",
+            "create",
+            "--quiet",
+            "--detach",
+            "--name",
+            &svc,
+            "--network",
+            &sw.net,
+            "--endpoint-mode",
+            "dnsrr",
+            "--no-resolve-image",
+            "--replicas",
+            "3",
+            "--label",
+            &publish,
+            "--update-parallelism",
+            "1",
+            "--update-delay",
+            "2s",
+            "--stop-grace-period",
+            "5s",
+        ];
+        if init {
+            create.push("--init");
+        }
+        create.push(&images[0]);
+        docker(&create, T);
+        let ready = wait_until(Duration::from_secs(90).min(budget_left()), || {
+            healthy(admin, &svc) == 3
+        });
+        assert!(
+            ready,
+            "meshd did not get 3 healthy busybox tasks for {svc}; tasks:\n{}\nmeshd log:\n{}",
+            docker_out(&["service", "ps", "--no-trunc", &svc], T).stdout,
+            logs()
+        );
+        println!("ready: {svc} ({label}): 3 healthy tasks");
+        let url = format!("http://127.0.0.1:{port}/");
+        let mut phases: Vec<RudePhase> = Vec::new();
+        // Runs `action` under both ab clients; the phase ends once meshd routes to exactly
+        // `n` healthy tasks answering `v` (and 1 s more).
+        let mut phase = |name: &str, n: u64, v: &str, action: &dyn Fn()| {
+            let before = metric_series(admin);
+            let ejected_before = ejections_logged(&lb);
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let t0 = Instant::now();
+            let close = Ab::start(&url, false);
+            let keep = Ab::start(&url, true);
+            action();
+            // Converged: exactly n of the service's containers run (the stopped ones are
+            // gone: the phase covers their SIGTERM and SIGKILL), meshd lists exactly n
+            // backends, all healthy, and answers come from v (retried: a failure is
+            // counted by ab, not decided here).
+            let proxy = SocketAddr::from(([127, 0, 0, 1], port));
+            let label = format!("label=com.docker.swarm.service.name={svc}");
+            let ok = wait_until(Duration::from_secs(90).min(budget_left()), || {
+                docker_out(&["ps", "-q", "--filter", &label], T)
+                    .stdout
+                    .lines()
+                    .count() as u64
+                    == n
+                    && healthy(admin, &svc) == n
+                    && service_json(admin, &svc)
+                        .and_then(|s| s["backends"].as_array().map(|b| b.len() as u64))
+                        == Some(n)
+                    && (0..5).all(|_| get(proxy).is_ok_and(|b| b == v))
+            });
+            std::thread::sleep(Duration::from_secs(1));
+            let (close, keep) = (close.finish(), keep.finish());
+            let after = metric_series(admin);
+            let d = |n: &str, l: &str| metric_delta(&before, &after, n, l);
+            let p = RudePhase {
+                name: name.to_string(),
+                secs: t0.elapsed().as_secs_f64(),
+                close,
+                keep,
+                no_backend: d("meshd_rejected_connections_total", "reason=\"no_backend\""),
+                panic: d("meshd_panic_connections_total", ""),
+                ejections: d("meshd_ejections_total", "")
+                    .or(Some((ejections_logged(&lb) - ejected_before) as f64)),
+                timeouts: d("meshd_connect_errors_total", "reason=\"timeout\""),
+                retries: d("meshd_connect_retries_total", ""),
+            };
+            println!("{}", p.line());
+            for (what, c) in [("conn/request", &p.close), ("keep-alive", &p.keep)] {
+                if c.failed > 0 || c.non_2xx > 0 {
+                    println!(
+                        "      {what}: {} {} non-2xx {}",
+                        c.failed, c.breakdown, c.non_2xx
+                    );
+                }
+            }
+            if p.close.failed + p.keep.failed > 0 {
+                // What meshd saw during the phase: its warnings and the control plane's
+                // and discovery's lines (the reason for a refusal is in there).
+                let o = docker_out(&["logs", "--since", &format!("{since:.3}"), &lb], T);
+                let text = format!("{}{}", o.stdout, o.stderr);
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        l.contains(" WARN ")
+                            || l.contains(" ERROR ")
+                            || l.contains("meshd::control")
+                            || l.contains("docker discovery")
+                    })
+                    .collect();
+                println!("      meshd log during the phase ({} lines):", lines.len());
+                for l in lines.iter().take(150) {
+                    println!("        {l}");
+                }
+            }
+            assert!(
+                ok,
+                "{svc}: phase {name:?} did not converge on {n} healthy tasks answering {v}; tasks:\n{}\nmeshd log (tail):\n{}",
+                docker_out(&["service", "ps", &svc], T).stdout,
+                tail(&logs(), 40)
+            );
+            phases.push(p);
+        };
+        println!("variant {label}: {svc}\n{}", RudePhase::header());
+        let update = |order: &str, image: &str, extra: &[&str]| {
+            let mut args = vec!["service", "update", "--quiet", "--update-order", order];
+            args.extend_from_slice(extra);
+            args.extend(["--image", image, svc.as_str()]);
+            // A failed update makes the CLI exit non-zero: the phase checks the outcome.
+            let o = docker_out(&args, Duration::from_secs(180).min(budget_left()));
+            if !o.ok {
+                println!(
+                    "      docker service update: {}",
+                    o.stderr.trim().lines().last().unwrap_or("")
+                );
+            }
+        };
+        phase("steady (3 x v1)", 3, "v1", &|| std::thread::sleep(STEADY));
+        phase("update v1 -> v2 (stop-first)", 3, "v2", &|| {
+            update("stop-first", &images[1], &[])
+        });
+        phase("update v2 -> v1 (start-first)", 3, "v1", &|| {
+            update("start-first", &images[0], &[])
+        });
+        phase("scale 3 -> 6", 6, "v1", &|| {
+            docker(&["service", "scale", "--detach", &format!("{svc}=6")], T);
+        });
+        phase("scale 6 -> 2", 2, "v1", &|| {
+            docker(&["service", "scale", "--detach", &format!("{svc}=2")], T);
+            // The removed tasks are gone from the engine once stopped (grace included).
+            wait_until(Duration::from_secs(30), || {
+                docker_out(
+                    &[
+                        "service",
+                        "ps",
+                        "--filter",
+                        "desired-state=running",
+                        "-q",
+                        &svc,
+                    ],
+                    T,
+                )
+                .stdout
+                .lines()
+                .count()
+                    == 2
+            });
+        });
+        phase(
+            "update -> crash, rolled back (stop-first)",
+            2,
+            "v1",
+            &|| {
+                update(
+                    "stop-first",
+                    &images[2],
+                    &[
+                        "--update-failure-action",
+                        "rollback",
+                        "--update-monitor",
+                        "5s",
+                        "--update-max-failure-ratio",
+                        "0",
+                    ],
+                );
+                let rolled_back = wait_until(Duration::from_secs(90).min(budget_left()), || {
+                    docker_out(
+                        &[
+                            "service",
+                            "inspect",
+                            "--format",
+                            "{{.UpdateStatus.State}}",
+                            &svc,
+                        ],
+                        T,
+                    )
+                    .stdout
+                    .trim()
+                        == "rollback_completed"
+                });
+                assert!(
+                    rolled_back,
+                    "Swarm did not roll the crashing update back; tasks:\n{}",
+                    docker_out(&["service", "ps", "--no-trunc", &svc], T).stdout
+                );
+            },
+        );
+        docker(&["service", "rm", &svc], T);
+        tables.push((format!("{label}: {svc}"), phases));
+    }
+
+    println!("\nbusybox httpd tasks behind meshd, 20 + 20 ab clients (`ab -r -c 20` and `ab -r -k -c 20`):");
+    let mut failed_phases = Vec::new();
+    for (variant, phases) in &tables {
+        println!("{variant}\n{}", RudePhase::header());
+        for p in phases {
+            println!("{}", p.line());
+            if p.close.failed > 0 {
+                failed_phases.push(format!("{variant}: {} ({} failed)", p.name, p.close.failed));
+            }
+        }
+    }
+    let log = logs();
+    println!(
+        "meshd log (docker discovery, last lines):\n{}",
+        tail(
+            &log.lines()
+                .filter(|l| l.contains("docker discovery"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            20
+        )
+    );
+    assert!(
+        failed_phases.is_empty(),
+        "connection-per-request clients saw failures in: {}\nmeshd log (tail):\n{}",
+        failed_phases.join("; "),
+        tail(&log, 60)
+    );
+    assert!(
+        start.elapsed() < RUDE_BUDGET,
+        "the swarm part took longer than {RUDE_BUDGET:?}"
+    );
+}
+
+/// How many ejections meshd's log shows so far (for a meshd without an ejection counter).
+fn ejections_logged(container: &str) -> usize {
+    container_logs(container)
+        .lines()
+        .filter(|l| l.contains("backend ejected"))
+        .count()
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -13,6 +13,7 @@
 //! | `mesh.proxy_protocol` | `off`, `v1`, `v2` | `[defaults] proxy_protocol` |
 //! | `mesh.network` | the name or ID of the network to reach the tasks on | the one meshd shares with them |
 //! | `mesh.listen` | the IP to listen on, e.g. `0.0.0.0`, `::`, `10.1.2.3` | `0.0.0.0` |
+//! | `mesh.retry_early_close` | `true`, `false`: replay a connection whose task closes before answering | `[defaults] retry_on_early_close` |
 //!
 //! Invariant: pure functions, no I/O. A label that does not parse is one [`LabelError`]
 //! line naming the Swarm service and the label; that service is skipped, the others go on.
@@ -31,8 +32,9 @@ pub const HEALTH_PATH: &str = "mesh.health.path";
 pub const PROXY_PROTOCOL: &str = "mesh.proxy_protocol";
 pub const NETWORK: &str = "mesh.network";
 pub const LISTEN: &str = "mesh.listen";
+pub const RETRY_EARLY_CLOSE: &str = "mesh.retry_early_close";
 
-const KNOWN: [&str; 7] = [
+const KNOWN: [&str; 8] = [
     PUBLISH,
     BALANCE,
     HEALTH,
@@ -40,6 +42,7 @@ const KNOWN: [&str; 7] = [
     PROXY_PROTOCOL,
     NETWORK,
     LISTEN,
+    RETRY_EARLY_CLOSE,
 ];
 
 /// Longest mesh service name (the config's rule: names become metric labels and URL path
@@ -71,6 +74,9 @@ pub struct MeshLabels {
     pub check: Option<CheckKind>,
     pub path: Option<String>,
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// `mesh.retry_early_close`: replay a connection whose task closes or resets before
+    /// sending a byte (opt-in: the task may have acted on what it read).
+    pub retry_early_close: Option<bool>,
     /// Unknown `mesh.*` labels, each as a one-line warning.
     pub warnings: Vec<String>,
 }
@@ -114,6 +120,8 @@ pub fn parse(
     let check = keyword(labels, HEALTH, &CHECKS).map_err(|(v, p)| err(HEALTH, &v, p))?;
     let proxy_protocol = keyword(labels, PROXY_PROTOCOL, &PROXY_PROTOCOLS)
         .map_err(|(v, p)| err(PROXY_PROTOCOL, &v, p))?;
+    let retry_early_close = keyword(labels, RETRY_EARLY_CLOSE, &BOOLS)
+        .map_err(|(v, p)| err(RETRY_EARLY_CLOSE, &v, p))?;
     let path = match labels.get(HEALTH_PATH) {
         None => None,
         Some(v) => {
@@ -156,6 +164,7 @@ pub fn parse(
         check,
         path,
         proxy_protocol,
+        retry_early_close,
         warnings,
     }))
 }
@@ -185,6 +194,9 @@ pub fn services(
     }
     if let Some(p) = labels.proxy_protocol {
         template.proxy_protocol = p;
+    }
+    if let Some(r) = labels.retry_early_close {
+        template.retry_on_early_close = r;
     }
     if let Some(path) = &labels.path {
         if template.health.check != CheckKind::Http {
@@ -263,6 +275,7 @@ pub(crate) const CHECKS: [(&str, CheckKind); 3] = [
     ("tcp", CheckKind::Tcp),
     ("http", CheckKind::Http),
 ];
+const BOOLS: [(&str, bool); 2] = [("true", true), ("false", false)];
 pub(crate) const PROXY_PROTOCOLS: [(&str, ProxyProtocol); 3] = [
     ("off", ProxyProtocol::Off),
     ("v1", ProxyProtocol::V1),
@@ -351,6 +364,7 @@ mod tests {
                 ("mesh.proxy_protocol", "v2"),
                 ("mesh.listen", "::"),
                 ("mesh.network", "front"),
+                ("mesh.retry_early_close", "true"),
                 ("mesh.colour", "blue"),
                 ("com.example.other", "x"),
             ]),
@@ -369,11 +383,40 @@ mod tests {
         assert_eq!(s[0].config.health.check, CheckKind::Http);
         assert_eq!(s[0].config.health.path, "/ready");
         assert_eq!(s[0].config.proxy_protocol, ProxyProtocol::V2);
+        assert!(s[0].config.retry_on_early_close && s[1].config.retry_on_early_close);
+        // Absent: the default; false overrides a default of true.
+        let m = parse("api", &labels(&[("mesh.publish", "8080:80")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.retry_early_close, None);
+        let mut d = defaults();
+        d.retry_on_early_close = true;
+        let m = parse(
+            "api",
+            &labels(&[
+                ("mesh.publish", "8080:80"),
+                ("mesh.retry_early_close", "false"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            !services("api", &m, &d).unwrap()[0]
+                .config
+                .retry_on_early_close
+        );
     }
 
     #[test]
     fn errors_name_the_service_and_the_label() {
         let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("mesh.publish", "8080:80"),
+                    ("mesh.retry_early_close", "yes"),
+                ],
+                r#"service "web": label mesh.retry_early_close="yes": expected one of true, false"#,
+            ),
             (
                 &[("mesh.publish", "80:abc")],
                 r#"service "web": label mesh.publish="80:abc": expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443)"#,

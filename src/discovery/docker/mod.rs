@@ -3,19 +3,26 @@
 //!
 //! ```text
 //!  /events (service, node) ──trigger──┐
+//!  /events (this node's task containers: kill, die, stop) ──retire the task, apply the
+//!                                     │                     last snapshot again at once
 //!                                     ▼
-//!  every poll_interval (150 ms while a service updates):
+//!  every poll_interval (150 ms while a service updates or a task is stopping):
 //!    GET /services (label mesh.publish), /tasks, /nodes ──► state::Tracker::observe
 //!        (pure: labels -> ServiceConfig, routable tasks -> backends, retired task IDs)
 //!    changed? ──► Command::Services(Source::Docker, list) ──► control plane (drains, health)
 //!    failed?  ──► Command::DiscoveryFailed("docker"), the last good list stays
 //! ```
 //!
-//! Swarm has no task events (moby#37403), so tasks are polled; events only make the next
-//! poll happen at once. A task told to stop (`DesiredState` shutdown/remove) is still
-//! running for ~2 s before it gets SIGTERM when it is on an overlay network: a poll every
-//! 500 ms (150 ms during a rolling update) removes it from meshd well inside that window,
-//! and the control plane drains its connections.
+//! Swarm has no task events (moby#37403), so tasks are polled; service and node events
+//! only make the next poll happen at once. A task told to stop (`DesiredState`
+//! shutdown/remove) still runs for ~3 s before it gets SIGTERM when it is on an overlay
+//! network (~1.2 s without one; measured by scripts/swarm-notice-window.py): a poll every
+//! 500 ms (150 ms during a rolling update, while a task is stopping, and for 5 s after an
+//! event) removes it from meshd well inside that window, and the control plane drains its
+//! connections. A task container on this node that is signalled to stop or exits (a
+//! `kill` with SIGTERM/SIGKILL/SIGINT/SIGQUIT, `die`, `stop`: also a `docker stop` or a
+//! failed HEALTHCHECK, which `/tasks` never shows beforehand) drains at once, without
+//! waiting for the next poll.
 //!
 //! Only managers answer for the swarm: on a worker, point `endpoint` at a manager through a
 //! read-only socket proxy (see docs/swarm.md).
@@ -74,7 +81,13 @@ const FOLLOW_MAX_BACKOFF: Duration = Duration::from_secs(5);
 const TASKS_FILTER: &str = r#"{"desired-state":["running","shutdown","remove"]}"#;
 /// Only the services that opted in.
 const SERVICES_FILTER: &str = r#"{"label":["mesh.publish"]}"#;
-const EVENTS_FILTER: &str = r#"{"type":["service","node"]}"#;
+/// Service and node changes (triggers), and task containers stopping on this node. The
+/// `event` key applies to every type: service and node events are create, update and
+/// remove; a container's create and update events pass too, and are ignored (a node's
+/// containers come and go: they trigger no poll).
+const EVENTS_FILTER: &str = r#"{"type":["service","node","container"],"event":["create","update","remove","kill","die","stop"]}"#;
+/// Task IDs from container events waiting for the poll loop.
+const STOPS_QUEUE: usize = 1024;
 
 /// The provider's name in `Command::DiscoveryFailed` (and the status page).
 pub const PROVIDER: &str = "docker";
@@ -128,6 +141,12 @@ struct Provider {
     /// Wakes the loop for an immediate poll (the event stream).
     trigger: Arc<Notify>,
     events: Option<JoinHandle<()>>,
+    /// Tasks whose container the event stream saw stopping on this node.
+    stops_tx: mpsc::Sender<String>,
+    stops: mpsc::Receiver<String>,
+    /// The last snapshot the engine answered: a stopping container's task is left out of
+    /// it at once, without waiting for the next poll.
+    last: Option<Snapshot>,
     /// What followers on other nodes are served.
     feed: FeedTx,
     /// The engine has answered a whole poll at least once.
@@ -162,6 +181,7 @@ impl Provider {
         commands: mpsc::Sender<Command>,
         feed: FeedTx,
     ) -> Provider {
+        let (stops_tx, stops) = mpsc::channel(STOPS_QUEUE);
         Provider {
             cfg,
             defaults,
@@ -179,6 +199,9 @@ impl Provider {
             failures: Failures::default(),
             trigger: Arc::new(Notify::new()),
             events: None,
+            stops_tx,
+            stops,
+            last: None,
             feed,
             ever_ok: false,
         }
@@ -260,17 +283,29 @@ impl Provider {
             } else {
                 self.cfg.poll_interval
             };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.trigger.notified() => {
-                    fast_until = Some(Instant::now() + FAST_AFTER_EVENT);
+            let deadline = tokio::time::Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = self.trigger.notified() => {
+                        fast_until = Some(Instant::now() + FAST_AFTER_EVENT);
+                    }
+                    Some(id) = self.stops.recv() => {
+                        // A drain does not wait for a poll, and needs none; a routed task
+                        // stopping is usually replaced soon: polls go fast for a while.
+                        if self.task_stopped(&id).await {
+                            fast_until = Some(Instant::now() + FAST_AFTER_EVENT);
+                        }
+                        continue;
+                    }
+                    _ = self.commands.closed() => return,
                 }
-                _ = self.commands.closed() => return,
+                break;
             }
         }
     }
 
-    /// One poll; `Ok(true)` while an opted-in service is updating.
+    /// One poll; `Ok(true)` while an opted-in service is updating or a task is stopping.
     async fn poll(&mut self) -> Result<bool, ApiError> {
         if !self.negotiated {
             let v = self.client.negotiate().await?;
@@ -285,6 +320,7 @@ impl Provider {
                 self.events = Some(tokio::spawn(watch_events(
                     self.client.clone(),
                     self.trigger.clone(),
+                    self.stops_tx.clone(),
                 )));
             }
         }
@@ -305,15 +341,50 @@ impl Provider {
             tasks,
             nodes,
         };
+        self.ever_ok = true;
+        let fast = self.apply(&snap, true).await;
+        self.last = Some(snap);
+        Ok(fast)
+    }
+
+    /// A task container on this node is stopping (event): the task leaves the table at
+    /// once, computed from the last snapshot (which may be older than the engine's state:
+    /// the next poll corrects everything else). True if meshd routed to that task.
+    async fn task_stopped(&mut self, id: &str) -> bool {
+        if self.tracker.is_retired(id) {
+            return false;
+        }
+        self.tracker.retire(id);
+        let Some(snap) = self.last.take() else {
+            return false;
+        };
+        let routed = self.sent.as_ref().is_some_and(|list| {
+            list.iter()
+                .any(|s| s.backends.iter().any(|b| b.id.as_deref() == Some(id)))
+        });
+        if routed {
+            tracing::info!(
+                task = id,
+                "docker discovery: a task's container is stopping on this node (container event): drained now"
+            );
+        }
+        self.apply(&snap, false).await;
+        self.last = Some(snap);
+        routed
+    }
+
+    /// Turns `snap` into mesh services, publishes them for followers and sends them to the
+    /// control plane when they changed; `fresh`: `snap` was just read from the engine.
+    /// True while an opted-in service is updating or a task is stopping.
+    async fn apply(&mut self, snap: &Snapshot, fresh: bool) -> bool {
         let desired = self
             .tracker
-            .observe(&snap, &self.defaults, self.own.networks.as_ref());
+            .observe(snap, &self.defaults, self.own.networks.as_ref());
         self.report(&desired);
-        let updating = !desired.updating.is_empty();
-        self.ever_ok = true;
+        let fast = !desired.updating.is_empty() || desired.stopping > 0;
         self.feed.send_if_modified(|f| {
             let mut changed = false;
-            if !f.serving || !f.engine_ok || f.error.is_some() || f.following.is_some() {
+            if fresh && (!f.serving || !f.engine_ok || f.error.is_some() || f.following.is_some()) {
                 f.following = None;
                 f.serving = true;
                 f.engine_ok = true;
@@ -337,11 +408,11 @@ impl Provider {
                 .await
                 .is_err()
             {
-                return Ok(updating);
+                return fast;
             }
             self.sent = Some(desired.services);
         }
-        Ok(updating)
+        fast
     }
 
     /// Follows meshd on the listed managers until the local engine answers for the swarm
@@ -638,15 +709,38 @@ fn start_index(n: usize) -> usize {
     (nanos ^ std::process::id() as usize) % n.max(1)
 }
 
-/// Subscribes to service and node events; each one (and each reconnect) wakes the poll
-/// loop. Reconnects with a back-off when the stream fails or ends.
-async fn watch_events(client: Client, trigger: Arc<Notify>) {
+/// The task whose container this event says is stopping: `die`, `stop`, or a `kill` with
+/// a signal that stops (TERM, KILL, INT, QUIT; not e.g. HUP, which asks for a reload).
+fn stopping_task(ev: &api::Event) -> Option<&str> {
+    if ev.kind != "container" {
+        return None;
+    }
+    let a = &ev.actor.attributes;
+    let stops = match ev.action.as_str() {
+        "die" | "stop" => true,
+        "kill" => matches!(
+            a.get("signal").map(String::as_str),
+            Some("15" | "9" | "2" | "3" | "SIGTERM" | "SIGKILL" | "SIGINT" | "SIGQUIT")
+        ),
+        _ => false,
+    };
+    a.get("com.docker.swarm.task.id")
+        .map(String::as_str)
+        .filter(|id| stops && !id.is_empty())
+}
+
+/// Subscribes to service, node and container events: each service or node event (and each
+/// reconnect) wakes the poll loop; a task container stopping is sent on `stops` at once.
+/// Reconnects with a back-off when the stream fails or ends.
+async fn watch_events(client: Client, trigger: Arc<Notify>, stops: mpsc::Sender<String>) {
     let path = format!("/events?filters={}", client::encode_query(EVENTS_FILTER));
     let mut backoff = Duration::from_secs(1);
     loop {
         match client.stream(&path).await {
             Ok(mut body) => {
-                tracing::debug!("docker discovery: subscribed to service and node events");
+                tracing::debug!(
+                    "docker discovery: subscribed to service, node and container events"
+                );
                 backoff = Duration::from_secs(1);
                 // Events missed while disconnected: one poll covers them.
                 trigger.notify_one();
@@ -673,7 +767,15 @@ async fn watch_events(client: Client, trigger: Arc<Notify>) {
                                 name = ev.actor.attributes.get("name").map_or("", String::as_str),
                                 "docker discovery: event"
                             );
-                            trigger.notify_one();
+                            if ev.kind != "container" {
+                                trigger.notify_one();
+                            } else if let Some(id) = stopping_task(&ev) {
+                                if stops.try_send(id.to_owned()).is_err() {
+                                    // Full (a burst far beyond any real one): a poll
+                                    // covers the rest.
+                                    trigger.notify_one();
+                                }
+                            }
                         }
                     }
                     if line.len() > 1 << 20 {

@@ -56,6 +56,9 @@ pub struct Desired {
     /// Opted-in Swarm services in a rolling update or rollback, with the update order
     /// ("web (start-first)"): poll faster while any is.
     pub updating: Vec<String>,
+    /// Tasks of opted-in services told to stop that still run (Swarm signals them ~2-3 s
+    /// later on an overlay network): poll faster while there are any.
+    pub stopping: usize,
 }
 
 /// Memory across snapshots: which task IDs must never be routed to again.
@@ -83,6 +86,14 @@ impl Tracker {
     /// True if task `id` was seen stopping or vanished.
     pub fn is_retired(&self, id: &str) -> bool {
         self.retired.contains(id)
+    }
+
+    /// Retires task `id` for good before any answer of `/tasks` says so: its container was
+    /// seen stopping (a local `kill`, `die` or `stop` event). The next [`Tracker::observe`]
+    /// leaves it out.
+    pub fn retire(&mut self, id: &str) {
+        self.retired.insert(id);
+        self.running.remove(id);
     }
 
     /// The mesh services `snap` asks for: `defaults` (the `[defaults]` template) with
@@ -167,6 +178,9 @@ impl Tracker {
             let mut ambiguous: BTreeSet<&str> = BTreeSet::new();
             let mut not_shared: Option<&str> = None;
             for t in tasks.get(svc.id.as_str()).map_or(&[][..], |v| v) {
+                if t.desired_state != "running" && t.status.state == "running" {
+                    out.stopping += 1;
+                }
                 if t.desired_state != "running"
                     || t.status.state != "running"
                     || self.retired.contains(&t.id)
@@ -638,6 +652,25 @@ mod tests {
         let b = backends(&d);
         assert_eq!(b.len(), 2);
         assert!(!b.contains(&format!("{}:80", ip(stopping[0]))));
+    }
+
+    #[test]
+    fn stopping_tasks_are_counted_and_a_retired_one_leaves_at_once() {
+        let d = defaults();
+        let steady = snap(fixture!("services.json"), fixture!("tasks-steady.json"));
+        let stopping = snap(
+            fixture!("services-stop-first.json"),
+            fixture!("tasks-stop-first.json"),
+        );
+        assert_eq!(Tracker::default().observe(&steady, &d, None).stopping, 0);
+        assert_eq!(Tracker::default().observe(&stopping, &d, None).stopping, 1);
+        // A container event retires a task the engine still shows running.
+        let mut tr = Tracker::default();
+        assert_eq!(backends(&tr.observe(&steady, &d, None)).len(), 3);
+        tr.retire(&steady.tasks[2].id);
+        let b = backends(&tr.observe(&steady, &d, None));
+        assert_eq!(b.len(), 2);
+        assert!(!b.contains(&format!("{}:80", ip(&steady.tasks[2]))));
     }
 
     #[test]

@@ -25,7 +25,9 @@ struct Answers {
     services: String,
     tasks: String,
     nodes: String,
-    /// Every data call answers this status and body instead.
+    /// What `/events` streams (then the stream ends, and the provider reconnects).
+    events: String,
+    /// Every data call but `/events` answers this status and body instead.
     fail: Option<(u16, String)>,
     /// Paths asked, in order.
     asked: Vec<String>,
@@ -56,6 +58,12 @@ impl FakeEngine {
             services: fixture!("services.json").into(),
             tasks: fixture!("tasks-steady.json").into(),
             nodes: fixture!("nodes.json").into(),
+            events: fixture!("events.jsonl")
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+                + "\n",
             ..Answers::default()
         }));
         let a = answers.clone();
@@ -101,6 +109,8 @@ fn answer(a: &Mutex<Answers>, req: &Request<hyper::body::Incoming>) -> Response<
     let path = req.uri().path();
     let (status, body) = if path == "/version" {
         (200, a.version.clone())
+    } else if path.ends_with("/events") {
+        (200, a.events.clone())
     } else if let Some((code, body)) = &a.fail {
         (*code, body.clone())
     } else if path.ends_with("/services") {
@@ -109,16 +119,6 @@ fn answer(a: &Mutex<Answers>, req: &Request<hyper::body::Incoming>) -> Response<
         (200, a.tasks.clone())
     } else if path.ends_with("/nodes") {
         (200, a.nodes.clone())
-    } else if path.ends_with("/events") {
-        (
-            200,
-            fixture!("events.jsonl")
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_owned()
-                + "\n",
-        )
     } else {
         (404, r#"{"message":"page not found"}"#.to_owned())
     };
@@ -481,5 +481,115 @@ async fn a_manager_whose_engine_fails_follows_then_reads_it_again() {
         status.borrow().serving,
         "reads its engine again and serves it"
     );
+    provider.abort();
+}
+
+/// A container event line as the engine writes it (`docker events --format '{{json .}}'`).
+fn container_event(action: &str, attributes: &[(&str, &str)]) -> String {
+    let attrs: serde_json::Map<String, serde_json::Value> = attributes
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+        .collect();
+    serde_json::json!({
+        "status": action,
+        "id": "65f48d0e2afe993707eb76f8aa40b7dc9ccd071be6d1364727b8e6520e1c62cb",
+        "from": "meshbb:v1",
+        "Type": "container",
+        "Action": action,
+        "Actor": {
+            "ID": "65f48d0e2afe993707eb76f8aa40b7dc9ccd071be6d1364727b8e6520e1c62cb",
+            "Attributes": attrs,
+        },
+        "scope": "local",
+        "time": 1795311400,
+        "timeNano": 1795311400123456789u64,
+    })
+    .to_string()
+}
+
+#[test]
+fn which_container_events_stop_a_task() {
+    let ev = |action: &str, attrs: &[(&str, &str)]| -> api::Event {
+        serde_json::from_str(&container_event(action, attrs)).unwrap()
+    };
+    let task = ("com.docker.swarm.task.id", "p4m3yb1x0yq8dh5c2w0k6z7ns");
+    for signal in ["15", "9", "2", "3"] {
+        assert_eq!(
+            stopping_task(&ev("kill", &[task, ("signal", signal)])),
+            Some("p4m3yb1x0yq8dh5c2w0k6z7ns")
+        );
+    }
+    assert!(stopping_task(&ev("die", &[task, ("exitCode", "0")])).is_some());
+    assert!(stopping_task(&ev("stop", &[task])).is_some());
+    // A reload signal, another action, a container that is no task: nothing.
+    assert_eq!(stopping_task(&ev("kill", &[task, ("signal", "1")])), None);
+    assert_eq!(stopping_task(&ev("kill", &[task])), None);
+    assert_eq!(stopping_task(&ev("start", &[task])), None);
+    assert_eq!(stopping_task(&ev("die", &[("exitCode", "0")])), None);
+    assert_eq!(
+        stopping_task(&ev("die", &[("com.docker.swarm.task.id", "")])),
+        None
+    );
+    // Service events are triggers only.
+    let svc: api::Event =
+        serde_json::from_str(fixture!("events.jsonl").lines().next().unwrap()).unwrap();
+    assert_eq!(stopping_task(&svc), None);
+}
+
+#[tokio::test]
+async fn a_task_container_stopping_drains_at_once_even_while_polls_fail() {
+    let engine = FakeEngine::start("kill");
+    let mut cfg = config(&engine.endpoint);
+    // Only the event can remove a task within this test.
+    cfg.poll_interval = Duration::from_secs(60);
+    let (tx, mut rx) = mpsc::channel(16);
+    let provider = tokio::spawn(run(cfg, defaults(), tx, feed()));
+    let list = next_services(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(endpoint_count(&list), 3);
+    let tasks: Vec<api::Task> = serde_json::from_str(fixture!("tasks-steady.json")).unwrap();
+    let id_of = |i: usize| tasks[i].id.as_str();
+    let addr_of = |i: usize| {
+        list[0]
+            .backends
+            .iter()
+            .find(|b| b.id.as_deref() == Some(id_of(i)))
+            .unwrap()
+            .addr
+    };
+    let (reloaded, stopped) = (addr_of(0), addr_of(1));
+
+    // The engine stops answering polls; its event stream (reconnected after 1 s) says: task
+    // 0 got SIGHUP (a reload), some container that is no task died, task 1 got SIGTERM.
+    let lines = [
+        container_event(
+            "kill",
+            &[("com.docker.swarm.task.id", id_of(0)), ("signal", "1")],
+        ),
+        container_event("die", &[("exitCode", "0")]),
+        container_event(
+            "kill",
+            &[("com.docker.swarm.task.id", id_of(1)), ("signal", "15")],
+        ),
+    ];
+    engine.set(|a| {
+        a.fail = Some((500, r#"{"message":"boom"}"#.into()));
+        a.events = lines.join("\n") + "\n";
+    });
+    let list = next_services(&mut rx, Duration::from_secs(5)).await;
+    let addrs: Vec<std::net::SocketAddr> = list[0].backends.iter().map(|b| b.addr).collect();
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    assert!(!addrs.contains(&stopped));
+    assert!(addrs.contains(&reloaded));
+
+    // The engine answers again with the old state (the task still running): it stays out.
+    engine.set(|a| {
+        a.fail = None;
+        a.events = String::new();
+    });
+    while let Ok(Some(cmd)) = tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await {
+        if let Command::Services(_, l) = cmd {
+            panic!("the stopped task came back: {l:?}");
+        }
+    }
     provider.abort();
 }
