@@ -168,6 +168,13 @@ impl Attempts {
         Some((i, false))
     }
 
+    /// Listed backend `k` closed the connection before answering (or before taking the
+    /// PROXY header): counted as a reset towards its ejection, and the request is replayed.
+    fn closed_early(&mut self, svc: &ServiceTable, k: usize, panic: bool, shared: &Shared) {
+        self.failed(svc, k, panic, ConnectError::Reset, true, shared);
+        svc.state.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records a failed attempt on listed backend `k`: a connect error, or (`early`) a
     /// backend that accepted and closed before answering. Counted by reason; refused,
     /// reset, unreachable and early closes count towards ejection, a timeout (a busy task
@@ -491,8 +498,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
             if server.write_all(h.as_bytes()).await.is_err() {
                 if replays {
                     drop(live);
-                    attempts.failed(&svc, k, panic, ConnectError::Reset, true, shared);
-                    svc.state.replays.fetch_add(1, Ordering::Relaxed);
+                    attempts.closed_early(&svc, k, panic, shared);
                     continue;
                 }
                 log_access(
@@ -544,8 +550,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
                 // request is sent again elsewhere. A task that accepts and closes counts
                 // towards its ejection like a refusal.
                 drop(live);
-                attempts.failed(&svc, k, panic, ConnectError::Reset, true, shared);
-                svc.state.replays.fetch_add(1, Ordering::Relaxed);
+                attempts.closed_early(&svc, k, panic, shared);
             }
         }
     };
