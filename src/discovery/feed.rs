@@ -99,6 +99,8 @@ pub struct WireService {
     /// Added after the first release: absent from an older manager's feed, so defaulted.
     #[serde(default = "wire_hedge_delay_ms")]
     pub hedge_delay_ms: u64,
+    #[serde(default = "wire_queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
     #[serde(default = "wire_max_ejection_percent")]
     pub max_ejection_percent: u32,
     #[serde(default)]
@@ -173,6 +175,10 @@ fn wire_hedge_delay_ms() -> u64 {
     ms(defaults::HEDGE_DELAY)
 }
 
+fn wire_queue_timeout_ms() -> u64 {
+    ms(defaults::QUEUE_TIMEOUT)
+}
+
 fn wire_max_ejection_percent() -> u32 {
     defaults::MAX_EJECTION_PERCENT
 }
@@ -196,6 +202,7 @@ impl WireService {
             connect_timeout_ms: ms(s.connect_timeout),
             connect_retries: s.connect_retries,
             hedge_delay_ms: ms(s.hedge_delay),
+            queue_timeout_ms: ms(s.queue_timeout),
             max_ejection_percent: s.max_ejection_percent,
             retry_on_early_close: s.retry_on_early_close,
             replay_buffer: s.replay_buffer,
@@ -306,6 +313,7 @@ impl WireService {
                 .map_err(err)?,
             connect_retries: self.connect_retries,
             hedge_delay: duration("hedge_delay", self.hedge_delay_ms, false).map_err(err)?,
+            queue_timeout: duration("queue_timeout", self.queue_timeout_ms, false).map_err(err)?,
             max_ejection_percent: self.max_ejection_percent,
             retry_on_early_close: self.retry_on_early_close,
             replay_buffer: self.replay_buffer,
