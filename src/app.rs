@@ -1,7 +1,10 @@
 //! Wiring: config -> control plane (listeners, health, table) -> admin -> reloads -> signals.
 //! Owns the shutdown sequence: stop accepting, let connections finish up to the longest
-//! `drain_timeout`, close the rest, return.
+//! `drain_timeout`, close the rest, return. The same sequence ends a process that handed
+//! its listeners to a successor (`upgrade`); a process started to take over receives them
+//! before it binds anything, and says it is ready after its first health round.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,13 +24,47 @@ use crate::proxy::conn::Shared;
 use crate::proxy::forward::Mode;
 use crate::proxy::{listener, splice};
 use crate::table::TableHandle;
+use crate::upgrade::{self, Predecessor, ProcessInfo, Upgrades};
 
 /// How long a file must be quiet after a change before it is read (editors write in
 /// several steps; a half-written file must not be applied).
 const RELOAD_QUIET: Duration = Duration::from_millis(250);
 
-/// Runs meshd until SIGTERM/SIGINT, then drains and returns.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// The longest a new process waits for its first health round before it tells its
+/// predecessor it is ready.
+const WARM_UP_MAX: Duration = Duration::from_secs(10);
+/// Inherited listeners no service claimed are kept this long after ready (a discovery
+/// round may still ask for them), then closed.
+const UNCLAIMED_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs meshd until SIGTERM/SIGINT (or a successful hand-off to a successor), then drains
+/// and returns. `takeover`: the hand-off socket of the process this one replaces.
+pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()> {
+    let info = Arc::new(ProcessInfo::current());
+    // A predecessor's listeners first: every bind below takes them instead of binding.
+    let from = match (takeover, &config.upgrade.socket) {
+        (Some(p), _) => Some(Predecessor::Required(p)),
+        (None, Some(p)) => Some(Predecessor::IfPresent(p.clone())),
+        (None, None) => None,
+    };
+    let handoff = match from {
+        None => None,
+        Some(from) => {
+            let what = match &from {
+                Predecessor::Required(p) | Predecessor::IfPresent(p) => p.display().to_string(),
+            };
+            match tokio::task::spawn_blocking(move || upgrade::take_over(from)).await? {
+                Ok(t) => t,
+                Err(e) => anyhow::bail!("cannot take over from the meshd at {what}: {e}"),
+            }
+        }
+    };
+    if let Some(t) = &handoff {
+        tracing::info!(
+            listeners = t.received,
+            "upgrade: took the running meshd's listeners; warming up"
+        );
+    }
     match crate::sys::raise_nofile() {
         Ok(n) => tracing::info!(nofile = n, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
@@ -59,6 +96,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
 
     let (ejected_tx, ejected_rx) = mpsc::unbounded_channel();
     let table = TableHandle::new();
@@ -76,6 +114,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::anyhow!(crate::control::bind_error("admin", config.admin.listen, &e))
     })?;
     let admin_listener = tokio::net::TcpListener::from_std(admin_listener)?;
+    let admin_served = upgrade::sockets::register(
+        upgrade::sockets::Kind::Admin,
+        config.admin.listen,
+        admin_listener.as_fd(),
+    )?;
     let mut control = Control::new(
         table.clone(),
         status.clone(),
@@ -92,7 +135,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The desired-state feed: what the Docker provider reads, served to followers.
     let (feed_tx, feed_rx) =
         tokio::sync::watch::channel(crate::discovery::feed::FeedState::default());
+    let (upgraded_tx, mut upgraded_rx) = mpsc::unbounded_channel();
+    let upgrades = Arc::new(Upgrades {
+        info: info.clone(),
+        timeout: config.upgrade.timeout,
+        done: upgraded_tx.clone(),
+    });
     let admin_state = Arc::new(AdminState {
+        upgrades: upgrades.clone(),
         feed: config.discovery.docker.as_ref().map(|_| feed_rx),
         status: status.clone(),
         commands: cmd_tx.clone(),
@@ -140,11 +190,73 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "meshd ready"
     );
 
-    // Wait for the signal to stop.
-    let sig = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let took_over = handoff.is_some();
+    if let Some(t) = handoff {
+        warm_up(&status, WARM_UP_MAX).await;
+        let taken = upgrade::sockets::INHERITED_TAKEN.load(Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || t.ready())
+            .await?
+            .context("telling the old meshd this one is ready")?;
+        tracing::info!(
+            inherited = taken,
+            "upgrade: ready; the old meshd stops accepting and drains"
+        );
+        tokio::spawn(async {
+            tokio::time::sleep(UNCLAIMED_GRACE).await;
+            let gone = upgrade::sockets::close_unclaimed();
+            if !gone.is_empty() {
+                tracing::info!(addrs = ?gone, "inherited listeners no service asked for were closed");
+            }
+        });
+    }
+    // systemd (Type=notify, NotifyAccess=all): ready, and after an upgrade the main process
+    // is this one. Nothing happens outside systemd (no NOTIFY_SOCKET).
+    let mut notify = vec![sd_notify::NotifyState::Ready];
+    if took_over {
+        notify.insert(0, sd_notify::NotifyState::MainPid(std::process::id()));
+    }
+    if let Err(e) = sd_notify::notify(false, &notify) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+    // `[upgrade] socket`: from now on, a meshd that starts with the same setting takes over.
+    let socket_server = match &config.upgrade.socket {
+        None => None,
+        Some(p) => Some(
+            upgrade::serve_socket(p, info.clone(), config.upgrade.timeout, upgraded_tx.clone())
+                .with_context(|| format!("serving the upgrade socket {}", p.display()))?,
+        ),
     };
+
+    // Wait for the signal to stop, or for a successor to be ready.
+    let sig = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                let u = upgrades.clone();
+                tokio::spawn(async move { u.upgrade(None, None).await });
+            }
+            Some(out) = upgraded_rx.recv() => {
+                out.count();
+                match out.result {
+                    Ok(pid) => {
+                        tracing::info!(new_pid = pid, "upgrade: the new meshd is ready; handing over");
+                        break "upgrade";
+                    }
+                    Err(e) => tracing::error!(error = %e, "upgrade failed; this meshd keeps serving"),
+                }
+            }
+        }
+    };
+    let upgraded = sig == "upgrade";
+    if upgraded {
+        // The successor answers the admin address from now on.
+        admin_stop.close();
+    }
+    if let Some(s) = &socket_server {
+        s.close(!upgraded);
+    }
     let grace = config.max_drain_timeout();
     tracing::info!(
         signal = sig,
@@ -170,6 +282,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     }
     admin_stop.close();
+    drop(admin_served);
     drop(cmd_tx);
     drop(admin_state);
     control_task.abort();
@@ -283,4 +396,22 @@ fn watch_file(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWa
         return None;
     }
     Some(w)
+}
+
+/// A new process's first health round: until no backend waits for its first verdict (a
+/// backend of unknown health gets no connection), or `max`.
+async fn warm_up(status: &crate::control::StatusHandle, max: Duration) {
+    let end = tokio::time::Instant::now() + max;
+    loop {
+        let pending = status
+            .load()
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .any(|b| b.backend.health() == crate::table::Health::Unknown);
+        if !pending || tokio::time::Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -32,3 +32,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod sys;
 pub mod table;
+pub mod upgrade;

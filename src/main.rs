@@ -26,6 +26,10 @@ struct Cli {
     /// Log format (overrides [log] format).
     #[arg(long, global = true, value_parser = ["human", "json"])]
     log_format: Option<String>,
+    /// Take the listeners over from the meshd serving this hand-off socket (set by the
+    /// process that starts its successor; see `meshd upgrade`).
+    #[arg(long, hide = true)]
+    takeover: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -38,6 +42,22 @@ enum Cmd {
     /// is an error; a file with no service is valid but warned about (a running meshd
     /// refuses to reload to it unless it says allow_empty = true).
     Check,
+    /// Upgrade the running meshd without refusing a connection: it starts the binary at its
+    /// path on disk (or --binary) and hands it every listening socket; once the new process
+    /// is ready the old one drains and exits. Exit 0 when the new process serves, 1 (with
+    /// the reason) when the old one goes on serving. Same as SIGUSR2, with an answer.
+    Upgrade {
+        /// The running meshd's admin address (default: [admin] listen of --config, else
+        /// 127.0.0.1:9901).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// The new binary (default: the running one's path on disk).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// How long the new process may take to be ready (default: [upgrade] timeout).
+        #[arg(long, value_parser = dur)]
+        timeout: Option<Duration>,
+    },
     /// A self-contained zero-downtime demonstration: real backend tasks behind meshd under
     /// load, through scale-up, scale-down, rolling updates, a broken release and a kill -9.
     Demo {
@@ -107,6 +127,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Upgrade {
+            admin,
+            binary,
+            timeout,
+        } => upgrade(cli.config, admin, binary, timeout),
         Cmd::Demo { phase, clients } => {
             init_logging(LogFormat::Human);
             block_on(
@@ -156,7 +181,7 @@ fn main() -> ExitCode {
                 None => cfg.log.format,
             };
             init_logging(format);
-            block_on(cli.threads, meshd::app::run(cfg))
+            block_on(cli.threads, meshd::app::run(cfg, cli.takeover))
         }
     }
 }
@@ -201,4 +226,68 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => b.json().flatten_event(true).try_init(),
         LogFormat::Human => b.try_init(),
     };
+}
+
+/// `meshd upgrade`: one `POST /api/v1/upgrade` to the running meshd, answered when the
+/// hand-off is over.
+fn upgrade(
+    config: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+    binary: Option<PathBuf>,
+    timeout: Option<Duration>,
+) -> ExitCode {
+    let cfg = match config.as_deref().map(Config::load) {
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+        Some(Ok(c)) => Some(c),
+        None => None,
+    };
+    let addr = admin
+        .or(cfg.as_ref().map(|c| c.admin.listen))
+        .unwrap_or_else(|| {
+            meshd::config::defaults::ADMIN_LISTEN
+                .parse()
+                .expect("a valid default")
+        });
+    let token = cfg
+        .as_ref()
+        .and_then(|c| c.admin.token.clone())
+        .or_else(|| std::env::var("MESHD_ADMIN_TOKEN").ok());
+    let mut body = serde_json::Map::new();
+    if let Some(b) = binary {
+        let b = std::fs::canonicalize(&b).unwrap_or(b);
+        body.insert("binary".into(), b.display().to_string().into());
+    }
+    if let Some(t) = timeout {
+        body.insert("timeout".into(), format!("{}ms", t.as_millis()).into());
+    }
+    let wait = timeout.unwrap_or(Duration::from_secs(600)) + Duration::from_secs(30);
+    match meshd::admin::client::post(
+        addr,
+        "/api/v1/upgrade",
+        token.as_deref(),
+        &serde_json::Value::Object(body).to_string(),
+        wait,
+    ) {
+        Ok((200, text)) => {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            println!(
+                "meshd upgrade: pid {} took over from pid {}; the old process drains",
+                v["pid"], v["old_pid"]
+            );
+            ExitCode::SUCCESS
+        }
+        Ok((code, text)) => {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let why = v["error"].as_str().map(str::to_owned).unwrap_or(text);
+            eprintln!("meshd upgrade: failed ({code}): {why}; the running meshd keeps serving");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("meshd upgrade: cannot reach the admin API at {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

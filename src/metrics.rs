@@ -46,6 +46,8 @@ pub const EJECTIONS: &str = "meshd_ejections_total";
 pub const HEDGED_CONNECTS: &str = "meshd_hedged_connects_total";
 pub const REPLAYED_CONNECTIONS: &str = "meshd_replayed_connections_total";
 pub const QUEUED_CONNECTIONS: &str = "meshd_queued_connections_total";
+pub const UPGRADES: &str = "meshd_upgrades_total";
+pub const INHERITED_LISTENERS: &str = "meshd_inherited_listeners";
 
 /// How long a series nobody updates survives (a gone backend's last values stay visible
 /// this long).
@@ -159,6 +161,14 @@ fn describe() {
     describe_counter!(
         HEDGED_CONNECTS,
         "Second connects started on another backend because the first had not completed after hedge_delay."
+    );
+    describe_counter!(
+        UPGRADES,
+        "Hand-offs of the listeners to a new meshd process this one started or served, by result (ok, failed, timeout)."
+    );
+    describe_gauge!(
+        INHERITED_LISTENERS,
+        "Listening sockets this process took from the meshd it replaced (0: it bound its own)."
     );
     describe_counter!(
         QUEUED_CONNECTIONS,
@@ -308,4 +318,12 @@ pub fn sync_process(
     for (provider, n) in discovery_errors {
         metrics::counter!(DISCOVERY_ERRORS, "provider" => *provider).absolute(*n);
     }
+    for (result, n) in crate::upgrade::RESULTS
+        .iter()
+        .zip(&crate::upgrade::UPGRADES)
+    {
+        metrics::counter!(UPGRADES, "result" => *result).absolute(n.load(Ordering::Relaxed));
+    }
+    metrics::gauge!(INHERITED_LISTENERS)
+        .set(crate::upgrade::sockets::INHERITED_TAKEN.load(Ordering::Relaxed) as f64);
 }

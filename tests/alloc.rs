@@ -105,7 +105,7 @@ fn allocations_per_connection_are_the_connections_own_state() {
         .build()
         .unwrap();
     rt.spawn(async move {
-        let _ = meshd::app::run(cfg).await;
+        let _ = meshd::app::run(cfg, None).await;
     });
     assert!(wait_until(Duration::from_secs(10), || {
         matches!(common::http_get(admin, "/readyz"), Some((200, _)))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use meshd::config::{
     AdminConfig, BackendConfig, Balance, CheckKind, Config, ConfigError, DiscoveryConfig,
     DnsDiscoveryConfig, DnsTarget, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat,
-    ProxyProtocol, ServiceConfig,
+    ProxyProtocol, ServiceConfig, UpgradeConfig,
 };
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -544,6 +544,10 @@ fn a_file_with_an_empty_table_is_the_default_config() {
             services: vec![],
             discovery: DiscoveryConfig::default(),
             allow_empty: false,
+            upgrade: UpgradeConfig {
+                socket: None,
+                timeout: Duration::from_secs(60),
+            },
         }
     );
 }
@@ -666,6 +670,10 @@ fn design_example() {
                 }),
             },
             allow_empty: false,
+            upgrade: UpgradeConfig {
+                socket: None,
+                timeout: Duration::from_secs(60),
+            },
         }
     );
 }

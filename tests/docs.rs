@@ -39,6 +39,7 @@ const TABLES: &[(&str, &str)] = &[
         "[discovery.docker]\nzz_unknown = 1\n",
     ),
     ("`[discovery.dns]`", "[discovery.dns]\nzz_unknown = 1\n"),
+    ("`[upgrade]`", "[upgrade]\nzz_unknown = 1\n"),
 ];
 
 /// The keys serde lists after "expected" for the unknown key in `probe`.

@@ -16,6 +16,7 @@
 //! A connection over a limit is reset at once (no handshake state is kept for it).
 
 pub mod api;
+pub mod client;
 mod page;
 
 use std::collections::HashMap;
@@ -56,6 +57,9 @@ const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What every admin request can see.
 pub struct AdminState {
+    /// This process (`GET /api/v1/process`) and how to start its successor
+    /// (`POST /api/v1/upgrade`).
+    pub upgrades: Arc<crate::upgrade::Upgrades>,
     pub status: StatusHandle,
     pub commands: mpsc::Sender<Command>,
     /// The bearer token for mutations (`None`: open, which validation allows on loopback
@@ -297,6 +301,68 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             }
             _ => method_not_allowed("GET"),
         },
+        ["api", "v1", "process"] => match m {
+            Method::GET | Method::HEAD => {
+                let info = &state.upgrades.info;
+                let body = serde_json::json!({
+                    "pid": info.pid,
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "started_at": info.started_at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    "inherited_listeners": crate::upgrade::sockets::INHERITED_TAKEN
+                        .load(Ordering::Relaxed),
+                    "upgrading": info.upgrading.load(Ordering::Relaxed),
+                });
+                json(StatusCode::OK, body.to_string())
+            }
+            _ => method_not_allowed("GET"),
+        },
+        ["api", "v1", "upgrade"] => match m {
+            Method::POST => {
+                if let Some(r) = check_token(state, &req) {
+                    return r;
+                }
+                let body = match read_body::<UpgradeBody>(req).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                let timeout = match body.timeout.as_deref().map(crate::config::parse_duration) {
+                    None => None,
+                    Some(Ok(d)) if !d.is_zero() => Some(d),
+                    Some(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "timeout must be a positive duration, e.g. \"60s\"",
+                        )
+                    }
+                };
+                let out = state
+                    .upgrades
+                    .upgrade(body.binary.map(std::path::PathBuf::from), timeout)
+                    .await;
+                match out.result {
+                    Ok(pid) => json(
+                        StatusCode::OK,
+                        serde_json::json!({"result": "ok", "pid": pid, "old_pid": std::process::id()})
+                            .to_string(),
+                    ),
+                    Err(e) => {
+                        let code = if out.label == "failed" && e.contains("already in progress") {
+                            StatusCode::CONFLICT
+                        } else {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        };
+                        json(
+                            code,
+                            serde_json::json!({"result": out.label, "error": e}).to_string(),
+                        )
+                    }
+                }
+            }
+            _ => method_not_allowed("POST"),
+        },
         ["api", "v1", "discovery", "docker"] => match m {
             Method::GET => discovery_feed(state, &req),
             _ => method_not_allowed("GET"),
@@ -405,6 +471,35 @@ fn discovery_feed(state: &AdminState, req: &Request<Incoming>) -> Resp {
 #[serde(deny_unknown_fields)]
 struct WeightBody {
     weight: u32,
+}
+
+/// `POST /api/v1/upgrade`'s body (empty, or JSON with either key).
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    binary: Option<String>,
+    timeout: Option<String>,
+}
+
+/// A small JSON body (an empty one is `T::default()`).
+async fn read_body<T: serde::de::DeserializeOwned + Default>(
+    req: Request<Incoming>,
+) -> Result<T, Resp> {
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(HEADER_TIMEOUT, body).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) | Err(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "body too large or unreadable",
+            ))
+        }
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad body: {e}")))
 }
 
 async fn read_weight(req: Request<Incoming>) -> Result<u32, Resp> {

@@ -41,6 +41,16 @@ pub struct FileConfig {
     pub services: Vec<Service>,
     #[serde(default)]
     pub discovery: Discovery,
+    #[serde(default)]
+    pub upgrade: Upgrade,
+}
+
+/// `[upgrade]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upgrade {
+    pub socket: Option<Spanned<String>>,
+    pub timeout: Key<Duration>,
 }
 
 /// `[admin]`

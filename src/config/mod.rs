@@ -40,6 +40,8 @@ pub mod defaults {
     pub const CONNECT_RETRIES: u32 = 2;
     /// Upper bound for `connect_retries`: the set of tried backends lives on the stack.
     pub const MAX_CONNECT_RETRIES: u32 = 16;
+    /// How long a new process has to take the listeners over and say it is ready.
+    pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const SLOW_START: Duration = Duration::ZERO;
@@ -77,6 +79,18 @@ pub struct Config {
     /// service. Without it, a reload that would leave no service while some run is refused
     /// (a file rewritten in place is empty, or half-written, for a moment).
     pub allow_empty: bool,
+    pub upgrade: UpgradeConfig,
+}
+
+/// `[upgrade]`: how this meshd hands its listeners to a new one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpgradeConfig {
+    /// A UNIX socket this meshd serves hand-offs on for as long as it runs, and that a
+    /// meshd starting with the same setting tries first (a start-first container update).
+    /// `None`: hand-offs go through a private socket made for each `meshd upgrade`.
+    pub socket: Option<PathBuf>,
+    /// How long a new process may take to say it is ready.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -18,7 +18,7 @@ use super::file::{self, FileConfig};
 use super::{
     defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
     DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat, ProxyProtocol,
-    ServiceConfig,
+    ServiceConfig, UpgradeConfig,
 };
 
 /// A configuration that cannot be used. `Display` is one line: `FILE:LINE:COL: message`
@@ -258,6 +258,7 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
     let uses_dns = services.iter().any(|s| s.dns.is_some());
     let discovery = discovery(&cx, &file.discovery, uses_dns)?;
+    let upgrade = upgrade(&cx, &file.upgrade)?;
 
     Ok(Config {
         path: path.to_owned(),
@@ -267,7 +268,27 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         services,
         discovery,
         allow_empty: file.allow_empty.unwrap_or(false),
+        upgrade,
     })
+}
+
+fn upgrade(cx: &Cx, u: &file::Upgrade) -> Result<UpgradeConfig, ConfigError> {
+    let socket = match &u.socket {
+        None => None,
+        Some(s) => {
+            let p = PathBuf::from(s.get_ref());
+            if !p.is_absolute() || s.get_ref().len() > 100 {
+                let msg = format!(
+                    "upgrade socket {:?} must be an absolute path of at most 100 bytes (a UNIX socket address), e.g. \"/run/meshd/upgrade.sock\"",
+                    s.get_ref()
+                );
+                return Err(cx.err(s.span(), msg));
+            }
+            Some(p)
+        }
+    };
+    let timeout = positive(cx, "timeout", u.timeout.as_ref(), defaults::UPGRADE_TIMEOUT)?;
+    Ok(UpgradeConfig { socket, timeout })
 }
 
 /// Valid TOML with nothing in it: every line blank or a comment. (Checked after parsing, so

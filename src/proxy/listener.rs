@@ -24,6 +24,7 @@ use super::close::CloseSignal;
 use super::conn::{self, Shared};
 use super::connect::keepalive;
 use crate::table::{ServiceState, TableHandle};
+use crate::upgrade;
 
 /// Accepts that failed because descriptors or kernel memory ran out.
 pub static ACCEPT_EXHAUSTED: AtomicU64 = AtomicU64::new(0);
@@ -33,8 +34,16 @@ const BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// Binds a listening socket: SO_REUSEADDR, IPV6_V6ONLY for IPv6 (so `[::]:P` and
 /// `0.0.0.0:P` can both be listed), the given backlog, and TCP_NODELAY plus keepalive, which
-/// Linux copies to every accepted socket (no per-connection setsockopt).
+/// Linux copies to every accepted socket (no per-connection setsockopt). A listener
+/// inherited from the process this one upgraded is taken instead (the same socket and
+/// queue; never re-bound).
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    if let Some(inherited) = upgrade::sockets::take(addr, backlog) {
+        match inherited {
+            Ok(l) => return Ok(l),
+            Err(e) => tracing::warn!(%addr, error = %e, "inherited listener refused; binding anew"),
+        }
+    }
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -69,6 +78,11 @@ impl AcceptLoop {
             tracker,
             stop,
         } = self;
+        // Offered to a successor (`meshd upgrade`) for as long as this loop accepts.
+        let _served = listener.local_addr().ok().and_then(|a| {
+            use std::os::fd::AsFd;
+            upgrade::sockets::register(upgrade::sockets::Kind::Tcp, a, listener.as_fd()).ok()
+        });
         let stopped = stop.wait();
         tokio::pin!(stopped);
         let mut backoff = BACKOFF_MIN;

@@ -324,6 +324,11 @@ impl Manager {
             ready: std::sync::atomic::AtomicBool::new(true),
             metrics: None,
             feed: Some(feed_rx),
+            upgrades: Arc::new(crate::upgrade::Upgrades {
+                info: Arc::new(crate::upgrade::ProcessInfo::current()),
+                timeout: std::time::Duration::from_secs(60),
+                done: mpsc::unbounded_channel().0,
+            }),
         });
         tokio::spawn(crate::admin::serve(
             listener,
