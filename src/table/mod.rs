@@ -11,6 +11,7 @@
 //! (the backends' atomics aside); the control plane is the only caller of `store`.
 
 pub mod backend;
+pub mod outlier;
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
