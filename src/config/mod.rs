@@ -9,6 +9,7 @@
 //! `token_file` is set, the token file.
 
 mod file;
+pub mod limits;
 mod validate;
 
 use std::net::SocketAddr;

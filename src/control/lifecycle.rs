@@ -310,7 +310,7 @@ pub fn set_source(
         tracing::info!(
             service = &**service,
             backend = &*e.backend.addr_label,
-            check = crate::health::check_name(cfg.health.check),
+            check = cfg.health.check.name(),
             "backend added"
         );
         by_addr.insert(addr, backends.len());

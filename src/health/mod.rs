@@ -66,15 +66,6 @@ impl Verdict {
     }
 }
 
-/// The config word for a check kind (for logs and the API).
-pub fn check_name(c: crate::config::CheckKind) -> &'static str {
-    match c {
-        crate::config::CheckKind::None => "none",
-        crate::config::CheckKind::Tcp => "tcp",
-        crate::config::CheckKind::Http => "http",
-    }
-}
-
 /// A health transition, reported to the control plane.
 #[derive(Debug)]
 pub struct Transition {
