@@ -71,9 +71,9 @@ impl ConnectError {
             K::ConnectionRefused => ConnectError::Refused,
             K::ConnectionReset | K::ConnectionAborted => ConnectError::Reset,
             K::TimedOut => ConnectError::Timeout,
-            K::HostUnreachable | K::NetworkUnreachable | K::AddrNotAvailable => {
-                ConnectError::Unreachable
-            }
+            // EADDRNOTAVAIL (no ephemeral port left) never gets here: `proxy::connect`
+            // counts it as a local failure, not the backend's.
+            K::HostUnreachable | K::NetworkUnreachable => ConnectError::Unreachable,
             _ => ConnectError::Other,
         }
     }
