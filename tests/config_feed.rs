@@ -201,7 +201,9 @@ fn across_the_wire(s: &ServiceConfig) -> Result<ServiceConfig, String> {
     })
     .unwrap();
     match serde_json::from_str::<Message>(&line).unwrap() {
-        Message::State { mut services, .. } => services.remove(0).into_config(),
+        Message::State { mut services, .. } => {
+            services.remove(0).into_config().map_err(|e| e.to_string())
+        }
         m => panic!("{m:?}"),
     }
 }

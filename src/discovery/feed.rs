@@ -85,6 +85,19 @@ pub enum Message {
     },
 }
 
+/// Why a service (or a whole state) from the wire is not used. A service is left out and
+/// named in the state's warnings; the others are applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("service name {0:?} is not usable")]
+    Name(String),
+    /// A field outside the bounds `mesh.toml` has (`config::limits`); `problem` names it.
+    #[error("service {service:?}: {problem}")]
+    Field { service: String, problem: String },
+    #[error("{0} services is too many")]
+    TooManyServices(usize),
+}
+
 /// A mesh service on the wire. Durations in milliseconds; keywords as in `mesh.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,11 +235,14 @@ impl WireService {
     }
 
     /// Checks every field against the bounds `mesh.toml` has; the error names the field.
-    pub fn into_config(self) -> Result<ServiceConfig, String> {
+    pub fn into_config(self) -> Result<ServiceConfig, WireError> {
         if limits::service_name(&self.name).is_err() {
-            return Err(format!("service name {:?} is not usable", self.name));
+            return Err(WireError::Name(self.name));
         }
-        let err = |e: String| format!("service {:?}: {e}", self.name);
+        let err = |problem: String| WireError::Field {
+            service: self.name.clone(),
+            problem,
+        };
         if self.listen.is_empty() || self.listen.len() > limits::MAX_LISTEN {
             return Err(err(format!(
                 "listen must hold 1 to {} addresses",
@@ -301,9 +317,9 @@ impl WireService {
 /// out and named in the returned warnings (like a label that does not parse).
 pub fn services_from_wire(
     wire: Vec<WireService>,
-) -> Result<(Vec<ServiceConfig>, Vec<String>), String> {
+) -> Result<(Vec<ServiceConfig>, Vec<String>), WireError> {
     if wire.len() > MAX_WIRE_SERVICES {
-        return Err(format!("{} services is too many", wire.len()));
+        return Err(WireError::TooManyServices(wire.len()));
     }
     let mut out: Vec<ServiceConfig> = Vec::with_capacity(wire.len());
     let mut warnings = Vec::new();
@@ -313,7 +329,7 @@ pub fn services_from_wire(
                 warnings.push(format!("service {:?} is listed twice", s.name));
             }
             Ok(s) => out.push(s),
-            Err(e) => warnings.push(e),
+            Err(e) => warnings.push(e.to_string()),
         }
     }
     Ok((out, warnings))
@@ -461,7 +477,7 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         ] {
             let mut w = back.clone();
             w.backends[1].id = Some(bad.clone());
-            let e = w.into_config().unwrap_err();
+            let e = w.into_config().unwrap_err().to_string();
             assert!(
                 e.contains("backend 10.0.1.6:80 id") && e.contains("not usable"),
                 "{bad:?}: {e}"
