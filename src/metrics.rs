@@ -8,7 +8,8 @@
 //!   handle. Only the two histograms are recorded per connection, through per-service
 //!   handles registered when the service appears.
 //! - Series of a backend that is gone stop being touched and the exporter drops them after
-//!   `SERIES_IDLE` (counters and gauges only), so label sets stay bounded under churn.
+//!   `SERIES_IDLE` (or `MESHD_SERIES_IDLE`; counters and gauges only), so label sets stay
+//!   bounded under churn.
 //!
 //! No label ever carries a client address.
 
@@ -47,8 +48,21 @@ pub const HEDGED_CONNECTS: &str = "meshd_hedged_connects_total";
 pub const REPLAYED_CONNECTIONS: &str = "meshd_replayed_connections_total";
 
 /// How long a series nobody updates survives (a gone backend's last values stay visible
-/// this long).
+/// this long). The environment variable `MESHD_SERIES_IDLE` (a duration, e.g. `"3s"`)
+/// overrides it, so that a test of the expiry takes seconds.
 pub const SERIES_IDLE: Duration = Duration::from_secs(60);
+
+/// [`SERIES_IDLE`], or `MESHD_SERIES_IDLE` when set.
+fn series_idle() -> anyhow::Result<Duration> {
+    match std::env::var("MESHD_SERIES_IDLE") {
+        Err(_) => Ok(SERIES_IDLE),
+        Ok(v) => match crate::config::parse_duration(&v) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => anyhow::bail!("MESHD_SERIES_IDLE must be greater than zero"),
+            Err(e) => anyhow::bail!("MESHD_SERIES_IDLE: {e}"),
+        },
+    }
+}
 
 /// Connection lifetimes: 1 ms to 4 h.
 const DURATION_BUCKETS: &[f64] = &[
@@ -73,7 +87,7 @@ pub fn install() -> anyhow::Result<&'static PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .idle_timeout(
             MetricKindMask::COUNTER | MetricKindMask::GAUGE,
-            Some(SERIES_IDLE),
+            Some(series_idle()?),
         )
         .set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)?

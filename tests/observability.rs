@@ -759,21 +759,25 @@ fn retries_count_only_connects_retried_on_another_backend() {
 
 #[test]
 fn gone_backend_series_disappear_after_it_drained() {
-    // SERIES_IDLE (src/metrics.rs) is 60 s: a gone backend's last values stay visible that
-    // long after the first scrape that sees them, then the exporter drops the series. This
-    // test waits for it (at most 70 s).
-    const MAX_WAIT: Duration = Duration::from_secs(69);
+    // SERIES_IDLE (src/metrics.rs, 60 s) is set to 3 s here (MESHD_SERIES_IDLE): a gone
+    // backend's last values stay visible that long after the first scrape that sees them,
+    // then the exporter drops the series.
+    const IDLE: Duration = Duration::from_secs(3);
+    const MAX_WAIT: Duration = Duration::from_secs(15);
     let a = Backend::http("a");
     let b = Backend::http("b");
     let listen = addr(free_port());
     let old_listen = addr(free_port());
     let rr = "balance = \"round_robin\"";
-    let m = Meshd::start(
+    let m = Meshd::start_with(
         &[
             service("web", listen, &[a.addr, b.addr], rr),
             service("old", old_listen, &[a.addr], ""),
         ]
         .concat(),
+        |cmd| {
+            cmd.env("MESHD_SERIES_IDLE", format!("{}ms", IDLE.as_millis()));
+        },
     );
     for _ in 0..4 {
         http_exchange([127, 0, 0, 2], listen);
@@ -808,7 +812,7 @@ fn gone_backend_series_disappear_after_it_drained() {
     // Then they go; the live backend's series stay (scrapes keep them fresh).
     let mut last = String::new();
     let gone = wait_until(MAX_WAIT, || {
-        thread::sleep(Duration::from_millis(500));
+        thread::sleep(Duration::from_millis(200));
         last = scrape(&m);
         let s = samples(&last);
         !s.iter().any(|x| {
@@ -823,7 +827,7 @@ fn gone_backend_series_disappear_after_it_drained() {
         "series of the gone backend still there after {took:?}:\n{last}"
     );
     assert!(
-        took >= Duration::from_secs(50),
+        took >= IDLE - Duration::from_millis(500),
         "they went after {took:?}, before SERIES_IDLE: a scrape could miss the final values"
     );
     let s = samples(&last);
