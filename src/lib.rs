@@ -20,6 +20,9 @@
 //!
 //! See ARCHITECTURE.md for the invariants.
 
+// `unsafe` only where a system call needs it: `sys` and `proxy::splice` allow it.
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod balance;
