@@ -16,8 +16,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::duration::parse_duration;
 use super::limits;
-use super::validate::parse_duration;
 use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol};
 
 /// An optional key whose string value has its own syntax.

@@ -12,6 +12,7 @@
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use super::duration::format_duration;
 use super::{defaults, Balance, CheckKind, LogFormat, ProxyProtocol};
 
 /// The longest duration any key accepts: 366 days.
@@ -291,22 +292,6 @@ impl CheckKind {
 impl ProxyProtocol {
     pub fn name(self) -> &'static str {
         name_of(&PROXY_PROTOCOLS, self)
-    }
-}
-
-/// `d` the way `mesh.toml` writes it: the largest unit that is exact.
-pub fn format_duration(d: Duration) -> String {
-    let ns = d.as_nanos();
-    let units = [
-        ("h", 3_600_000_000_000),
-        ("m", 60_000_000_000),
-        ("s", 1_000_000_000),
-        ("ms", 1_000_000),
-    ];
-    match units.iter().find(|(_, n)| ns >= *n && ns % n == 0) {
-        Some((u, n)) => format!("{}{u}", ns / n),
-        None if ns == 0 => "0s".to_owned(),
-        None => format!("{}us", ns / 1_000),
     }
 }
 
