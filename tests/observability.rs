@@ -759,7 +759,7 @@ fn retries_count_only_connects_retried_on_another_backend() {
 
 #[test]
 fn gone_backend_series_disappear_after_it_drained() {
-    // SERIES_IDLE (src/metrics.rs, 60 s) is set to 3 s here (MESHD_SERIES_IDLE): a gone
+    // SERIES_IDLE (src/metrics/export.rs, 60 s) is set to 3 s here (MESHD_SERIES_IDLE): a gone
     // backend's last values stay visible that long after the first scrape that sees them,
     // then the exporter drops the series.
     const IDLE: Duration = Duration::from_secs(3);
@@ -1083,10 +1083,11 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     out
 }
 
-/// Every metric name meshd defines: DESIGN.md's table plus the constants of src/metrics.rs.
+/// Every metric name meshd defines: DESIGN.md's table plus the constants of
+/// src/metrics/names.rs.
 fn known_metrics() -> BTreeSet<String> {
     let mut known: BTreeSet<String> = DESIGN.iter().map(|d| d.0.to_string()).collect();
-    let src = std::fs::read_to_string(repo("src/metrics.rs")).unwrap();
+    let src = std::fs::read_to_string(repo("src/metrics/names.rs")).unwrap();
     for line in src.lines() {
         let line = line.trim();
         if line.starts_with("pub const") && line.contains(": &str = \"meshd_") {
@@ -1142,13 +1143,13 @@ fn design_table_matches_the_contract_file() {
         table, ours,
         "DESIGN.md's metric table changed: update DESIGN here"
     );
-    // And src/metrics.rs defines every one of them.
+    // And src/metrics/names.rs defines every one of them.
     let known = known_metrics();
-    let src = std::fs::read_to_string(repo("src/metrics.rs")).unwrap();
+    let src = std::fs::read_to_string(repo("src/metrics/names.rs")).unwrap();
     for (n, _, _) in DESIGN {
         assert!(
             src.contains(&format!("\"{n}\"")),
-            "{n} not in src/metrics.rs"
+            "{n} not in src/metrics/names.rs"
         );
         assert!(known.contains(*n));
     }

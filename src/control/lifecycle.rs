@@ -14,7 +14,7 @@
 //! Invariant: nothing here reads a clock, binds a socket or spawns a task. Every function
 //! takes `now`; what the caller must do (start a health checker, rebuild the service's
 //! table) comes back as [`Effects`]. Closing a drained backend's remaining connections is a
-//! [`CloseSignal`](crate::proxy::close::CloseSignal) broadcast, done here.
+//! [`CloseSignal`](crate::close::CloseSignal) broadcast, done here.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::close::CloseSignal;
 use crate::config::{CheckKind, ServiceConfig};
 use crate::metrics::BackendMetrics;
-use crate::proxy::close::CloseSignal;
 use crate::table::{outlier, Backend, Health, ServiceState, State};
 
 /// Where a backend comes from (a bit each; a backend drains when no source wants it).

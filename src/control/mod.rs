@@ -39,10 +39,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
+use crate::close::CloseSignal;
 use crate::config::{CheckKind, Config, ServiceConfig};
 use crate::health::{self, Transition};
 use crate::metrics::ServiceMetrics;
-use crate::proxy::close::CloseSignal;
 use crate::proxy::conn::Shared;
 use crate::proxy::listener::{self, AcceptLoop};
 use crate::table::{Backend, Health, ServiceState, ServiceTable, State, TableHandle};

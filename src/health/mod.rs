@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::close::CloseSignal;
 use crate::config::HealthConfig;
-use crate::proxy::close::CloseSignal;
 use crate::table::{Backend, Health};
 
 /// The rise/fall counter. Pure: no I/O, no clock.

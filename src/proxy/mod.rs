@@ -10,7 +10,9 @@
 //! forwarding and once when it ends); `splice` holds the data plane's only `unsafe` (the
 //! other `unsafe` blocks are the system calls in `sys.rs`).
 
-pub mod close;
+/// `CloseSignal` lives in `crate::close` (table and health use it too); re-exported so
+/// the data plane can name it where it always did.
+pub use crate::close;
 pub mod conn;
 pub mod connect;
 pub mod forward;

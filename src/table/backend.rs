@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use crate::proxy::close::CloseSignal;
+use crate::close::CloseSignal;
 
 /// Lifecycle: `Active -> Draining -> Gone`, or `Draining -> Active` by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -56,8 +56,8 @@ impl ServiceState {
     pub fn new(name: Arc<str>, slot: usize) -> ServiceState {
         let labels = [("service", name.to_string())];
         ServiceState {
-            conn_duration: metrics::histogram!(crate::metrics::CONNECTION_DURATION, &labels),
-            connect_duration: metrics::histogram!(crate::metrics::CONNECT_DURATION, &labels),
+            conn_duration: metrics::histogram!(crate::metrics::names::CONNECTION_DURATION, &labels),
+            connect_duration: metrics::histogram!(crate::metrics::names::CONNECT_DURATION, &labels),
             name,
             slot,
             active: AtomicU64::new(0),
