@@ -61,12 +61,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let (ejected_tx, ejected_rx) = mpsc::unbounded_channel();
+    let table = TableHandle::new();
     let shared: &'static Shared = Box::leak(Box::new(Shared {
         mode,
         access_log: AtomicBool::new(config.log.access_log),
         ejected: ejected_tx,
+        table: table.clone(),
     }));
-    let table = TableHandle::new();
     let status = Arc::new(ArcSwap::from_pointee(Status::default()));
     let tracker = TaskTracker::new();
 

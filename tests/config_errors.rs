@@ -52,7 +52,7 @@ const ERRORS: &[(&str, &str)] = &[
         "[[service]]\nname = \"web\"\nlistn = [\"0.0.0.0:8080\"]\n",
         "mesh.toml:3:1: unknown field `listn`, expected one of `name`, `listen`, `backends`, \
          `dns`, `balance`, `connect_timeout`, `connect_retries`, `hedge_delay`, \
-         `max_ejection_percent`, `retry_on_early_close`, `replay_buffer`, `idle_timeout`, \
+         `queue_timeout`, `max_ejection_percent`, `retry_on_early_close`, `replay_buffer`, `idle_timeout`, \
          `drain_timeout`, `slow_start`, `half_close_timeout`, `max_connections`, \
          `proxy_protocol`, `backlog`, `health`",
     ),
@@ -463,6 +463,7 @@ fn builtin_defaults() -> ServiceConfig {
         connect_timeout: Duration::from_secs(5),
         connect_retries: 2,
         hedge_delay: Duration::from_millis(200),
+        queue_timeout: Duration::from_secs(5),
         max_ejection_percent: 50,
         retry_on_early_close: false,
         replay_buffer: 16384,
@@ -618,6 +619,7 @@ fn design_example() {
                 connect_timeout: Duration::from_secs(1),
                 connect_retries: 2,
                 hedge_delay: Duration::from_millis(200),
+                queue_timeout: Duration::from_secs(5),
                 max_ejection_percent: 50,
                 retry_on_early_close: false,
                 replay_buffer: 16384,

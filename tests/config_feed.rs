@@ -81,6 +81,7 @@ const INTS: &[&str] = &[
 const DURATION_KEYS: &[&str] = &[
     "connect_timeout",
     "hedge_delay",
+    "queue_timeout",
     "idle_timeout",
     "drain_timeout",
     "slow_start",

@@ -318,7 +318,11 @@ fn refused_backend_is_retried_elsewhere_with_no_client_failure() {
 fn no_backend_left_closes_the_client_and_counts_it() {
     let listen = addr(free_port());
     let dead = addr(free_port());
-    let m = Meshd::start(&service(listen, &[dead], "connect_retries = 0"));
+    let m = Meshd::start(&service(
+        listen,
+        &[dead],
+        "connect_retries = 0\nqueue_timeout = \"300ms\"",
+    ));
     let mut c = TcpStream::connect(listen).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut v = Vec::new();
@@ -328,6 +332,9 @@ fn no_backend_left_closes_the_client_and_counts_it() {
         "meshd_rejected_connections_total",
         &[("reason", "no_backend")]
     ) == 1.0));
+    // It waited in the queue first, and was tried again there.
+    assert_eq!(m.metric("meshd_queued_connections_total", &[]), 1.0);
+    assert!(m.metric("meshd_connect_errors_total", &[("reason", "refused")]) >= 2.0);
 }
 
 #[test]

@@ -148,7 +148,8 @@ fn the_last_usable_backend_of_a_service_is_never_ejected() {
         "web",
         listen,
         &[a.addr, b.addr],
-        "balance = \"round_robin\"",
+        // No queue: a connection that finds no backend is closed after one round.
+        "balance = \"round_robin\"\nqueue_timeout = \"0s\"",
         health,
     ));
     assert!(wait_until(Duration::from_secs(10), || m.healthy("web") == 2));

@@ -440,7 +440,13 @@ fn metrics_under_real_traffic_parse_cleanly_and_count_exactly() {
         service("web", l_web, &[h1.addr, h2.addr], rr),
         service("flaky", l_flaky, &[dead, h1.addr], rr),
         service("limited", l_limited, &[echo.addr], "max_connections = 1"),
-        service("nobackend", l_none, &[dead2], "connect_retries = 0"),
+        // No queue: each connection makes exactly one attempt.
+        service(
+            "nobackend",
+            l_none,
+            &[dead2],
+            "connect_retries = 0\nqueue_timeout = \"0s\"",
+        ),
     ]
     .concat();
     let m = Meshd::start(&toml);
@@ -736,7 +742,12 @@ fn metrics_under_real_traffic_parse_cleanly_and_count_exactly() {
 fn retries_count_only_connects_retried_on_another_backend() {
     let dead = addr(free_port());
     let listen = addr(free_port());
-    let m = Meshd::start(&service("solo", listen, &[dead], "connect_retries = 2"));
+    let m = Meshd::start(&service(
+        "solo",
+        listen,
+        &[dead],
+        "connect_retries = 2\nqueue_timeout = \"0s\"",
+    ));
     for _ in 0..2 {
         let mut c = connect_from([127, 0, 0, 2], listen);
         let mut v = Vec::new();

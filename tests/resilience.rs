@@ -333,3 +333,94 @@ fn an_early_close_is_replayed_on_another_backend_when_the_service_opts_in() {
         0.0
     );
 }
+
+#[test]
+fn a_connection_waits_in_the_queue_while_no_task_accepts() {
+    // A crashing release: the service's only task is gone (its port refuses) and its
+    // replacement starts listening a moment later, on the same address (a restart) and
+    // then on a new one (a reload lists it). Clients that arrive meanwhile wait for it
+    // (`queue_timeout`) instead of being refused.
+    let mut first = Backend::http("first");
+    let listen = addr(free_port());
+    let health = "check = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1";
+    let m = Meshd::start(&service_toml(
+        "svc",
+        listen,
+        &[first.addr],
+        "queue_timeout = \"10s\"",
+        health,
+    ));
+    assert!(wait_until(Duration::from_secs(5), || m.healthy("svc") == 1));
+    assert_eq!(who(listen).as_deref(), Some("first"));
+    let port = first.addr.port();
+    first.kill();
+
+    // Restarted on the same address after 700 ms.
+    let clients: Vec<_> = (0..8).map(|_| thread::spawn(move || who(listen))).collect();
+    thread::sleep(Duration::from_millis(700));
+    let again = Backend::spawn_on(port, "again", "http", &[]);
+    for c in clients {
+        assert_eq!(c.join().unwrap().as_deref(), Some("again"));
+    }
+    assert!(m.metric("meshd_queued_connections_total", &[("service", "svc")]) >= 8.0);
+
+    // Gone for good; the replacement is on a new address that a reload lists.
+    drop(again);
+    let clients: Vec<_> = (0..8).map(|_| thread::spawn(move || who(listen))).collect();
+    thread::sleep(Duration::from_millis(500));
+    let new = Backend::http("new");
+    std::fs::write(
+        &m.config,
+        format!(
+            "[admin]\nlisten = \"{}\"\n\n{}",
+            m.admin,
+            service_toml(
+                "svc",
+                listen,
+                &[new.addr],
+                "queue_timeout = \"10s\"",
+                health
+            )
+        ),
+    )
+    .unwrap();
+    m.signal(libc::SIGHUP);
+    for c in clients {
+        assert_eq!(c.join().unwrap().as_deref(), Some("new"));
+    }
+    assert_eq!(
+        m.metric(
+            "meshd_rejected_connections_total",
+            &[("reason", "no_backend")]
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn with_no_queue_a_connection_no_task_takes_is_closed_at_once() {
+    // The negative control of the test above: queue_timeout = "0s".
+    let mut first = Backend::http("first");
+    let listen = addr(free_port());
+    let m = Meshd::start(&service_toml(
+        "svc",
+        listen,
+        &[first.addr],
+        "queue_timeout = \"0s\"",
+        "check = \"none\"",
+    ));
+    assert_eq!(who(listen).as_deref(), Some("first"));
+    let port = first.addr.port();
+    first.kill();
+    for i in 0..4 {
+        assert_eq!(who(listen), None, "request {i}");
+    }
+    let _again = Backend::spawn_on(port, "again", "http", &[]);
+    assert!(wait_until(Duration::from_secs(5), || who(listen)
+        .as_deref()
+        == Some("again")));
+    assert_eq!(
+        m.metric("meshd_queued_connections_total", &[("service", "svc")]),
+        0.0
+    );
+}

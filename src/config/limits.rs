@@ -40,6 +40,12 @@ pub const HEDGE_DELAY: DurationKey = DurationKey {
     positive: false,
     default: defaults::HEDGE_DELAY,
 };
+/// Zero closes a connection no backend took at once.
+pub const QUEUE_TIMEOUT: DurationKey = DurationKey {
+    key: "queue_timeout",
+    positive: false,
+    default: defaults::QUEUE_TIMEOUT,
+};
 pub const IDLE_TIMEOUT: DurationKey = DurationKey {
     key: "idle_timeout",
     positive: true,

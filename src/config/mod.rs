@@ -31,6 +31,10 @@ pub mod defaults {
     /// A second connect to another backend starts when the first has not completed after
     /// this long (a dropped SYN would otherwise cost the client a 1 s retransmission).
     pub const HEDGE_DELAY: Duration = Duration::from_millis(200);
+    /// How long a connection that no backend took waits for one (HAProxy's `timeout
+    /// queue`, which defaults to `timeout connect`): covers a rollout's moment with no
+    /// task accepting (Swarm stops every old task before a rollback starts new ones).
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
     /// Passive ejection never takes more than this share of a service's backends out.
     pub const MAX_EJECTION_PERCENT: u32 = 50;
     /// Client bytes kept for a replay on early close (`retry_on_early_close`).
@@ -160,6 +164,9 @@ pub struct ServiceConfig {
     /// Start a second connect to another backend after this long without an answer; zero
     /// turns hedging off.
     pub hedge_delay: Duration,
+    /// A connection that no backend took (none listed, every one refused) waits up to this
+    /// long for one, trying again as the table changes; zero closes it at once.
+    pub queue_timeout: Duration,
     /// 0..=100: the most of this service's backends passive ejection takes out at once.
     pub max_ejection_percent: u32,
     /// Replay a connection on another backend when its backend closes or resets it before

@@ -779,6 +779,7 @@ mod tests {
             mode: crate::proxy::forward::Mode::Copy,
             access_log: std::sync::atomic::AtomicBool::new(false),
             ejected: tx,
+            table: TableHandle::new(),
         }));
         let mut c = Control::new(
             TableHandle::new(),

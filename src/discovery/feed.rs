@@ -110,6 +110,8 @@ pub struct WireService {
     /// Added after the first release: absent from an older manager's feed, so defaulted.
     #[serde(default = "wire_hedge_delay_ms")]
     pub hedge_delay_ms: u64,
+    #[serde(default = "wire_queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
     #[serde(default = "wire_max_ejection_percent")]
     pub max_ejection_percent: u32,
     #[serde(default)]
@@ -181,6 +183,10 @@ fn wire_hedge_delay_ms() -> u64 {
     ms(defaults::HEDGE_DELAY)
 }
 
+fn wire_queue_timeout_ms() -> u64 {
+    ms(defaults::QUEUE_TIMEOUT)
+}
+
 fn wire_max_ejection_percent() -> u32 {
     defaults::MAX_EJECTION_PERCENT
 }
@@ -204,6 +210,7 @@ impl WireService {
             connect_timeout_ms: ms(s.connect_timeout),
             connect_retries: s.connect_retries,
             hedge_delay_ms: ms(s.hedge_delay),
+            queue_timeout_ms: ms(s.queue_timeout),
             max_ejection_percent: s.max_ejection_percent,
             retry_on_early_close: s.retry_on_early_close,
             replay_buffer: s.replay_buffer,
@@ -276,6 +283,7 @@ impl WireService {
                 .map_err(err)?,
             connect_retries: int(&limits::CONNECT_RETRIES, self.connect_retries).map_err(err)?,
             hedge_delay: duration(&limits::HEDGE_DELAY, self.hedge_delay_ms).map_err(err)?,
+            queue_timeout: duration(&limits::QUEUE_TIMEOUT, self.queue_timeout_ms).map_err(err)?,
             max_ejection_percent: int(&limits::MAX_EJECTION_PERCENT, self.max_ejection_percent)
                 .map_err(err)?,
             retry_on_early_close: self.retry_on_early_close,

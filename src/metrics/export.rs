@@ -140,6 +140,10 @@ fn describe() {
         "Second connects started on another backend because the first had not completed after hedge_delay."
     );
     describe_counter!(
+        QUEUED_CONNECTIONS,
+        "Connections that no backend took at first and waited for one (queue_timeout); those still without one when it passed are also counted as rejected no_backend."
+    );
+    describe_counter!(
         REPLAYED_CONNECTIONS,
         "Connections replayed on another backend after their backend closed before answering (retry_on_early_close)."
     );
@@ -212,6 +216,7 @@ pub struct ServiceMetrics {
     ejections: Counter,
     hedged: Counter,
     replayed: Counter,
+    queued: Counter,
 }
 
 impl ServiceMetrics {
@@ -224,7 +229,8 @@ impl ServiceMetrics {
             panic: metrics::counter!(PANIC_CONNECTIONS, "service" => s.clone()),
             ejections: metrics::counter!(EJECTIONS, "service" => s.clone()),
             hedged: metrics::counter!(HEDGED_CONNECTS, "service" => s.clone()),
-            replayed: metrics::counter!(REPLAYED_CONNECTIONS, "service" => s),
+            replayed: metrics::counter!(REPLAYED_CONNECTIONS, "service" => s.clone()),
+            queued: metrics::counter!(QUEUED_CONNECTIONS, "service" => s),
         }
     }
 
@@ -240,6 +246,7 @@ impl ServiceMetrics {
         self.hedged
             .absolute(s.hedged_connects.load(Ordering::Relaxed));
         self.replayed.absolute(s.replays.load(Ordering::Relaxed));
+        self.queued.absolute(s.queued.load(Ordering::Relaxed));
     }
 }
 

@@ -25,3 +25,4 @@ pub const PANIC_CONNECTIONS: &str = "meshd_panic_connections_total";
 pub const EJECTIONS: &str = "meshd_ejections_total";
 pub const HEDGED_CONNECTS: &str = "meshd_hedged_connects_total";
 pub const REPLAYED_CONNECTIONS: &str = "meshd_replayed_connections_total";
+pub const QUEUED_CONNECTIONS: &str = "meshd_queued_connections_total";

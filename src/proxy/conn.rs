@@ -33,7 +33,7 @@ use super::forward::{self, End, Limits, Mode};
 use super::{connect, proxy_protocol};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
 use crate::config::ProxyProtocol;
-use crate::table::{Backend, ConnectError, Ejection, ServiceTable};
+use crate::table::{Backend, ConnectError, Ejection, ServiceState, ServiceTable, TableHandle};
 
 /// Consecutive connect failures (refused, reset, unreachable; never timeouts) after which a
 /// backend is ejected at once (passive outlier detection), without waiting for its next
@@ -53,6 +53,9 @@ pub struct Shared {
     /// Backends ejected by passive outlier detection, for the control plane to schedule
     /// their re-admission.
     pub ejected: mpsc::UnboundedSender<Arc<Backend>>,
+    /// The published table: a queued connection (`queue_timeout`) reads its service again
+    /// from it before each new round.
+    pub table: TableHandle,
 }
 
 /// Decrements a live-connection counter however the task ends (also on cancellation).
@@ -68,6 +71,24 @@ impl<'a> Live<'a> {
 impl Drop for Live<'_> {
     fn drop(&mut self) {
         let prev = self.0.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(prev > 0, "live-connection counter went negative");
+    }
+}
+
+/// The backend a connection is bound to, counted in its live connections for as long as
+/// this is held (an `Arc`: the connection may outlive the snapshot it was dialed from).
+struct Serving(Arc<Backend>);
+
+impl Serving {
+    fn new(b: Arc<Backend>) -> Serving {
+        b.active.fetch_add(1, Ordering::Relaxed);
+        Serving(b)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let prev = self.0.active.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(prev > 0, "live-connection counter went negative");
     }
 }
@@ -462,32 +483,100 @@ async fn hold_for_replay(
     }
 }
 
-/// Serves one accepted connection. The accept loop has already counted it in
-/// `svc.state.active`; this function un-counts it when it returns.
-pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, shared: &Shared) {
-    let _service_live = Live(&svc.state.active);
-    let accepted = Instant::now();
-    let cfg = &*svc.config;
-    let mut attempts = Attempts::new();
-    // `retry_on_early_close`: the client's bytes kept for a replay (allocated only then).
-    let mut replay: Option<(Vec<u8>, bool)> = None;
-    let replays = cfg.retry_on_early_close && cfg.replay_buffer > 0;
-    let (server, backend, replayed) = loop {
-        let (mut server, backend, k, panic) = match dial(&svc, peer, &mut attempts, shared).await {
+/// `queue_timeout`: a connection that no backend took waits here, then tries again with
+/// the service's current snapshot. Rounds come sooner at first (a task restarting listens
+/// within moments) and every [`QUEUE_PAUSE_MAX`] at most, until the timeout passes.
+struct Queue {
+    deadline: Instant,
+    pause: Duration,
+}
+
+const QUEUE_PAUSE_MIN: Duration = Duration::from_millis(25);
+const QUEUE_PAUSE_MAX: Duration = Duration::from_millis(400);
+
+impl Queue {
+    fn new(timeout: Duration) -> Queue {
+        Queue {
+            deadline: Instant::now() + timeout,
+            pause: QUEUE_PAUSE_MIN,
+        }
+    }
+
+    /// Waits for the next round; `None` when the timeout has passed, or the service is
+    /// gone from the table (removed by a reload: its listeners are closing too).
+    async fn wait(
+        &mut self,
+        state: &Arc<ServiceState>,
+        shared: &Shared,
+    ) -> Option<Arc<ServiceTable>> {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return None;
+        }
+        tokio::time::sleep_until((now + self.pause).min(self.deadline)).await;
+        self.pause = (self.pause * 2).min(QUEUE_PAUSE_MAX);
+        shared.table.load().service(state).cloned()
+    }
+}
+
+/// Dials a backend of `svc`; when none takes the connection, queues it for up to the
+/// service's `queue_timeout` (a round of `dial` after each pause, with a fresh budget and the
+/// service's current snapshot, which then replaces `svc`). `None`: nothing took it.
+async fn dial_queued(
+    svc: &mut Arc<ServiceTable>,
+    client: SocketAddr,
+    attempts: &mut Attempts,
+    queue: &mut Option<Queue>,
+    shared: &Shared,
+) -> Option<(TcpStream, Arc<Backend>, usize, bool)> {
+    loop {
+        match dial(svc, client, attempts, shared).await {
             Dialed::Up {
                 server,
                 backend,
                 k,
                 panic,
-            } => (server, backend, k, panic),
-            Dialed::NoBackend => {
-                svc.state
-                    .rejected_no_backend
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
+            } => return Some((server, backend.clone(), k, panic)),
+            Dialed::NoBackend => {}
+        }
+        let q = match queue {
+            Some(q) => q,
+            None if svc.config.queue_timeout.is_zero() => return None,
+            None => {
+                svc.state.queued.fetch_add(1, Ordering::Relaxed);
+                queue.insert(Queue::new(svc.config.queue_timeout))
             }
         };
-        let live = Live::count(&backend.active);
+        *svc = q.wait(&svc.state, shared).await?;
+        *attempts = Attempts::new();
+    }
+}
+
+/// Serves one accepted connection. The accept loop has already counted it in
+/// `svc.state.active`; this function un-counts it when it returns.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    mut svc: Arc<ServiceTable>,
+    shared: &Shared,
+) {
+    let state = svc.state.clone();
+    let _service_live = Live(&state.active);
+    let accepted = Instant::now();
+    let mut attempts = Attempts::new();
+    let mut queue: Option<Queue> = None;
+    // `retry_on_early_close`: the client's bytes kept for a replay (allocated only then).
+    let mut replay: Option<(Vec<u8>, bool)> = None;
+    let (server, live, replayed_rx) = loop {
+        let Some((mut server, backend, k, panic)) =
+            dial_queued(&mut svc, peer, &mut attempts, &mut queue, shared).await
+        else {
+            state.rejected_no_backend.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let cfg = &*svc.config;
+        let replays = cfg.retry_on_early_close && cfg.replay_buffer > 0;
+        let live = Serving::new(backend);
 
         // The address the client connected to costs a getsockname: only the header needs it.
         let header = match cfg.proxy_protocol {
@@ -504,7 +593,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
                 log_access(
                     shared,
                     &svc,
-                    backend,
+                    &live.0,
                     peer,
                     accepted,
                     End::BackendReset,
@@ -515,7 +604,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
             }
         }
         if !replays {
-            break (server, backend, (live, 0));
+            break (server, live, 0);
         }
         let (buf, eof) = replay.get_or_insert_with(|| (Vec::new(), false));
         match hold_for_replay(
@@ -530,13 +619,13 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
         {
             Replay::Forward => {
                 let sent = buf.len() as u64;
-                break (server, backend, (live, sent));
+                break (server, live, sent);
             }
             Replay::Abandon => {
                 log_access(
                     shared,
                     &svc,
-                    backend,
+                    &live.0,
                     peer,
                     accepted,
                     End::ClientReset,
@@ -554,7 +643,8 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, svc: Arc<ServiceTable>, 
             }
         }
     };
-    let (_backend_live, replayed_rx) = replayed;
+    let backend: &Backend = &live.0;
+    let cfg = &*svc.config;
     backend.stats.connections.fetch_add(1, Ordering::Relaxed);
     backend
         .stats

@@ -46,6 +46,8 @@ pub struct ServiceState {
     pub hedged_connects: AtomicU64,
     /// Connections replayed on another backend after an early close (`retry_on_early_close`).
     pub replays: AtomicU64,
+    /// Connections that no backend took at first and waited for one (`queue_timeout`).
+    pub queued: AtomicU64,
     /// Seconds a connection lived; registered once, recorded per closed connection.
     pub conn_duration: metrics::Histogram,
     /// Seconds a successful connect took.
@@ -69,6 +71,7 @@ impl ServiceState {
             panic_connections: AtomicU64::new(0),
             hedged_connects: AtomicU64::new(0),
             replays: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
         }
     }
 }

@@ -149,10 +149,42 @@ impl Meshd {
         }
     }
 
+    /// GET /api/v1/services. The admin API is how tests watch meshd: on a loaded machine
+    /// (CI beside other builds) an answer that does not come is said and asked again, up to
+    /// three times, and then the failure shows whether meshd still runs and its log's end.
     pub fn services(&self) -> serde_json::Value {
-        let (code, body) = http_get(self.admin, "/api/v1/services").expect("admin reachable");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("json")
+        for attempt in 1..=3 {
+            let t = Instant::now();
+            if let Some((code, body)) = http_get(self.admin, "/api/v1/services") {
+                assert_eq!(code, 200, "{body}");
+                return serde_json::from_str(&body).expect("json");
+            }
+            eprintln!(
+                "admin {}: GET /api/v1/services got no answer (attempt {attempt}, {:?}); meshd: {}",
+                self.admin,
+                t.elapsed(),
+                self.process_state()
+            );
+        }
+        let log = self.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "admin {} unreachable 3 times; meshd: {}; the end of its log:\n{}",
+            self.admin,
+            self.process_state(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    /// meshd's process state as /proc tells it ("R (running)", "Z (zombie)": exited).
+    pub fn process_state(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("State:").map(|v| v.trim().to_string()))
+            })
+            .unwrap_or_else(|| "gone".into())
     }
 
     pub fn backend(&self, service: &str, addr: &str) -> serde_json::Value {
