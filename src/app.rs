@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::close::CloseSignal;
 use crate::config::Config;
 use crate::control::{Command, Control, Status};
-use crate::proxy::close::CloseSignal;
 use crate::proxy::conn::Shared;
 use crate::proxy::forward::Mode;
 use crate::proxy::{listener, splice};

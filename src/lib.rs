@@ -12,17 +12,22 @@
 //!   whose atomics carry state across table generations.
 //! - [`balance`]: round_robin, least_conn, p2c, maglev selectors, built with the table.
 //! - [`proxy`]: listeners and the accept loop, connect with retry, PROXY protocol headers,
-//!   splice/copy forwarding, the drain close signal.
+//!   splice/copy forwarding.
+//! - [`close`]: `CloseSignal`, the drain/shutdown broadcast.
 //! - [`admin`]: the admin HTTP server (metrics, health, API, status page).
-//! - [`metrics`]: metric names and the Prometheus exporter.
+//! - [`metrics`]: metric names (`metrics::names`, a leaf) and the Prometheus exporter.
 //! - [`app`]: wiring, reloads, signals and the shutdown sequence.
 //! - [`demo`]: `meshd demo` and the `meshd backend` test/demo server.
 //!
 //! See ARCHITECTURE.md for the invariants.
 
+// `unsafe` only where a system call needs it: `sys` and `proxy::splice` allow it.
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod close;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -1,5 +1,6 @@
 //! The `meshd` binary: command line, logging, exit codes. The only place an error becomes an
 //! exit status.
+#![deny(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

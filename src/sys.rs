@@ -1,4 +1,6 @@
-//! Process set-up that talks to the OS directly.
+//! Process set-up that talks to the OS directly: the crate's `unsafe` system calls outside
+//! the data plane (getrlimit, setrlimit, kill, ioctl), each with a `// SAFETY:` comment.
+#![allow(unsafe_code)]
 
 /// The soft open-files limit meshd asks for. Docker sets the hard limit near 10^9; nothing
 /// is ever sized from either limit, this only lets the process hold that many sockets.

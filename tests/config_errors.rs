@@ -324,12 +324,12 @@ const ERRORS: &[(&str, &str)] = &[
     // --- health ---
     (
         "[defaults.health]\nrise = 0\n",
-        "mesh.toml:2:8: rise 0 is out of range: use 1 or more \
+        "mesh.toml:2:8: rise 0 is out of range: use 1..=100 \
          (consecutive passes before a backend gets traffic)",
     ),
     (
         "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\n[service.health]\nfall = 0\n",
-        "mesh.toml:6:8: fall 0 is out of range: use 1 or more \
+        "mesh.toml:6:8: fall 0 is out of range: use 1..=100 \
          (consecutive failures before a backend stops getting traffic)",
     ),
     (

@@ -123,12 +123,7 @@ fn service(s: &ServiceStatus, now: Instant) -> ServiceDto<'_> {
     ServiceDto {
         name: &s.state.name,
         listen: s.listeners.iter().map(|a| a.to_string()).collect(),
-        balance: match s.config.balance {
-            crate::config::Balance::RoundRobin => "round_robin",
-            crate::config::Balance::LeastConn => "least_conn",
-            crate::config::Balance::P2c => "p2c",
-            crate::config::Balance::Maglev => "maglev",
-        },
+        balance: s.config.balance.name(),
         active_connections: s.state.active.load(Relaxed),
         max_connections: s.config.max_connections,
         healthy_backends: s.eligible,

@@ -36,9 +36,9 @@ use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::close::CloseSignal;
 use crate::control::{AdminError, AdminOp, Command, StatusHandle};
 use crate::discovery::feed::{self, FeedBody, FeedRx};
-use crate::proxy::close::CloseSignal;
 
 const MAX_BODY: usize = 4096;
 /// Admin connections at once, from every source together.

@@ -16,7 +16,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::validate::parse_duration;
+use super::duration::parse_duration;
+use super::limits;
 use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol};
 
 /// An optional key whose string value has its own syntax.
@@ -226,7 +227,7 @@ impl<'de, T: FromValue> Deserialize<'de> for Parsed<T> {
 impl FromValue for Duration {
     const EXPECTING: &'static str = r#"a duration string such as "250ms" or "2s""#;
     fn from_value(s: &str) -> Result<Self, String> {
-        parse_duration(s)
+        parse_duration(s).and_then(limits::duration)
     }
 }
 
@@ -260,45 +261,28 @@ fn keyword<T: Copy>(what: &str, s: &str, table: &[(&str, T)]) -> Result<T, Strin
 impl FromValue for Balance {
     const EXPECTING: &'static str = r#"one of "round_robin", "least_conn", "p2c", "maglev""#;
     fn from_value(s: &str) -> Result<Self, String> {
-        let table = [
-            ("round_robin", Balance::RoundRobin),
-            ("least_conn", Balance::LeastConn),
-            ("p2c", Balance::P2c),
-            ("maglev", Balance::Maglev),
-        ];
-        keyword("balance", s, &table)
+        keyword("balance", s, &limits::BALANCES)
     }
 }
 
 impl FromValue for ProxyProtocol {
     const EXPECTING: &'static str = r#"one of "off", "v1", "v2""#;
     fn from_value(s: &str) -> Result<Self, String> {
-        let table = [
-            ("off", ProxyProtocol::Off),
-            ("v1", ProxyProtocol::V1),
-            ("v2", ProxyProtocol::V2),
-        ];
-        keyword("proxy_protocol", s, &table)
+        keyword("proxy_protocol", s, &limits::PROXY_PROTOCOLS)
     }
 }
 
 impl FromValue for CheckKind {
     const EXPECTING: &'static str = r#"one of "none", "tcp", "http""#;
     fn from_value(s: &str) -> Result<Self, String> {
-        let table = [
-            ("none", CheckKind::None),
-            ("tcp", CheckKind::Tcp),
-            ("http", CheckKind::Http),
-        ];
-        keyword("health check", s, &table)
+        keyword("health check", s, &limits::CHECKS)
     }
 }
 
 impl FromValue for LogFormat {
     const EXPECTING: &'static str = r#"one of "human", "json""#;
     fn from_value(s: &str) -> Result<Self, String> {
-        let table = [("human", LogFormat::Human), ("json", LogFormat::Json)];
-        keyword("log format", s, &table)
+        keyword("log format", s, &limits::LOG_FORMATS)
     }
 }
 
@@ -328,33 +312,10 @@ impl FromValue for DnsTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceName(pub String);
 
-impl ServiceName {
-    pub const MAX_LEN: usize = 64;
-}
-
 impl FromValue for ServiceName {
     const EXPECTING: &'static str = r#"a name string such as "web""#;
     fn from_value(s: &str) -> Result<Self, String> {
-        const RULE: &str = "use only letters, digits, '.', '_' and '-' \
-                            (names become metric labels and URL path segments)";
-        if s.is_empty() {
-            return Err(format!(
-                r#"service name is empty: {RULE}, e.g. name = "web""#
-            ));
-        }
-        let len = s.chars().count();
-        if len > Self::MAX_LEN {
-            return Err(format!(
-                "service name {s:?} is {len} characters long: use at most {}",
-                Self::MAX_LEN
-            ));
-        }
-        let chars_ok = s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !chars_ok || s == "." || s == ".." {
-            return Err(format!("invalid service name {s:?}: {RULE}"));
-        }
+        limits::service_name(s)?;
         Ok(ServiceName(s.to_owned()))
     }
 }
@@ -366,17 +327,7 @@ pub struct HealthPath(pub String);
 impl FromValue for HealthPath {
     const EXPECTING: &'static str = r#"a path string such as "/healthz""#;
     fn from_value(s: &str) -> Result<Self, String> {
-        if !s.starts_with('/') {
-            return Err(format!(
-                r#"invalid health path {s:?}: it must start with '/', e.g. "/healthz""#
-            ));
-        }
-        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!(
-                "invalid health path {s:?}: it must not contain spaces or control characters \
-                 (percent-encode them, e.g. %20)"
-            ));
-        }
+        limits::health_path(s)?;
         Ok(HealthPath(s.to_owned()))
     }
 }
@@ -410,13 +361,10 @@ pub struct Weight(pub u32);
 impl<'de> Deserialize<'de> for Weight {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = i64::deserialize(d)?;
-        let max = super::defaults::MAX_WEIGHT;
-        match u32::try_from(w) {
-            Ok(w) if w <= max => Ok(Weight(w)),
-            _ => Err(de::Error::custom(format!(
-                "weight {w} is out of range: use 0..={max} (0 = no new connections)"
-            ))),
-        }
+        limits::WEIGHT
+            .check(w)
+            .map(Weight)
+            .map_err(de::Error::custom)
     }
 }
 

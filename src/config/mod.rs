@@ -8,14 +8,17 @@
 //! Invariant: this module does no network I/O. It reads the config file and, when
 //! `token_file` is set, the token file.
 
+mod duration;
 mod file;
+pub mod limits;
 mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use validate::{parse_duration, ConfigError};
+pub use duration::{format_duration, parse_duration};
+pub use validate::ConfigError;
 
 /// Default values, documented in one place (docs/configuration.md lists each).
 pub mod defaults {

@@ -8,13 +8,15 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::ops::{Range, RangeInclusive};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
 
+use super::duration::format_duration as fmt_duration;
 use super::file::{self, FileConfig};
+use super::limits::{self, DurationKey, IntKey};
 use super::{
     defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
     DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat, ProxyProtocol,
@@ -84,75 +86,6 @@ impl ConfigError {
             ConfigError::Io { message, .. } | ConfigError::Invalid { message, .. } => message,
             ConfigError::Empty { .. } => "the file is empty (only whitespace or comments)",
         }
-    }
-}
-
-const DURATION_HELP: &str = r#"use a number followed by ms, s, m or h, e.g. "250ms", "2s", "1h""#;
-
-/// Parses `"250ms"`, `"2s"`, `"1.5s"`, `"1m30s"`, `"1h"`, `"100us"`. A unit is required;
-/// negative and empty values are rejected. The error is a complete one-line message.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    const NS: [(&str, u128); 5] = [
-        ("us", 1_000),
-        ("ms", 1_000_000),
-        ("s", 1_000_000_000),
-        ("m", 60_000_000_000),
-        ("h", 3_600_000_000_000),
-    ];
-    let invalid = || format!("invalid duration {s:?}: {DURATION_HELP}");
-    let too_large = || {
-        let max_h = u64::MAX as u128 / NS[4].1;
-        format!("invalid duration {s:?}: too large, use at most \"{max_h}h\"")
-    };
-    if s.is_empty() {
-        return Err(invalid());
-    }
-    let mut total: u128 = 0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let is_num = |c: char| c.is_ascii_digit() || c == '.';
-        let num_end = rest.find(|c: char| !is_num(c)).unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(num_end);
-        let unit_end = tail.find(is_num).unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        rest = tail;
-
-        let unit_ns = NS.iter().find(|(u, _)| *u == unit).ok_or_else(invalid)?.1;
-        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-        if int.is_empty() || (num.contains('.') && frac.is_empty()) || frac.contains('.') {
-            return Err(invalid());
-        }
-        let int: u128 = int.parse().map_err(|_| too_large())?;
-        // Digits past the 12th are below a nanosecond for every unit: drop them.
-        let frac = &frac[..frac.len().min(12)];
-        let frac_ns = match frac {
-            "" => 0,
-            f => f.parse::<u128>().map_err(|_| invalid())? * unit_ns / 10u128.pow(f.len() as u32),
-        };
-        total = int
-            .checked_mul(unit_ns)
-            .and_then(|n| n.checked_add(frac_ns))
-            .and_then(|n| n.checked_add(total))
-            .ok_or_else(too_large)?;
-    }
-    u64::try_from(total)
-        .map(Duration::from_nanos)
-        .map_err(|_| too_large())
-}
-
-/// `d` the way `mesh.toml` writes it: the largest unit that is exact.
-fn fmt_duration(d: Duration) -> String {
-    let ns = d.as_nanos();
-    let units = [
-        ("h", 3_600_000_000_000),
-        ("m", 60_000_000_000),
-        ("s", 1_000_000_000),
-        ("ms", 1_000_000),
-    ];
-    match units.iter().find(|(_, n)| ns >= *n && ns % n == 0) {
-        Some((u, n)) => format!("{}{u}", ns / n),
-        None if ns == 0 => "0s".to_owned(),
-        None => format!("{}us", ns / 1_000),
     }
 }
 
@@ -424,6 +357,15 @@ fn service<'f>(
             return Err(cx.err(span, msg));
         }
     };
+    if addrs.len() > limits::MAX_LISTEN {
+        let span = s.listen.as_ref().map_or(s.name.span(), Spanned::span);
+        let msg = format!(
+            "service {name:?} has {} listen addresses: use at most {}",
+            addrs.len(),
+            limits::MAX_LISTEN
+        );
+        return Err(cx.err(span, msg));
+    }
     let mut listen = Vec::with_capacity(addrs.len());
     for a in addrs {
         let addr = a.get_ref().0;
@@ -552,40 +494,23 @@ fn positive(
     }
 }
 
-/// An integer key within `range`; `hint` says what the key means.
-fn int(
+/// A duration key of a service (`limits`: whether zero is allowed, the default).
+fn duration(
     cx: &Cx,
-    name: &str,
-    key: Option<&Spanned<i64>>,
-    default: u32,
-    range: RangeInclusive<u32>,
-    hint: &str,
-) -> Result<u32, ConfigError> {
-    let Some(k) = key else { return Ok(default) };
-    let v = *k.get_ref();
-    match u32::try_from(v) {
-        Ok(n) if range.contains(&n) => Ok(n),
-        _ => {
-            let (lo, hi) = (range.start(), range.end());
-            let allowed = if *hi == u32::MAX {
-                format!("{lo} or more")
-            } else {
-                format!("{lo}..={hi}")
-            };
-            Err(cx.err(
-                k.span(),
-                format!("{name} {v} is out of range: use {allowed}{hint}"),
-            ))
-        }
+    k: &DurationKey,
+    key: Option<&Spanned<file::Parsed<Duration>>>,
+) -> Result<Duration, ConfigError> {
+    if k.positive {
+        positive(cx, k.key, key, k.default)
+    } else {
+        Ok(value(key, k.default))
     }
 }
 
-fn check_name(c: CheckKind) -> &'static str {
-    match c {
-        CheckKind::None => "none",
-        CheckKind::Tcp => "tcp",
-        CheckKind::Http => "http",
-    }
+/// An integer key of a service within its `limits` range.
+fn int(cx: &Cx, k: &IntKey, key: Option<&Spanned<i64>>) -> Result<u32, ConfigError> {
+    let Some(v) = key else { return Ok(k.default) };
+    k.check(*v.get_ref()).map_err(|e| cx.err(v.span(), e))
 }
 
 /// Resolves one service's policy keys (`own`) against `[defaults]` (`def`), key by key,
@@ -603,41 +528,21 @@ fn resolve(cx: &Cx, own: &file::Policy, def: &file::Policy) -> Result<Resolved, 
             file::HealthPath(defaults::HEALTH_PATH.into()),
         )
         .0,
-        interval: positive(
+        interval: duration(
             cx,
-            "health interval",
+            &limits::HEALTH_INTERVAL,
             pick(&oh.interval, &dh.interval),
-            defaults::HEALTH_INTERVAL,
         )?,
-        timeout: positive(
-            cx,
-            "health timeout",
-            pick(&oh.timeout, &dh.timeout),
-            defaults::HEALTH_TIMEOUT,
-        )?,
-        rise: int(
-            cx,
-            "rise",
-            pick(&oh.rise, &dh.rise),
-            defaults::HEALTH_RISE,
-            1..=u32::MAX,
-            " (consecutive passes before a backend gets traffic)",
-        )?,
-        fall: int(
-            cx,
-            "fall",
-            pick(&oh.fall, &dh.fall),
-            defaults::HEALTH_FALL,
-            1..=u32::MAX,
-            " (consecutive failures before a backend stops getting traffic)",
-        )?,
+        timeout: duration(cx, &limits::HEALTH_TIMEOUT, pick(&oh.timeout, &dh.timeout))?,
+        rise: int(cx, &limits::RISE, pick(&oh.rise, &dh.rise))?,
+        fall: int(cx, &limits::FALL, pick(&oh.fall, &dh.fall))?,
     };
     // Only a service's own `path` is checked: `[defaults.health] path` may serve the
     // services that choose `check = "http"`.
     if let Some(p) = oh.path.as_ref().filter(|_| check != CheckKind::Http) {
         let msg = format!(
             r#"health path is set but check is "{}": add check = "http", or remove path"#,
-            check_name(check)
+            check.name()
         );
         return Err(cx.err(p.span(), msg));
     }
@@ -655,81 +560,68 @@ fn resolve(cx: &Cx, own: &file::Policy, def: &file::Policy) -> Result<Resolved, 
 
     Ok(Resolved {
         balance: value(pick(&own.balance, &def.balance), Balance::P2c),
-        connect_timeout: positive(
+        connect_timeout: duration(
             cx,
-            "connect_timeout",
+            &limits::CONNECT_TIMEOUT,
             pick(&own.connect_timeout, &def.connect_timeout),
-            defaults::CONNECT_TIMEOUT,
         )?,
         connect_retries: int(
             cx,
-            "connect_retries",
+            &limits::CONNECT_RETRIES,
             pick(&own.connect_retries, &def.connect_retries),
-            defaults::CONNECT_RETRIES,
-            0..=defaults::MAX_CONNECT_RETRIES,
-            " (other backends tried after a failed connect)",
         )?,
-        hedge_delay: value(
+        hedge_delay: duration(
+            cx,
+            &limits::HEDGE_DELAY,
             pick(&own.hedge_delay, &def.hedge_delay),
-            defaults::HEDGE_DELAY,
-        ),
-        queue_timeout: value(
+        )?,
+        queue_timeout: duration(
+            cx,
+            &limits::QUEUE_TIMEOUT,
             pick(&own.queue_timeout, &def.queue_timeout),
-            defaults::QUEUE_TIMEOUT,
-        ),
+        )?,
         max_ejection_percent: int(
             cx,
-            "max_ejection_percent",
+            &limits::MAX_EJECTION_PERCENT,
             pick(&own.max_ejection_percent, &def.max_ejection_percent),
-            defaults::MAX_EJECTION_PERCENT,
-            0..=100,
-            " (the most of a service's backends passive ejection takes out at once)",
         )?,
         retry_on_early_close: pick(&own.retry_on_early_close, &def.retry_on_early_close)
             .is_some_and(|k| *k.get_ref()),
         replay_buffer: int(
             cx,
-            "replay_buffer",
+            &limits::REPLAY_BUFFER,
             pick(&own.replay_buffer, &def.replay_buffer),
-            defaults::REPLAY_BUFFER,
-            0..=defaults::MAX_REPLAY_BUFFER,
-            " (bytes of a client's request kept for a replay)",
         )?,
-        idle_timeout: positive(
+        idle_timeout: duration(
             cx,
-            "idle_timeout",
+            &limits::IDLE_TIMEOUT,
             pick(&own.idle_timeout, &def.idle_timeout),
-            defaults::IDLE_TIMEOUT,
         )?,
-        drain_timeout: value(
+        drain_timeout: duration(
+            cx,
+            &limits::DRAIN_TIMEOUT,
             pick(&own.drain_timeout, &def.drain_timeout),
-            defaults::DRAIN_TIMEOUT,
-        ),
-        slow_start: value(pick(&own.slow_start, &def.slow_start), defaults::SLOW_START),
-        half_close_timeout: value(
+        )?,
+        slow_start: duration(
+            cx,
+            &limits::SLOW_START,
+            pick(&own.slow_start, &def.slow_start),
+        )?,
+        half_close_timeout: duration(
+            cx,
+            &limits::HALF_CLOSE_TIMEOUT,
             pick(&own.half_close_timeout, &def.half_close_timeout),
-            defaults::HALF_CLOSE_TIMEOUT,
-        ),
+        )?,
         max_connections: int(
             cx,
-            "max_connections",
+            &limits::MAX_CONNECTIONS,
             pick(&own.max_connections, &def.max_connections),
-            0,
-            0..=u32::MAX,
-            " (0 = unlimited)",
         )?,
         proxy_protocol: value(
             pick(&own.proxy_protocol, &def.proxy_protocol),
             ProxyProtocol::Off,
         ),
-        backlog: int(
-            cx,
-            "backlog",
-            pick(&own.backlog, &def.backlog),
-            defaults::BACKLOG,
-            1..=65535,
-            " (the listen queue length)",
-        )?,
+        backlog: int(cx, &limits::BACKLOG, pick(&own.backlog, &def.backlog))?,
         health,
     })
 }
@@ -839,72 +731,6 @@ mod tests {
 
     fn key<T>(span: Range<usize>, v: T) -> Key<T> {
         Some(Spanned::new(span, file::Parsed(v)))
-    }
-
-    #[test]
-    fn durations() {
-        let ok = [
-            ("250ms", Duration::from_millis(250)),
-            ("2s", Duration::from_secs(2)),
-            ("0s", Duration::ZERO),
-            ("1h", Duration::from_secs(3600)),
-            ("5m", Duration::from_secs(300)),
-            ("100us", Duration::from_micros(100)),
-            ("1m30s", Duration::from_secs(90)),
-            ("1h0m1s", Duration::from_secs(3601)),
-            ("1.5s", Duration::from_millis(1500)),
-            ("0.25ms", Duration::from_micros(250)),
-            ("007s", Duration::from_secs(7)),
-        ];
-        for (s, d) in ok {
-            assert_eq!(parse_duration(s), Ok(d), "{s}");
-        }
-        for s in [
-            "",
-            "5",
-            "0",
-            "s",
-            "-5s",
-            "5 s",
-            " 5s",
-            "5s ",
-            "5parsecs",
-            "5 parsecs",
-            "1.s",
-            ".5s",
-            "1..5s",
-            "1.2.3s",
-            "5ns",
-            "5S",
-            "1h 30m",
-            "5µs",
-            "+5s",
-        ] {
-            let e = parse_duration(s).expect_err(s);
-            assert_eq!(e, format!("invalid duration {s:?}: {DURATION_HELP}"));
-        }
-        assert_eq!(
-            parse_duration("5 parsecs").unwrap_err(),
-            r#"invalid duration "5 parsecs": use a number followed by ms, s, m or h, e.g. "250ms", "2s", "1h""#
-        );
-        for s in [
-            "99999999999999999999999999999999999999999h",
-            "5124096h",
-            "6000000h",
-        ] {
-            let e = parse_duration(s).expect_err(s);
-            assert!(e.ends_with(r#"too large, use at most "5124095h""#), "{e}");
-        }
-        assert!(parse_duration("5124095h").is_ok());
-    }
-
-    #[test]
-    fn durations_print_as_they_parse() {
-        for s in ["0s", "250ms", "2s", "1h", "90s", "100us", "1500ms", "36h"] {
-            let d = parse_duration(s).unwrap();
-            assert_eq!(fmt_duration(d), s);
-        }
-        assert_eq!(fmt_duration(Duration::from_secs(60)), "1m");
     }
 
     #[test]

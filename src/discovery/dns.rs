@@ -42,7 +42,14 @@ pub fn targets(cfg: &crate::config::Config) -> Vec<Target> {
         .collect()
 }
 
-fn resolver(cfg: &DnsDiscoveryConfig) -> Result<Resolver<TokioConnectionProvider>, String> {
+/// Why DNS discovery cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("dns discovery: cannot read /etc/resolv.conf: {0}")]
+    SystemConf(#[source] hickory_resolver::ResolveError),
+}
+
+fn resolver(cfg: &DnsDiscoveryConfig) -> Result<Resolver<TokioConnectionProvider>, DnsError> {
     let (config, mut opts) = match cfg.resolver {
         Some(ns) => (
             ResolverConfig::from_parts(
@@ -52,8 +59,7 @@ fn resolver(cfg: &DnsDiscoveryConfig) -> Result<Resolver<TokioConnectionProvider
             ),
             ResolverOpts::default(),
         ),
-        None => hickory_resolver::system_conf::read_system_conf()
-            .map_err(|e| format!("dns discovery: cannot read /etc/resolv.conf: {e}"))?,
+        None => hickory_resolver::system_conf::read_system_conf().map_err(DnsError::SystemConf)?,
     };
     opts.cache_size = 0;
     opts.timeout = Duration::from_secs(1);

@@ -31,15 +31,13 @@ use hyper::body::{Body, Frame};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::config::limits::{self, DurationKey, IntKey, BALANCES, CHECKS, PROXY_PROTOCOLS};
 use crate::config::{defaults, BackendConfig, HealthConfig, ServiceConfig};
-use crate::discovery::docker::labels::{BALANCES, CHECKS, MAX_NAME, PROXY_PROTOCOLS};
 
 /// How often a manager tells a follower it is alive (with whether its engine answers).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A subscriber that has not taken a line for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest duration accepted from the wire (the config's own values are far below).
-const MAX_WIRE_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// The most services and backends per service accepted from the wire.
 const MAX_WIRE_SERVICES: usize = 10_000;
 const MAX_WIRE_BACKENDS: usize = 100_000;
@@ -85,6 +83,19 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+}
+
+/// Why a service (or a whole state) from the wire is not used. A service is left out and
+/// named in the state's warnings; the others are applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("service name {0:?} is not usable")]
+    Name(String),
+    /// A field outside the bounds `mesh.toml` has (`config::limits`); `problem` names it.
+    #[error("service {service:?}: {problem}")]
+    Field { service: String, problem: String },
+    #[error("{0} services is too many")]
+    TooManyServices(usize),
 }
 
 /// A mesh service on the wire. Durations in milliseconds; keywords as in `mesh.toml`.
@@ -141,34 +152,31 @@ pub struct WireBackend {
 }
 
 fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], v: T) -> String {
-    table
-        .iter()
-        .find(|(_, t)| *t == v)
-        .map_or("?", |(k, _)| k)
-        .to_owned()
+    limits::name_of(table, v).to_owned()
 }
 
-fn keyword<T: Copy>(table: &[(&str, T)], what: &str, v: &str) -> Result<T, String> {
-    table
-        .iter()
-        .find(|(k, _)| *k == v)
-        .map(|&(_, t)| t)
-        .ok_or_else(|| format!("unknown {what} {v:?}"))
+fn keyword<T: Copy>(table: &[(&'static str, T)], what: &str, v: &str) -> Result<T, String> {
+    limits::keyword(table, v).ok_or_else(|| format!("unknown {what} {v:?}"))
 }
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn duration(what: &str, v: u64, positive: bool) -> Result<Duration, String> {
-    let d = Duration::from_millis(v);
-    if d > MAX_WIRE_DURATION {
-        return Err(format!("{what} {v} ms is out of range"));
-    }
-    if positive && d.is_zero() {
-        return Err(format!("{what} must be positive"));
-    }
-    Ok(d)
+/// A duration from the wire (milliseconds), checked like the same key in `mesh.toml`.
+fn duration(k: &DurationKey, v: u64) -> Result<Duration, String> {
+    k.check(Duration::from_millis(v)).map_err(|e| {
+        if e.starts_with(k.key) {
+            e
+        } else {
+            format!("{} {v} ms: {e}", k.key)
+        }
+    })
+}
+
+/// An integer from the wire, checked like the same key in `mesh.toml`.
+fn int(k: &IntKey, v: u32) -> Result<u32, String> {
+    k.check(i64::from(v))
 }
 
 fn wire_hedge_delay_ms() -> u64 {
@@ -234,67 +242,29 @@ impl WireService {
     }
 
     /// Checks every field against the bounds `mesh.toml` has; the error names the field.
-    pub fn into_config(self) -> Result<ServiceConfig, String> {
-        let name_ok = !self.name.is_empty()
-            && self.name.chars().count() <= MAX_NAME
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !name_ok {
-            return Err(format!("service name {:?} is not usable", self.name));
+    pub fn into_config(self) -> Result<ServiceConfig, WireError> {
+        if limits::service_name(&self.name).is_err() {
+            return Err(WireError::Name(self.name));
         }
-        let err = |e: String| format!("service {:?}: {e}", self.name);
-        if self.listen.is_empty() || self.listen.len() > 64 {
-            return Err(err("listen must hold 1 to 64 addresses".into()));
-        }
-        if self.connect_retries > defaults::MAX_CONNECT_RETRIES {
+        let err = |problem: String| WireError::Field {
+            service: self.name.clone(),
+            problem,
+        };
+        if self.listen.is_empty() || self.listen.len() > limits::MAX_LISTEN {
             return Err(err(format!(
-                "connect_retries {} is over {}",
-                self.connect_retries,
-                defaults::MAX_CONNECT_RETRIES
+                "listen must hold 1 to {} addresses",
+                limits::MAX_LISTEN
             )));
-        }
-        if self.max_ejection_percent > 100 {
-            return Err(err(format!(
-                "max_ejection_percent {} is over 100",
-                self.max_ejection_percent
-            )));
-        }
-        if self.replay_buffer > defaults::MAX_REPLAY_BUFFER {
-            return Err(err(format!(
-                "replay_buffer {} is over {}",
-                self.replay_buffer,
-                defaults::MAX_REPLAY_BUFFER
-            )));
-        }
-        if !(1..=65535).contains(&self.backlog) {
-            return Err(err(format!("backlog {} is out of range", self.backlog)));
         }
         let h = &self.health;
-        if !h.path.starts_with('/')
-            || h.path.len() > 1024
-            || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(err(format!("health path {:?} is not usable", h.path)));
-        }
-        if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
-            return Err(err("health rise and fall must be 1..=100".into()));
+        if let Err(e) = limits::health_path(&h.path) {
+            return Err(err(e));
         }
         if self.backends.len() > MAX_WIRE_BACKENDS {
             return Err(err(format!("{} backends is too many", self.backends.len())));
         }
-        if let Some(b) = self
-            .backends
-            .iter()
-            .find(|b| b.weight > defaults::MAX_WEIGHT)
-        {
-            return Err(err(format!(
-                "backend {} weight {} is over {}",
-                b.addr,
-                b.weight,
-                defaults::MAX_WEIGHT
-            )));
+        for b in &self.backends {
+            int(&limits::WEIGHT, b.weight).map_err(|e| err(format!("backend {}: {e}", b.addr)))?;
         }
         if let Some(b) = self
             .backends
@@ -309,30 +279,31 @@ impl WireService {
         }
         Ok(ServiceConfig {
             balance: keyword(&BALANCES, "balance", &self.balance).map_err(err)?,
-            connect_timeout: duration("connect_timeout", self.connect_timeout_ms, true)
+            connect_timeout: duration(&limits::CONNECT_TIMEOUT, self.connect_timeout_ms)
                 .map_err(err)?,
-            connect_retries: self.connect_retries,
-            hedge_delay: duration("hedge_delay", self.hedge_delay_ms, false).map_err(err)?,
-            queue_timeout: duration("queue_timeout", self.queue_timeout_ms, false).map_err(err)?,
-            max_ejection_percent: self.max_ejection_percent,
+            connect_retries: int(&limits::CONNECT_RETRIES, self.connect_retries).map_err(err)?,
+            hedge_delay: duration(&limits::HEDGE_DELAY, self.hedge_delay_ms).map_err(err)?,
+            queue_timeout: duration(&limits::QUEUE_TIMEOUT, self.queue_timeout_ms).map_err(err)?,
+            max_ejection_percent: int(&limits::MAX_EJECTION_PERCENT, self.max_ejection_percent)
+                .map_err(err)?,
             retry_on_early_close: self.retry_on_early_close,
-            replay_buffer: self.replay_buffer,
-            idle_timeout: duration("idle_timeout", self.idle_timeout_ms, true).map_err(err)?,
-            drain_timeout: duration("drain_timeout", self.drain_timeout_ms, false).map_err(err)?,
-            slow_start: duration("slow_start", self.slow_start_ms, false).map_err(err)?,
-            half_close_timeout: duration("half_close_timeout", self.half_close_timeout_ms, true)
+            replay_buffer: int(&limits::REPLAY_BUFFER, self.replay_buffer).map_err(err)?,
+            idle_timeout: duration(&limits::IDLE_TIMEOUT, self.idle_timeout_ms).map_err(err)?,
+            drain_timeout: duration(&limits::DRAIN_TIMEOUT, self.drain_timeout_ms).map_err(err)?,
+            slow_start: duration(&limits::SLOW_START, self.slow_start_ms).map_err(err)?,
+            half_close_timeout: duration(&limits::HALF_CLOSE_TIMEOUT, self.half_close_timeout_ms)
                 .map_err(err)?,
-            max_connections: self.max_connections,
+            max_connections: int(&limits::MAX_CONNECTIONS, self.max_connections).map_err(err)?,
             proxy_protocol: keyword(&PROXY_PROTOCOLS, "proxy_protocol", &self.proxy_protocol)
                 .map_err(err)?,
-            backlog: self.backlog,
+            backlog: int(&limits::BACKLOG, self.backlog).map_err(err)?,
             health: HealthConfig {
                 check: keyword(&CHECKS, "health check", &h.check).map_err(err)?,
                 path: h.path.clone(),
-                interval: duration("health interval", h.interval_ms, true).map_err(err)?,
-                timeout: duration("health timeout", h.timeout_ms, true).map_err(err)?,
-                rise: h.rise,
-                fall: h.fall,
+                interval: duration(&limits::HEALTH_INTERVAL, h.interval_ms).map_err(err)?,
+                timeout: duration(&limits::HEALTH_TIMEOUT, h.timeout_ms).map_err(err)?,
+                rise: int(&limits::RISE, h.rise).map_err(err)?,
+                fall: int(&limits::FALL, h.fall).map_err(err)?,
             },
             backends: self
                 .backends
@@ -354,9 +325,9 @@ impl WireService {
 /// out and named in the returned warnings (like a label that does not parse).
 pub fn services_from_wire(
     wire: Vec<WireService>,
-) -> Result<(Vec<ServiceConfig>, Vec<String>), String> {
+) -> Result<(Vec<ServiceConfig>, Vec<String>), WireError> {
     if wire.len() > MAX_WIRE_SERVICES {
-        return Err(format!("{} services is too many", wire.len()));
+        return Err(WireError::TooManyServices(wire.len()));
     }
     let mut out: Vec<ServiceConfig> = Vec::with_capacity(wire.len());
     let mut warnings = Vec::new();
@@ -366,7 +337,7 @@ pub fn services_from_wire(
                 warnings.push(format!("service {:?} is listed twice", s.name));
             }
             Ok(s) => out.push(s),
-            Err(e) => warnings.push(e),
+            Err(e) => warnings.push(e.to_string()),
         }
     }
     Ok((out, warnings))
@@ -514,7 +485,7 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         ] {
             let mut w = back.clone();
             w.backends[1].id = Some(bad.clone());
-            let e = w.into_config().unwrap_err();
+            let e = w.into_config().unwrap_err().to_string();
             assert!(
                 e.contains("backend 10.0.1.6:80 id") && e.contains("not usable"),
                 "{bad:?}: {e}"
@@ -559,7 +530,7 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
             "\"a/b\" is not usable",
             "unknown balance \"random\"",
             "idle_timeout",
-            "health interval must be positive",
+            "health interval must be greater than zero",
             "listed twice",
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::close::CloseSignal;
 use crate::config::HealthConfig;
-use crate::proxy::close::CloseSignal;
 use crate::table::{Backend, Health};
 
 /// The rise/fall counter. Pure: no I/O, no clock.
@@ -63,15 +63,6 @@ impl Verdict {
             }
         }
         None
-    }
-}
-
-/// The config word for a check kind (for logs and the API).
-pub fn check_name(c: crate::config::CheckKind) -> &'static str {
-    match c {
-        crate::config::CheckKind::None => "none",
-        crate::config::CheckKind::Tcp => "tcp",
-        crate::config::CheckKind::Http => "http",
     }
 }
 

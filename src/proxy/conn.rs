@@ -35,10 +35,8 @@ use crate::config::defaults::MAX_CONNECT_RETRIES;
 use crate::config::ProxyProtocol;
 use crate::table::{Backend, ConnectError, Ejection, ServiceState, ServiceTable, TableHandle};
 
-/// Consecutive connect failures (refused, reset, unreachable; never timeouts) after which a
-/// backend is ejected at once (passive outlier detection), without waiting for its next
-/// health check.
-pub const EJECT_AFTER_FAILURES: u32 = 3;
+/// The outlier rules live in one place (`table::outlier`).
+pub use crate::table::outlier::EJECT_AFTER_FAILURES;
 
 /// At most this many panic-routing attempts per connection (beyond the normal ones): a
 /// service with thousands of listed backends does not hold a client for thousands of tries.

@@ -272,6 +272,16 @@ fn would_block() -> io::Error {
     io::ErrorKind::WouldBlock.into()
 }
 
+/// A pipe from the thread's pool. It may fail (out of descriptors, the user's pipe quota):
+/// the caller then copies, and the connection goes on.
+fn take_pipe() -> io::Result<PooledPipe> {
+    #[cfg(test)]
+    if tests::NO_PIPES.with(std::cell::Cell::get) {
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    PooledPipe::take()
+}
+
 impl Pump<'_> {
     /// Runs to end of stream or to the first error, which names the side that failed.
     ///
@@ -416,7 +426,7 @@ impl Pump<'_> {
         };
         let mut parked = 0;
         if splice_ok {
-            if let Ok(mut pipe) = PooledPipe::take() {
+            if let Ok(mut pipe) = take_pipe() {
                 // An empty pipe takes all of it unless the pipe is smaller than `left`.
                 parked = pipe.fill_from_slice(left).unwrap_or(0);
                 spill.pipe = Some(pipe);
@@ -431,9 +441,12 @@ impl Pump<'_> {
     }
 
     /// One splice from the source into a pooled pipe, taken here: a connection holds a pipe
-    /// only while bytes move.
+    /// only while bytes move. `NotReady` when no pipe can be had: the caller copies instead
+    /// (a healthy connection is never reset for want of a pipe).
     fn splice_in(&self) -> Result<Step, Side> {
-        let mut pipe = PooledPipe::take().map_err(|_| self.src_side)?;
+        let Ok(mut pipe) = take_pipe() else {
+            return Ok(Step::NotReady);
+        };
         let sfd = self.src.as_raw_fd();
         match self.src.try_io(Interest::READABLE, || pipe.fill_from(sfd)) {
             Ok(0) => Ok(Step::Eof),
@@ -482,6 +495,9 @@ mod tests {
         /// Copy steps whose send was partial, on this thread (a `#[tokio::test]` runs its
         /// tasks on the test's own thread).
         pub(super) static SPILLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        /// Makes taking a pipe fail on this thread, as when descriptors or the pipe quota
+        /// run out.
+        pub(super) static NO_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     /// The atomics a direction counts into.
@@ -591,6 +607,15 @@ mod tests {
     async fn short_sends_spill_into_a_pipe_and_arrive_in_order() {
         assert!(super::super::splice::probe());
         slow_reader(Mode::Splice).await;
+    }
+
+    /// Without pipes a splicing direction copies: every byte arrives, nothing is reset.
+    #[tokio::test]
+    async fn no_pipe_to_be_had_falls_back_to_copying() {
+        assert!(super::super::splice::probe());
+        NO_PIPES.with(|c| c.set(true));
+        slow_reader(Mode::Splice).await;
+        NO_PIPES.with(|c| c.set(false));
     }
 
     #[tokio::test]

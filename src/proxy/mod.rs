@@ -7,9 +7,12 @@
 //!
 //! Invariants: nothing in this module takes a lock on the accept path or per byte (the
 //! only mutex is `CloseSignal`'s waiter registry, touched once when a connection starts
-//! forwarding and once when it ends); `splice` holds the crate's only `unsafe`.
+//! forwarding and once when it ends); `splice` holds the data plane's only `unsafe` (the
+//! other `unsafe` blocks are the system calls in `sys.rs`).
 
-pub mod close;
+/// `CloseSignal` lives in `crate::close` (table and health use it too); re-exported so
+/// the data plane can name it where it always did.
+pub use crate::close;
 pub mod conn;
 pub mod connect;
 pub mod forward;

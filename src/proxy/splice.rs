@@ -16,6 +16,7 @@
 //!
 //! This module holds the data plane's only `unsafe`: the raw `pipe2`, `splice`, `write` and
 //! `fcntl` calls.
+#![allow(unsafe_code)]
 
 use std::cell::RefCell;
 use std::io;

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use crate::proxy::close::CloseSignal;
+use crate::close::CloseSignal;
 
 /// Lifecycle: `Active -> Draining -> Gone`, or `Draining -> Active` by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,9 +71,9 @@ impl ConnectError {
             K::ConnectionRefused => ConnectError::Refused,
             K::ConnectionReset | K::ConnectionAborted => ConnectError::Reset,
             K::TimedOut => ConnectError::Timeout,
-            K::HostUnreachable | K::NetworkUnreachable | K::AddrNotAvailable => {
-                ConnectError::Unreachable
-            }
+            // EADDRNOTAVAIL (no ephemeral port left) never gets here: `proxy::connect`
+            // counts it as a local failure, not the backend's.
+            K::HostUnreachable | K::NetworkUnreachable => ConnectError::Unreachable,
             _ => ConnectError::Other,
         }
     }

@@ -11,6 +11,7 @@
 //! (the backends' atomics aside); the control plane is the only caller of `store`.
 
 pub mod backend;
+pub mod outlier;
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,8 +58,8 @@ impl ServiceState {
     pub fn new(name: Arc<str>, slot: usize) -> ServiceState {
         let labels = [("service", name.to_string())];
         ServiceState {
-            conn_duration: metrics::histogram!(crate::metrics::CONNECTION_DURATION, &labels),
-            connect_duration: metrics::histogram!(crate::metrics::CONNECT_DURATION, &labels),
+            conn_duration: metrics::histogram!(crate::metrics::names::CONNECTION_DURATION, &labels),
+            connect_duration: metrics::histogram!(crate::metrics::names::CONNECT_DURATION, &labels),
             name,
             slot,
             active: AtomicU64::new(0),

@@ -9,6 +9,8 @@
 //! error path leaks one (sozu#1342 closed an inherited socket on such a path), and a
 //! truncated control message (`MSG_CTRUNC`: the kernel dropped descriptors) is an error.
 
+#![allow(unsafe_code)]
+
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 

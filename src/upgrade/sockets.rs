@@ -4,6 +4,8 @@
 //! Both registries are touched when a listener is bound or closed and during a hand-off,
 //! never on the accept path.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};

@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use crate::config::limits::{self, BALANCES, CHECKS, MAX_NAME, PROXY_PROTOCOLS};
 use crate::config::{Balance, CheckKind, ProxyProtocol, ServiceConfig};
 
 pub const PUBLISH: &str = "mesh.publish";
@@ -44,10 +45,6 @@ const KNOWN: [&str; 8] = [
     LISTEN,
     RETRY_EARLY_CLOSE,
 ];
-
-/// Longest mesh service name (the config's rule: names become metric labels and URL path
-/// segments).
-pub(crate) const MAX_NAME: usize = 64;
 
 /// A label that cannot be used. `Display`: `service "web": label mesh.publish="80:abc":
 /// expected PUBLISHED:TARGET ports, e.g. 8080:80`.
@@ -125,11 +122,15 @@ pub fn parse(
     let path = match labels.get(HEALTH_PATH) {
         None => None,
         Some(v) => {
-            if !v.starts_with('/') || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if limits::health_path(v).is_err() {
                 return Err(err(
                     HEALTH_PATH,
                     v,
-                    "expected a path starting with '/' and without spaces, e.g. /healthz".into(),
+                    format!(
+                        "expected a path starting with '/', without spaces, at most {} bytes, \
+                         e.g. /healthz",
+                        limits::MAX_HEALTH_PATH
+                    ),
                 ));
             }
             Some(v.clone())
@@ -216,12 +217,7 @@ pub fn services(
         } else {
             service.to_owned()
         };
-        if name.is_empty()
-            || name.chars().count() > MAX_NAME
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
+        if limits::service_name(&name).is_err() {
             return Err(err(
                 PUBLISH,
                 labels
@@ -264,23 +260,7 @@ fn parse_ports(s: &str) -> Result<Vec<(u16, u16)>, String> {
     Ok(out)
 }
 
-pub(crate) const BALANCES: [(&str, Balance); 4] = [
-    ("round_robin", Balance::RoundRobin),
-    ("least_conn", Balance::LeastConn),
-    ("p2c", Balance::P2c),
-    ("maglev", Balance::Maglev),
-];
-pub(crate) const CHECKS: [(&str, CheckKind); 3] = [
-    ("none", CheckKind::None),
-    ("tcp", CheckKind::Tcp),
-    ("http", CheckKind::Http),
-];
 const BOOLS: [(&str, bool); 2] = [("true", true), ("false", false)];
-pub(crate) const PROXY_PROTOCOLS: [(&str, ProxyProtocol); 3] = [
-    ("off", ProxyProtocol::Off),
-    ("v1", ProxyProtocol::V1),
-    ("v2", ProxyProtocol::V2),
-];
 
 /// The value of label `key` from `table`; the error is (value, problem).
 fn keyword<T: Copy>(

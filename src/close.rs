@@ -1,5 +1,6 @@
 //! `CloseSignal`: how a draining backend (or a shutdown) closes the connections still open to
-//! it once its `drain_timeout` has passed.
+//! it once its `drain_timeout` has passed. Also what stops a listener, a health checker, the
+//! admin server. A leaf: the table, health, control and the data plane all use it.
 //!
 //! Why not `tokio_util::sync::CancellationToken`: polling its `cancelled()` future takes a
 //! mutex on every poll, and a connection's forwarding loop is polled on every I/O wake-up.

@@ -1,16 +1,6 @@
-//! Metric names (DESIGN.md's table, one constant each), their HELP texts, the Prometheus
-//! exporter, and the scrape-time copy of counters.
-//!
-//! How a number reaches Prometheus without costing the connection path anything:
-//! - Connections bump plain atomics in `Backend`/`ServiceState` (no registry call, no label).
-//! - Per-backend metric handles are registered once, when the control plane first sees the
-//!   backend (`BackendMetrics::new`), and at scrape time `sync` copies each atomic into its
-//!   handle. Only the two histograms are recorded per connection, through per-service
-//!   handles registered when the service appears.
-//! - Series of a backend that is gone stop being touched and the exporter drops them after
-//!   `SERIES_IDLE` (counters and gauges only), so label sets stay bounded under churn.
-//!
-//! No label ever carries a client address.
+//! The Prometheus exporter: installing the recorder (with `SERIES_IDLE` expiry and the
+//! histogram buckets), HELP texts, the per-backend and per-service metric handles, the
+//! scrape-time copy of counters (`sync`, `sync_process`) and the histogram upkeep.
 
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
@@ -20,38 +10,25 @@ use metrics::{Counter, Gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
+use super::names::*;
 use crate::table::{Backend, ConnectError, ServiceState, State};
 
-pub const CONNECTIONS: &str = "meshd_connections_total";
-pub const ACTIVE_CONNECTIONS: &str = "meshd_active_connections";
-pub const BYTES: &str = "meshd_bytes_total";
-pub const CONNECT_ERRORS: &str = "meshd_connect_errors_total";
-pub const CONNECT_RETRIES: &str = "meshd_connect_retries_total";
-pub const REJECTED: &str = "meshd_rejected_connections_total";
-pub const BACKEND_UP: &str = "meshd_backend_up";
-pub const BACKEND_DRAINING: &str = "meshd_backend_draining";
-pub const CONNECTION_DURATION: &str = "meshd_connection_duration_seconds";
-pub const CONNECT_DURATION: &str = "meshd_connect_duration_seconds";
-pub const CONFIG_RELOADS: &str = "meshd_config_reloads_total";
-pub const TABLE_GENERATION: &str = "meshd_table_generation";
-pub const BUILD_INFO: &str = "meshd_build_info";
-// Beyond DESIGN.md's table:
-pub const DRAIN_CLOSED: &str = "meshd_drain_closed_connections_total";
-pub const ACCEPT_EXHAUSTED: &str = "meshd_accept_exhausted_total";
-pub const FORWARDED_BYTES: &str = "meshd_forwarded_bytes_total";
-pub const PIPES_CREATED: &str = "meshd_pipes_created_total";
-pub const DISCOVERY_ERRORS: &str = "meshd_discovery_errors_total";
-pub const PANIC_CONNECTIONS: &str = "meshd_panic_connections_total";
-pub const EJECTIONS: &str = "meshd_ejections_total";
-pub const HEDGED_CONNECTS: &str = "meshd_hedged_connects_total";
-pub const REPLAYED_CONNECTIONS: &str = "meshd_replayed_connections_total";
-pub const QUEUED_CONNECTIONS: &str = "meshd_queued_connections_total";
-pub const UPGRADES: &str = "meshd_upgrades_total";
-pub const INHERITED_LISTENERS: &str = "meshd_inherited_listeners";
-
 /// How long a series nobody updates survives (a gone backend's last values stay visible
-/// this long).
+/// this long). The environment variable `MESHD_SERIES_IDLE` (a duration, e.g. `"3s"`)
+/// overrides it, so that a test of the expiry takes seconds.
 pub const SERIES_IDLE: Duration = Duration::from_secs(60);
+
+/// [`SERIES_IDLE`], or `MESHD_SERIES_IDLE` when set.
+fn series_idle() -> anyhow::Result<Duration> {
+    match std::env::var("MESHD_SERIES_IDLE") {
+        Err(_) => Ok(SERIES_IDLE),
+        Ok(v) => match crate::config::parse_duration(&v) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => anyhow::bail!("MESHD_SERIES_IDLE must be greater than zero"),
+            Err(e) => anyhow::bail!("MESHD_SERIES_IDLE: {e}"),
+        },
+    }
+}
 
 /// Connection lifetimes: 1 ms to 4 h.
 const DURATION_BUCKETS: &[f64] = &[
@@ -76,7 +53,7 @@ pub fn install() -> anyhow::Result<&'static PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .idle_timeout(
             MetricKindMask::COUNTER | MetricKindMask::GAUGE,
-            Some(SERIES_IDLE),
+            Some(series_idle()?),
         )
         .set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)?

@@ -1,0 +1,263 @@
+//! Publishing: turning the control plane's entries into the next `RoutingTable`
+//! generation and `Status` snapshot.
+//!
+//! A publish is planned on the control task (`Control::plan`: each dirty service's eligible
+//! backends and effective weights, `ServiceTable::prepare` reusing the previous selector or
+//! whole table when nothing a connection sees changed). Selectors that must be built (a
+//! Maglev build takes milliseconds) are built by `Plan::finish` on a blocking thread, one
+//! generation at a time, and stored back in order by `publish_built` (in place when a
+//! changed service has no usable backend left in the published table). A change that holds
+//! no table (a rejected reload, a failed discovery poll) publishes the status alone.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::task::JoinHandle;
+
+use super::lifecycle::sources_label;
+use super::status::{BackendStatus, ServiceStatus, Status};
+use super::{AdminReply, Control};
+use crate::table::{Candidate, Prepared, RoutingTable, ServiceState, ServiceTable};
+
+/// A table generation on its way: planned on the control task (eligible backends, status,
+/// which selectors can be reused: cheap), finished where the selectors are built (off the
+/// runtime thread when any must be), published back on the control task.
+pub(super) struct Plan {
+    slots: usize,
+    services: Vec<Planned>,
+    /// Complete but for each service's `eligible` and the generation.
+    status: Status,
+    replies: Vec<AdminReply>,
+}
+
+pub(super) struct Planned {
+    state: Arc<ServiceState>,
+    /// Index in `Control::services` when planned (a hint: services may be removed before
+    /// the plan is published).
+    index: usize,
+    /// Not removed: the table routes to it.
+    routed: bool,
+    /// Was dirty: its entry takes the finished table.
+    fresh: bool,
+    table: Prepared,
+}
+
+/// A finished plan, ready to publish.
+pub(super) struct Built {
+    table: RoutingTable,
+    /// `(Planned::index, table)` of each fresh service.
+    fresh: Vec<(usize, Arc<ServiceTable>)>,
+    status: Status,
+    replies: Vec<AdminReply>,
+}
+
+impl Plan {
+    fn needs_build(&self) -> bool {
+        self.services.iter().any(|p| p.table.needs_build())
+    }
+
+    /// Builds the selectors that need it: the expensive part of a publish.
+    fn finish(self) -> Built {
+        let mut table = RoutingTable {
+            generation: 0,
+            services: vec![None; self.slots],
+        };
+        let mut status = self.status;
+        let mut fresh = Vec::new();
+        for (p, st) in self.services.into_iter().zip(status.services.iter_mut()) {
+            let t = p.table.finish();
+            st.eligible = t.backends.len();
+            if p.routed {
+                table.services[p.state.slot] = Some(t.clone());
+            }
+            if p.fresh {
+                fresh.push((p.index, t));
+            }
+        }
+        Built {
+            table,
+            fresh,
+            status,
+            replies: self.replies,
+        }
+    }
+}
+
+impl Control {
+    /// The generation that will hold a change made now: the next plan's.
+    pub(super) fn next_generation(&self) -> u64 {
+        self.generation + 1 + u64::from(self.building)
+    }
+
+    /// Publishes a new generation if anything changed: at once when every selector can be
+    /// reused, else returns the blocking task that builds them.
+    pub(super) fn publish_if_dirty(&mut self) -> Option<JoinHandle<Built>> {
+        // An operator's reply waits for a published generation: never leave one parked
+        // because nothing is dirty (e.g. its service was purged meanwhile).
+        if self.generation > 0
+            && !self.force_publish
+            && self.admin_replies.is_empty()
+            && !self.services.iter().any(|s| s.dirty)
+        {
+            return None;
+        }
+        self.force_publish = false;
+        // A backend leaves service immediately (its state is an atomic the published table
+        // reads), but a new table built off-thread arrives later. If a changed service has
+        // no usable backend left in the published table (say its only backend was
+        // replaced by a reload), every connection would be turned away until then: build
+        // that table here and now instead.
+        let urgent = self.services.iter().any(|s| {
+            s.dirty
+                && s.table
+                    .as_ref()
+                    .is_some_and(|t| !t.backends.iter().any(|b| b.is_usable()))
+        });
+        let plan = self.plan();
+        if urgent || !plan.needs_build() {
+            self.publish_built(plan.finish());
+            return None;
+        }
+        Some(tokio::task::spawn_blocking(move || plan.finish()))
+    }
+
+    /// Stores a status snapshot with the counters as they are now and the published
+    /// services as they are: no new table, the generation stays.
+    pub(super) fn publish_status(&mut self) {
+        self.status_dirty = false;
+        let current = self.status.load();
+        self.status.store(Arc::new(Status {
+            generation: current.generation,
+            services: current.services.clone(),
+            reloads_ok: self.reloads_ok,
+            reloads_err: self.reloads_err,
+            last_reload: self.last_reload.clone(),
+            discovery_errors: self.discovery_errors.clone(),
+        }));
+    }
+
+    /// Builds and stores a new table generation and status snapshot, here and now (the
+    /// first table, before meshd reports ready).
+    pub fn publish(&mut self) {
+        let plan = self.plan();
+        self.publish_built(plan.finish());
+    }
+
+    /// The next generation's inputs: each dirty service's eligible backends (reusing its
+    /// selector, or its whole table, when nothing a connection sees changed), the clean
+    /// services' tables as they are, and the status snapshot.
+    fn plan(&mut self) -> Plan {
+        let now = Instant::now();
+        self.status_dirty = false; // the counters go out with this plan
+        let mut planned = Vec::with_capacity(self.services.len());
+        let mut services = Vec::with_capacity(self.services.len());
+        for (index, s) in self.services.iter_mut().enumerate() {
+            let weights: Vec<u32> = s
+                .backends
+                .iter()
+                .map(|b| b.effective_weight(s.config.slow_start, now))
+                .collect();
+            let fresh = s.dirty || s.table.is_none();
+            let table = match &s.table {
+                Some(t) if !fresh => Prepared::unchanged(t.clone()),
+                previous => {
+                    let candidates: Vec<Candidate> = s
+                        .backends
+                        .iter()
+                        .zip(&weights)
+                        .map(|(b, &w)| Candidate {
+                            backend: b.backend.clone(),
+                            weight: w,
+                        })
+                        .collect();
+                    ServiceTable::prepare(
+                        s.state.clone(),
+                        s.config.clone(),
+                        &candidates,
+                        previous.as_ref(),
+                    )
+                }
+            };
+            s.dirty = false;
+            planned.push(Planned {
+                state: s.state.clone(),
+                index,
+                routed: !s.removed,
+                fresh,
+                table,
+            });
+            services.push(ServiceStatus {
+                state: s.state.clone(),
+                config: s.config.clone(),
+                metrics: s.metrics.clone(),
+                listeners: s.listeners.iter().map(|(a, _)| *a).collect(),
+                backends: s
+                    .backends
+                    .iter()
+                    .zip(&weights)
+                    .map(|(b, &w)| BackendStatus {
+                        backend: b.backend.clone(),
+                        metrics: b.metrics.clone(),
+                        weight: b.weight,
+                        weight_override: b.weight_override,
+                        effective_weight: if b.backend.is_usable() { w } else { 0 },
+                        sources: sources_label(b.sources),
+                        drain: b.drain,
+                        slow_start_until: b
+                            .up_since
+                            .map(|u| u + s.config.slow_start)
+                            .filter(|t| *t > now),
+                        ejected: b.backend.is_ejected(),
+                    })
+                    .collect(),
+                eligible: 0,
+            });
+        }
+        Plan {
+            slots: self.next_slot,
+            services: planned,
+            // Counters as of the plan: a reload counted here is in this generation's table.
+            status: Status {
+                generation: 0,
+                services,
+                reloads_ok: self.reloads_ok,
+                reloads_err: self.reloads_err,
+                last_reload: self.last_reload.clone(),
+                discovery_errors: self.discovery_errors.clone(),
+            },
+            replies: std::mem::take(&mut self.admin_replies),
+        }
+    }
+
+    /// Stores a finished plan as the next generation; its services' entries keep the
+    /// tables (the next plan compares against them).
+    pub(super) fn publish_built(&mut self, built: Built) {
+        let Built {
+            mut table,
+            fresh,
+            mut status,
+            replies,
+        } = built;
+        for (index, t) in fresh {
+            let entry = match self.services.get_mut(index) {
+                Some(s) if Arc::ptr_eq(&s.state, &t.state) => Some(s),
+                _ => self
+                    .services
+                    .iter_mut()
+                    .find(|s| Arc::ptr_eq(&s.state, &t.state)),
+            };
+            if let Some(s) = entry {
+                s.table = Some(t);
+            }
+        }
+        self.generation += 1;
+        table.generation = self.generation;
+        status.generation = self.generation;
+        self.table.store(table);
+        self.status.store(Arc::new(status));
+        for reply in replies {
+            let _ = reply.send(Ok(()));
+        }
+        self.start_accept_loops();
+    }
+}
