@@ -329,8 +329,10 @@ fn silent_and_slowloris_admin_connections_from_one_source_do_not_starve_readyz()
          ({opened} opened): {failures:?}",
         failures.len()
     );
-    // Generous: the target is 100 ms; this only catches a wait for a timeout.
-    assert!(worst < Duration::from_secs(1), "slowest /readyz: {worst:?}");
+    // Not a speed test (docs/BENCHMARKS.md measures that): it only catches a request that
+    // waited for the attackers' 5 s header timeout; a loaded machine (CI beside builds)
+    // may delay one by a second or two.
+    assert!(worst < Duration::from_secs(4), "slowest /readyz: {worst:?}");
     // A silent connection from a third address is closed fast (the first byte is due
     // within 1 s; the 5 s header timeout applied before).
     let silent = connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), m.admin).unwrap();
@@ -338,8 +340,8 @@ fn silent_and_slowloris_admin_connections_from_one_source_do_not_starve_readyz()
     wait_until(Duration::from_secs(6), || closed(&silent));
     let held = t0.elapsed();
     assert!(
-        held < Duration::from_secs(3),
-        "a silent admin connection was held {held:?}"
+        held < Duration::from_millis(4500),
+        "a silent admin connection was held {held:?} (first byte due within 1 s; before that rule, 5 s)"
     );
     assert!(
         m.log_text().contains("admin connections refused"),
