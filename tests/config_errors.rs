@@ -438,6 +438,19 @@ fn empty_token_file() {
 }
 
 #[test]
+fn a_token_file_larger_than_a_token_is_refused_unread() {
+    let path = scratch("big-token").join("token");
+    std::fs::write(&path, "x".repeat(5000)).unwrap();
+    let p = path.display();
+    check_err(
+        &format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"{p}\"\n"),
+        &format!(
+            "mesh.toml:3:14: token_file \"{p}\" is larger than 4096 bytes: it should hold the admin bearer token alone"
+        ),
+    );
+}
+
+#[test]
 fn token_file_is_read_trimmed_and_relative_to_the_config() {
     let dir = scratch("token");
     std::fs::write(dir.join("token"), "  s3cret\n").unwrap();

@@ -267,8 +267,12 @@ fn admin(cx: &Cx, a: &file::Admin) -> Result<AdminConfig, ConfigError> {
     })
 }
 
+/// The largest token file read: a token is a line, not a file to load into memory (a path
+/// pointing at a log or a device by mistake is refused, not read to its end).
+const MAX_TOKEN_FILE: u64 = 4096;
+
 /// Reads a bearer token from `file` (relative to the config file, not to whatever directory
-/// meshd was started in): trimmed, not empty.
+/// meshd was started in): trimmed, not empty, at most [`MAX_TOKEN_FILE`] bytes.
 fn read_token(
     cx: &Cx,
     file: &Spanned<String>,
@@ -277,12 +281,26 @@ fn read_token(
     let dir = cx.path.parent().unwrap_or(Path::new(""));
     let path = dir.join(file.get_ref());
     let shown = path.display();
-    let token = std::fs::read_to_string(&path).map_err(|e| {
+    let read = || -> std::io::Result<String> {
+        use std::io::Read;
+        let mut s = String::new();
+        std::fs::File::open(&path)?
+            .take(MAX_TOKEN_FILE + 1)
+            .read_to_string(&mut s)?;
+        Ok(s)
+    };
+    let token = read().map_err(|e| {
         cx.err(
             file.span(),
             format!("token_file \"{shown}\": cannot read: {e}"),
         )
     })?;
+    if token.len() as u64 > MAX_TOKEN_FILE {
+        let msg = format!(
+            "token_file \"{shown}\" is larger than {MAX_TOKEN_FILE} bytes: it should hold {what} alone"
+        );
+        return Err(cx.err(file.span(), msg));
+    }
     let token = token.trim();
     if token.is_empty() {
         let msg = format!("token_file \"{shown}\" is empty: write {what} into it");
