@@ -54,3 +54,22 @@ if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
   echo "setup: installing prometheus_client (pip)" >&2
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore prometheus_client
 fi
+# Connection tracking: Docker's iptables rules load nf_conntrack, which then tracks every
+# loopback connection too, and keeps a closed one for 120 s (TIME_WAIT). The load tests open
+# thousands of connections a second (two entries per proxied connection): within a few
+# minutes the table (262,144 here) is full and the kernel drops new SYNs ("nf_conntrack:
+# table full, dropping packet"), so connects to meshd, its admin API and the backends time
+# out — the machine's limit, not meshd's. A proxy host needs the same tuning
+# (docs/swarm.md, "Host tuning"). Raised and shortened only, never the other way.
+tune() { # sysctl key, wanted value, "min" (raise to at least) or "max" (lower to at most)
+  local f="/proc/sys/${1//.//}" cur
+  [ -w "$f" ] || return 0
+  cur=$(cat "$f")
+  if { [ "$3" = min ] && [ "$cur" -lt "$2" ]; } || { [ "$3" = max ] && [ "$cur" -gt "$2" ]; }; then
+    echo "$2" >"$f" && echo "setup: $1 $cur -> $2" >&2
+  fi
+}
+if [ "$(id -u)" -eq 0 ]; then
+  tune net.netfilter.nf_conntrack_max 1048576 min
+  tune net.netfilter.nf_conntrack_tcp_timeout_time_wait 10 max
+fi

@@ -175,8 +175,14 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
         ));
     }
 
+    // The watch is set up before /readyz says ready: a change made right after must not
+    // fall between the two (it would be neither seen nor compared).
+    let (ftx, frx) = mpsc::channel::<()>(1);
+    let watcher = watch_file(&config.path, ftx);
+    let last_text: Option<String> = std::fs::read_to_string(&config.path).ok();
     let reloader = tokio::spawn(watch_reloads(
         config.path.clone(),
+        (watcher, frx, last_text),
         hup,
         cmd_tx.clone(),
         admin_state.clone(),
@@ -294,14 +300,17 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
 /// the file), so editors and config managers that replace the file by rename are followed.
 async fn watch_reloads(
     path: PathBuf,
+    watch: (
+        Option<notify::RecommendedWatcher>,
+        mpsc::Receiver<()>,
+        Option<String>,
+    ),
     mut hup: tokio::signal::unix::Signal,
     commands: mpsc::Sender<Command>,
     admin: Arc<AdminState>,
     dns_targets: tokio::sync::watch::Sender<Vec<crate::discovery::dns::Target>>,
 ) {
-    let (ftx, mut frx) = mpsc::channel::<()>(1);
-    let _watcher = watch_file(&path, ftx);
-    let mut last_text: Option<String> = std::fs::read_to_string(&path).ok();
+    let (_watcher, mut frx, mut last_text) = watch;
     loop {
         let forced = tokio::select! {
             _ = hup.recv() => true,

@@ -109,15 +109,25 @@ impl Load {
             stats: (0..MAX_PHASES).map(|_| Mutex::default()).collect(),
         });
         let n = opts.close_clients + opts.keepalive_clients;
+        // Each load gets its own 127.X.0.0/16 of source addresses, one per client (see
+        // `SOURCE`): a new load's connects never meet the TIME_WAIT sockets that earlier
+        // loads left on loopback (tens of thousands after the rude tests), whose 4-tuples
+        // would otherwise be reused and answered by a TIME_WAIT socket (a connect delayed
+        // by a SYN retransmission, 1 s, then 3 s...: a test artefact, not meshd's).
+        static LOADS: AtomicUsize = AtomicUsize::new(0);
+        let net =
+            10 + (std::process::id() as usize * 7 + LOADS.fetch_add(1, Ordering::Relaxed)) % 200;
         let clients = (0..n)
             .map(|i| {
                 let s = shared.clone();
+                let source = [127, net as u8, (i / 250) as u8, (1 + i % 250) as u8];
                 let keepalive = i >= opts.close_clients;
                 // Spread the starts over a few ms so the clients do not move in lockstep.
                 let delay = Duration::from_micros(500 * i as u64);
                 thread::Builder::new()
                     .name(format!("load-{i}"))
                     .spawn(move || {
+                        SOURCE.with(|c| c.set(Some(source)));
                         thread::sleep(delay);
                         client(&s, keepalive)
                     })
@@ -268,13 +278,30 @@ fn request(target: SocketAddr, req: &[u8], deadline: Instant) -> Result<(String,
     Ok((a.body, a.close))
 }
 
+thread_local! {
+    /// This client thread's source address on loopback (see `Load::start`).
+    static SOURCE: std::cell::Cell<Option<[u8; 4]>> = const { std::cell::Cell::new(None) };
+}
+
 fn connect(target: SocketAddr, deadline: Instant) -> Result<TcpStream, String> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err("timeout".into());
     }
-    let c = TcpStream::connect_timeout(&target, left)
-        .map_err(|e| format!("connect: {:?}", e.kind()))?;
+    let err = |e: std::io::Error| format!("connect: {:?}", e.kind());
+    let source = SOURCE
+        .with(|c| c.get())
+        .filter(|_| target.ip().is_loopback() && target.is_ipv4());
+    let c = match source {
+        None => TcpStream::connect_timeout(&target, left).map_err(err)?,
+        Some(ip) => {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .map_err(err)?;
+            s.bind(&SocketAddr::from((ip, 0)).into()).map_err(err)?;
+            s.connect_timeout(&target.into(), left).map_err(err)?;
+            s.into()
+        }
+    };
     let _ = c.set_nodelay(true);
     Ok(c)
 }
