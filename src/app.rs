@@ -148,6 +148,7 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
         commands: cmd_tx.clone(),
         token: ArcSwapOption::from(config.admin.token.clone().map(Arc::new)),
         ready: AtomicBool::new(false),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
         metrics,
     });
     let admin_stop = Arc::new(CloseSignal::new());
@@ -288,6 +289,16 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     }
     admin_stop.close();
+    if upgraded {
+        // The request that started the hand-off is answered before this process exits
+        // (up to 2 s; the answer is written a moment after its handler returns).
+        let end = tokio::time::Instant::now() + Duration::from_secs(2);
+        while admin_state.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(admin_served);
     drop(cmd_tx);
     drop(admin_state);

@@ -67,6 +67,9 @@ pub struct AdminState {
     pub token: ArcSwapOption<String>,
     /// Set once every listener is bound and the first table is published.
     pub ready: AtomicBool,
+    /// Requests being answered now: a process that handed over waits for them (the
+    /// `POST /api/v1/upgrade` that started the hand-off among them) before it exits.
+    pub in_flight: std::sync::atomic::AtomicUsize,
     pub metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
     /// The Docker provider's desired state, served to followers (`None`: no
     /// `[discovery.docker]`).
@@ -216,7 +219,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Arc<Clos
             }
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+                async move {
+                    state.in_flight.fetch_add(1, Ordering::AcqRel);
+                    let r = handle(&state, req).await;
+                    state.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    Ok::<_, std::convert::Infallible>(r)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
