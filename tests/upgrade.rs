@@ -166,6 +166,22 @@ impl Stream {
     }
 }
 
+/// Another `meshd --config` with `m`'s config, logging into `m`'s log.
+fn start_beside(m: &Meshd) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&m.log)
+        .unwrap();
+    Command::new(BIN)
+        .arg("--config")
+        .arg(&m.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 /// Two services (http behind three backends; echo for the stream) and the load.
 struct Bench {
     _backends: Vec<Backend>,
@@ -306,18 +322,7 @@ fn negative_control_stop_then_start_refuses_requests_under_the_same_load() {
         } else {
             wait_until(Duration::from_secs(10), || !alive(pid));
         }
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&b.m.log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&b.m.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = start_beside(&b.m);
         let id = child.id();
         pids.1.push(child);
         assert!(wait_until(Duration::from_secs(10), || serving_pid(
@@ -446,18 +451,7 @@ fn a_meshd_started_on_the_upgrade_socket_takes_over_from_the_running_one() {
     thread::sleep(Duration::from_millis(500));
 
     // The start-first update's new container: the same config, started beside the old.
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&b.m.log)
-        .unwrap();
-    let mut new = Command::new(BIN)
-        .arg("--config")
-        .arg(&b.m.config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut new = start_beside(&b.m);
     pids.0.push(new.id());
     assert!(
         wait_until(Duration::from_secs(15), || serving_pid(b.m.admin)

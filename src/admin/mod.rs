@@ -489,20 +489,24 @@ struct UpgradeBody {
     timeout: Option<String>,
 }
 
+/// A request body of at most `MAX_BODY` bytes, within `HEADER_TIMEOUT`; else a 400 whose
+/// message ends with `hint`.
+async fn collect_body(req: Request<Incoming>, hint: &str) -> Result<Bytes, Resp> {
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(HEADER_TIMEOUT, body).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) | Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("body too large or unreadable{hint}"),
+        )),
+    }
+}
+
 /// A small JSON body (an empty one is `T::default()`).
 async fn read_body<T: serde::de::DeserializeOwned + Default>(
     req: Request<Incoming>,
 ) -> Result<T, Resp> {
-    let body = Limited::new(req.into_body(), MAX_BODY).collect();
-    let body = match tokio::time::timeout(HEADER_TIMEOUT, body).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) | Err(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "body too large or unreadable",
-            ))
-        }
-    };
+    let body = collect_body(req, "").await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -511,16 +515,7 @@ async fn read_body<T: serde::de::DeserializeOwned + Default>(
 }
 
 async fn read_weight(req: Request<Incoming>) -> Result<u32, Resp> {
-    let body = Limited::new(req.into_body(), MAX_BODY).collect();
-    let body = match tokio::time::timeout(HEADER_TIMEOUT, body).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) | Err(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "body too large or unreadable: send {\"weight\": N}",
-            ))
-        }
-    };
+    let body = collect_body(req, ": send {\"weight\": N}").await?;
     match serde_json::from_slice::<WeightBody>(&body) {
         Ok(w) if w.weight <= crate::config::defaults::MAX_WEIGHT => Ok(w.weight),
         Ok(w) => Err(error(
