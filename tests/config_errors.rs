@@ -387,6 +387,11 @@ const ERRORS: &[(&str, &str)] = &[
         "mesh.toml:2:12: invalid docker endpoint \"tcp://10.0.0.1:2375\": use \
          \"unix:///var/run/docker.sock\" or \"http://HOST:PORT\" (e.g. a read-only socket proxy)",
     ),
+    (
+        "[discovery.docker]\naddress = \"vip\"\n",
+        "mesh.toml:2:11: invalid address mode \"vip\": use \"auto\" (overlay when meshd shares a \
+         network with the task, else its host-mode published port), \"overlay\" or \"host_port\"",
+    ),
 ];
 
 #[test]
@@ -676,6 +681,7 @@ fn design_example() {
                     managers: Vec::new(),
                     token: None,
                     token_file: None,
+                    address: meshd::config::TaskAddress::Auto,
                 }),
                 dns: Some(DnsDiscoveryConfig {
                     interval: Duration::from_secs(1),
@@ -903,6 +909,7 @@ fn backends_may_come_from_discovery_alone() {
             managers: Vec::new(),
             token: None,
             token_file: None,
+            address: meshd::config::TaskAddress::Auto,
         })
     );
 }

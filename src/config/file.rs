@@ -18,7 +18,7 @@ use toml::Spanned;
 
 use super::duration::parse_duration;
 use super::limits;
-use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol};
+use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol, TaskAddress};
 
 /// An optional key whose string value has its own syntax.
 pub type Key<T> = Option<Spanned<Parsed<T>>>;
@@ -186,6 +186,8 @@ pub struct Docker {
     pub managers: Option<Spanned<Vec<Spanned<String>>>>,
     /// The managers' admin bearer token, for following them.
     pub token_file: Option<Spanned<String>>,
+    /// `auto`, `overlay` or `host_port`: which address of a task is dialled.
+    pub address: Key<TaskAddress>,
 }
 
 /// `[discovery.dns]`
@@ -351,6 +353,17 @@ impl FromValue for DockerEndpoint {
                 r#"invalid docker endpoint {s:?}: use "unix:///var/run/docker.sock" or "http://HOST:PORT" (e.g. a read-only socket proxy)"#
             ))
         }
+    }
+}
+
+impl FromValue for TaskAddress {
+    const EXPECTING: &'static str = r#"one of "auto", "overlay", "host_port""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        TaskAddress::parse(s).ok_or_else(|| {
+            format!(
+                r#"invalid address mode {s:?}: use "auto" (overlay when meshd shares a network with the task, else its host-mode published port), "overlay" or "host_port""#
+            )
+        })
     }
 }
 

@@ -227,6 +227,43 @@ pub struct DockerDiscoveryConfig {
     /// The bearer token the managers' admin API expects (read from `token_file`).
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// Which address of a task meshd dials (`address`).
+    pub address: TaskAddress,
+}
+
+/// `[discovery.docker] address`: how meshd reaches a Swarm task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskAddress {
+    /// The overlay address on a network meshd shares with the task; else the task's
+    /// host-mode published port on its node; else (meshd cannot tell its own networks) the
+    /// task's only non-ingress overlay address.
+    #[default]
+    Auto,
+    /// Only the overlay address (meshd shares an overlay network with the tasks).
+    Overlay,
+    /// Only `NodeAddr:PublishedPort` of a host-mode publish of the target port (meshd on the
+    /// host network, tasks published `mode=host`).
+    HostPort,
+}
+
+impl TaskAddress {
+    /// Every value with its name in mesh.toml.
+    pub const NAMES: [(TaskAddress, &'static str); 3] = [
+        (TaskAddress::Auto, "auto"),
+        (TaskAddress::Overlay, "overlay"),
+        (TaskAddress::HostPort, "host_port"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(v, _)| *v == self)
+            .map_or("auto", |(_, n)| n)
+    }
+
+    pub fn parse(s: &str) -> Option<TaskAddress> {
+        Self::NAMES.iter().find(|(_, n)| *n == s).map(|(v, _)| *v)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

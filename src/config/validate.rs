@@ -20,7 +20,7 @@ use super::limits::{self, DurationKey, IntKey};
 use super::{
     defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
     DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat, ProxyProtocol,
-    ServiceConfig, UpgradeConfig,
+    ServiceConfig, TaskAddress, UpgradeConfig,
 };
 
 /// A configuration that cannot be used. `Display` is one line: `FILE:LINE:COL: message`
@@ -697,6 +697,10 @@ fn discovery(cx: &Cx, d: &file::Discovery, uses_dns: bool) -> Result<DiscoveryCo
             managers: managers(cx, k.managers.as_ref())?,
             token: None,
             token_file: None,
+            address: k
+                .address
+                .as_ref()
+                .map_or(TaskAddress::default(), |a| a.get_ref().0),
         }),
     };
     let docker = match (docker, d.docker.as_ref()) {

@@ -166,6 +166,34 @@ pub struct TaskStatus {
     pub message: String,
     #[serde(rename = "Err", deserialize_with = "nullable")]
     pub err: String,
+    /// The task's host-mode published ports (`--publish mode=host,...`): set once the
+    /// container runs; a publish without a published port gets one picked by Docker.
+    #[serde(deserialize_with = "nullable")]
+    pub port_status: PortStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct PortStatus {
+    #[serde(deserialize_with = "nullable")]
+    pub ports: Vec<PortConfig>,
+}
+
+/// One published port of a task.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct PortConfig {
+    /// "tcp", "udp" or "sctp".
+    #[serde(deserialize_with = "nullable")]
+    pub protocol: String,
+    #[serde(deserialize_with = "nullable")]
+    pub target_port: u32,
+    /// The port on the task's node (0 when none was published).
+    #[serde(deserialize_with = "nullable")]
+    pub published_port: u32,
+    /// "host" (on the task's node only) or "ingress" (the routing mesh).
+    #[serde(deserialize_with = "nullable")]
+    pub publish_mode: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -209,6 +237,35 @@ pub struct Node {
     pub status: NodeStatus,
     #[serde(deserialize_with = "nullable")]
     pub description: NodeDescription,
+    /// Managers only.
+    #[serde(deserialize_with = "nullable")]
+    pub manager_status: Option<ManagerStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct ManagerStatus {
+    /// The manager's swarm address, "IP:2377".
+    #[serde(deserialize_with = "nullable")]
+    pub addr: String,
+}
+
+impl Node {
+    /// The address other nodes reach this node on: `Status.Addr`, or, when that says
+    /// 0.0.0.0 (a manager that was given `--advertise-addr` by interface can report it so),
+    /// the IP of `ManagerStatus.Addr`.
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        let ip = self.status.addr.trim().parse::<std::net::IpAddr>().ok();
+        match ip {
+            Some(ip) if !ip.is_unspecified() => Some(ip),
+            _ => self
+                .manager_status
+                .as_ref()
+                .and_then(|m| m.addr.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -229,6 +286,9 @@ pub struct NodeStatus {
     /// ~15 s of missed heartbeats; connect retry covers that window.
     #[serde(deserialize_with = "nullable")]
     pub state: String,
+    /// The node's address ("10.0.0.5"), as other nodes see it.
+    #[serde(deserialize_with = "nullable")]
+    pub addr: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -6,8 +6,11 @@
 //! - its `Status.State` is `running` (with a HEALTHCHECK, only once healthy);
 //! - its node is `ready` and not being drained (a drained node's tasks are also told to
 //!   shut down, but the node's state is seen first sometimes);
-//! - it has an address on the network meshd reaches it on: `mesh.network` when set, else a
-//!   network meshd's own container is attached to, else its only non-ingress network;
+//! - meshd has an address to dial it at (`[discovery.docker] address`): its overlay address
+//!   on the network meshd reaches it on (`mesh.network` when set, else a network meshd's own
+//!   container is attached to, else its only non-ingress network), or `NodeAddr:PublishedPort`
+//!   of its host-mode publish of the target port (meshd on the host network); `auto` takes the
+//!   overlay address when meshd shares a network with the task, else the host port;
 //! - its ID was never seen stopping or vanished ([`Tracker`] keeps a bounded set of retired
 //!   IDs): a task's desired state only moves forward, so a lagging manager's answer that
 //!   shows an old task as running again must not bring it back.
@@ -26,7 +29,7 @@ use std::sync::Arc;
 
 use super::api::{NetworkAttachment, Node, Service, Task};
 use super::labels::{self, LabelError};
-use crate::config::{defaults, BackendConfig, ServiceConfig};
+use crate::config::{defaults, BackendConfig, ServiceConfig, TaskAddress};
 
 /// How many retired task IDs are remembered (oldest forgotten first). Swarm keeps 5 old
 /// tasks per slot by default; this covers thousands of slots' worth of churn, far longer
@@ -67,6 +70,8 @@ pub struct Tracker {
     retired: Retired,
     /// Tasks with `DesiredState=running` in the previous snapshot.
     running: HashSet<String>,
+    /// `[discovery.docker] address`: which address of a task is dialled.
+    address: TaskAddress,
 }
 
 impl Default for Tracker {
@@ -80,7 +85,14 @@ impl Tracker {
         Tracker {
             retired: Retired::new(capacity),
             running: HashSet::new(),
+            address: TaskAddress::default(),
         }
+    }
+
+    /// The same tracker, dialling tasks at the address `mode` says.
+    pub fn dialling(mut self, mode: TaskAddress) -> Tracker {
+        self.address = mode;
+        self
     }
 
     /// True if task `id` was seen stopping or vanished.
@@ -170,10 +182,8 @@ impl Tracker {
                 (None, Some(own)) => Via::Shared(own),
                 (None, None) => Via::NonIngress,
             };
-            // Address -> the task that holds it. Two running tasks never share an address;
-            // should a lagging answer show it, the first one listed keeps it.
-            let mut ips: BTreeMap<IpAddr, Arc<str>> = BTreeMap::new();
-            let mut unreachable = 0usize;
+            // The running tasks meshd routes to, each with what it can be reached on.
+            let mut reach: Vec<Reach<'_>> = Vec::new();
             let mut task_networks: BTreeSet<&str> = BTreeSet::new();
             let mut ambiguous: BTreeSet<&str> = BTreeSet::new();
             let mut not_shared: Option<&str> = None;
@@ -181,14 +191,15 @@ impl Tracker {
                 if t.desired_state != "running" && t.status.state == "running" {
                     out.stopping += 1;
                 }
+                let node = nodes.get(t.node_id.as_str());
                 if t.desired_state != "running"
                     || t.status.state != "running"
                     || self.retired.contains(&t.id)
-                    || !nodes.get(t.node_id.as_str()).is_some_and(|n| node_ok(n))
+                    || !node.is_some_and(|n| node_ok(n))
                 {
                     continue;
                 }
-                match via.address(t) {
+                let overlay = match via.address(t) {
                     Pick::Addr(ip, att) => {
                         if let (Via::Named(_), Some(own)) = (&via, own) {
                             if !own.contains(&att.network.id)
@@ -197,20 +208,24 @@ impl Tracker {
                                 not_shared = Some(&att.network.spec.name);
                             }
                         }
-                        ips.entry(ip).or_insert_with(|| Arc::from(t.id.as_str()));
+                        Some(ip)
                     }
                     Pick::Ambiguous(nets) => {
                         ambiguous.extend(nets);
+                        None
                     }
-                    Pick::None => {
-                        unreachable += 1;
-                        task_networks.extend(
-                            t.networks_attachments
-                                .iter()
-                                .map(|a| a.network.spec.name.as_str()),
-                        );
-                    }
-                }
+                    Pick::None => None,
+                };
+                task_networks.extend(
+                    t.networks_attachments
+                        .iter()
+                        .map(|a| a.network.spec.name.as_str()),
+                );
+                reach.push(Reach {
+                    task: t,
+                    overlay,
+                    node: node.and_then(|n| n.address()),
+                });
             }
             if let Some(net) = not_shared {
                 out.warnings.push(format!(
@@ -218,34 +233,18 @@ impl Tracker {
                      attach meshd to it, or it cannot reach the tasks"
                 ));
             }
-            if !ambiguous.is_empty() {
+            if !ambiguous.is_empty() && self.address != TaskAddress::HostPort {
                 out.warnings.push(format!(
                     "service {name:?}: its tasks are on several networks ({}) and meshd cannot tell \
                      which one it shares with them: set the label mesh.network",
                     ambiguous.into_iter().collect::<Vec<_>>().join(", ")
                 ));
             }
-            if unreachable > 0 {
-                let nets: Vec<&str> = task_networks.into_iter().collect();
-                out.warnings.push(format!(
-                    "service {name:?}: {unreachable} running task(s) have no address on {} \
-                     (their networks: {}): {}",
-                    match &via {
-                        Via::Named(n) => format!("network {n:?} (mesh.network)"),
-                        _ => "a network meshd is attached to".into(),
-                    },
-                    if nets.is_empty() {
-                        "none".into()
-                    } else {
-                        nets.join(", ")
-                    },
-                    match &via {
-                        Via::Named(_) => "fix the label mesh.network",
-                        _ => "attach the service and meshd to one shared overlay network",
-                    }
-                ));
-            }
+            // Whether an overlay address found on the task's only non-ingress network
+            // (meshd could not tell its own networks) ranks below a host-mode port.
+            let overlay_is_a_guess = matches!(via, Via::NonIngress);
 
+            let mut unreachable_warned = false;
             'ports: for m in made {
                 for (owner, c) in &claimed {
                     let clash = if c.name == m.config.name {
@@ -264,13 +263,37 @@ impl Tracker {
                         continue 'ports;
                     }
                 }
+                // Address -> the task that holds it. Two running tasks never share an
+                // address; should a lagging answer show it, the first one listed keeps it.
+                let mut addrs: BTreeMap<SocketAddr, Arc<str>> = BTreeMap::new();
+                let mut unreachable = 0usize;
+                for r in &reach {
+                    match r.dial(self.address, m.target, overlay_is_a_guess) {
+                        Some(a) => {
+                            addrs
+                                .entry(a)
+                                .or_insert_with(|| Arc::from(r.task.id.as_str()));
+                        }
+                        None => unreachable += 1,
+                    }
+                }
+                if unreachable > 0 && !unreachable_warned {
+                    unreachable_warned = true;
+                    out.warnings.push(self.unreachable(
+                        name,
+                        &via,
+                        unreachable,
+                        &task_networks,
+                        m.target,
+                    ));
+                }
                 let mut config = m.config;
-                config.backends = ips
-                    .iter()
-                    .map(|(&ip, id)| BackendConfig {
-                        addr: SocketAddr::new(ip, m.target),
+                config.backends = addrs
+                    .into_iter()
+                    .map(|(addr, id)| BackendConfig {
+                        addr,
                         weight: defaults::WEIGHT,
-                        id: Some(id.clone()),
+                        id: Some(id),
                     })
                     .collect();
                 claimed.push((name.clone(), config));
@@ -280,6 +303,45 @@ impl Tracker {
         list.sort_by(|a, b| a.name.cmp(&b.name));
         out.services = list;
         out
+    }
+
+    /// The warning for running tasks meshd has no address for.
+    fn unreachable(
+        &self,
+        name: &str,
+        via: &Via<'_>,
+        count: usize,
+        networks: &BTreeSet<&str>,
+        target: u16,
+    ) -> String {
+        let nets = if networks.is_empty() {
+            "none".to_owned()
+        } else {
+            networks.iter().copied().collect::<Vec<_>>().join(", ")
+        };
+        let host_port = format!(
+            "no host-mode published port for target port {target} (--publish mode=host,target={target})"
+        );
+        match (self.address, via) {
+            (TaskAddress::HostPort, _) => format!(
+                "service {name:?}: {count} running task(s) have {host_port}: address = \"host_port\" \
+                 needs one (or set address = \"auto\" and attach meshd to the tasks' network)"
+            ),
+            (_, Via::Named(n)) => format!(
+                "service {name:?}: {count} running task(s) have no address on network {n:?} \
+                 (mesh.network; their networks: {nets}): fix the label mesh.network"
+            ),
+            (TaskAddress::Overlay, _) => format!(
+                "service {name:?}: {count} running task(s) have no address on a network meshd is \
+                 attached to (their networks: {nets}): attach the service and meshd to one shared \
+                 overlay network"
+            ),
+            (TaskAddress::Auto, _) => format!(
+                "service {name:?}: {count} running task(s) have no address on a network meshd is \
+                 attached to (their networks: {nets}) and {host_port}: attach the service and \
+                 meshd to one shared overlay network, or publish the target port in host mode"
+            ),
+        }
     }
 }
 
@@ -324,6 +386,40 @@ enum Pick<'t> {
     /// Several candidate networks (names).
     Ambiguous(Vec<&'t str>),
     None,
+}
+
+/// A routable task and what it can be dialled at.
+struct Reach<'t> {
+    task: &'t Task,
+    /// Its overlay address on the network chosen by [`Via`].
+    overlay: Option<IpAddr>,
+    /// Its node's address, for a host-mode published port.
+    node: Option<IpAddr>,
+}
+
+impl Reach<'_> {
+    /// Where to dial the task's `target` port, per `[discovery.docker] address`.
+    fn dial(&self, mode: TaskAddress, target: u16, overlay_is_a_guess: bool) -> Option<SocketAddr> {
+        let overlay = self.overlay.map(|ip| SocketAddr::new(ip, target));
+        match mode {
+            TaskAddress::Overlay => overlay,
+            TaskAddress::HostPort => self.host_port(target),
+            TaskAddress::Auto if overlay_is_a_guess => self.host_port(target).or(overlay),
+            TaskAddress::Auto => overlay.or_else(|| self.host_port(target)),
+        }
+    }
+
+    /// `NodeAddr:PublishedPort` of the task's host-mode TCP publish of `target`.
+    fn host_port(&self, target: u16) -> Option<SocketAddr> {
+        let node = self.node?;
+        let p = self.task.status.port_status.ports.iter().find(|p| {
+            p.publish_mode == "host"
+                && p.protocol.eq_ignore_ascii_case("tcp")
+                && p.target_port == u32::from(target)
+        })?;
+        let port = u16::try_from(p.published_port).ok().filter(|&p| p != 0)?;
+        Some(SocketAddr::new(node, port))
+    }
 }
 
 impl Via<'_> {
@@ -859,7 +955,7 @@ mod tests {
         assert_eq!(
             out.warnings,
             [
-                r#"service "meshfix-web": 3 running task(s) have no address on a network meshd is attached to (their networks: back, ingress, meshfix): attach the service and meshd to one shared overlay network"#
+                r#"service "meshfix-web": 3 running task(s) have no address on a network meshd is attached to (their networks: back, ingress, meshfix) and no host-mode published port for target port 80 (--publish mode=host,target=80): attach the service and meshd to one shared overlay network, or publish the target port in host mode"#
             ]
         );
         // A task without addresses yet (Addresses null).
@@ -867,6 +963,98 @@ mod tests {
         s3.tasks[0].networks_attachments[0].addresses.clear();
         let out = Tracker::default().observe(&s3, &d, None);
         assert_eq!(backends(&out).len(), 2);
+        assert_eq!(out.warnings.len(), 1);
+    }
+
+    /// The steady fixture with each task publishing its port 80 in host mode on 3000N
+    /// (as `--publish mode=host,target=80` shows it once Docker picked a port), and a UDP
+    /// publish of the same target that must not be taken for it.
+    fn host_published() -> Snapshot {
+        let mut s = snap(fixture!("services.json"), fixture!("tasks-steady.json"));
+        for (i, t) in s.tasks.iter_mut().enumerate() {
+            let port = |protocol: &str, published| super::super::api::PortConfig {
+                protocol: protocol.into(),
+                target_port: 80,
+                published_port: published,
+                publish_mode: "host".into(),
+            };
+            t.status.port_status.ports = vec![port("udp", 40000), port("tcp", 30001 + i as u32)];
+        }
+        s
+    }
+
+    fn with_address(mode: TaskAddress) -> Tracker {
+        Tracker::default().dialling(mode)
+    }
+
+    #[test]
+    fn host_mode_published_ports() {
+        let d = defaults();
+        let s = host_published();
+        let overlay = ["10.0.3.2:80", "10.0.3.3:80", "10.0.3.4:80"];
+        let host = ["192.0.2.2:30001", "192.0.2.2:30002", "192.0.2.2:30003"];
+        let meshfix: OwnNetworks = ["meshfix".to_string()].into();
+        let host_net: OwnNetworks = ["host".to_string()].into();
+        // auto: the overlay when meshd shares it with the tasks ...
+        let out = with_address(TaskAddress::Auto).observe(&s, &d, Some(&meshfix));
+        assert_eq!(backends(&out), overlay);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        // ... the node's published port when meshd runs on the host network ...
+        let out = with_address(TaskAddress::Auto).observe(&s, &d, Some(&host_net));
+        assert_eq!(backends(&out), host);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        // ... and when meshd cannot tell its networks (not in a container): an overlay
+        // address it only guessed ranks below a published port.
+        let out = with_address(TaskAddress::Auto).observe(&s, &d, None);
+        assert_eq!(backends(&out), host);
+        // Each backend is still its task.
+        let ids: Vec<_> = out.services[0]
+            .backends
+            .iter()
+            .map(|b| b.id.clone())
+            .collect();
+        assert!(ids.iter().all(Option::is_some), "{ids:?}");
+        // host_port: only published ports, whatever meshd shares.
+        let out = with_address(TaskAddress::HostPort).observe(&s, &d, Some(&meshfix));
+        assert_eq!(backends(&out), host);
+        // overlay: never a published port.
+        let out = with_address(TaskAddress::Overlay).observe(&s, &d, Some(&host_net));
+        assert!(backends(&out).is_empty());
+        assert!(out.warnings[0].contains("no address on a network meshd is attached to"));
+
+        // A task whose publish is of another port, or not yet published (0), is unreachable
+        // in host_port mode, and said so once.
+        let mut s2 = s.clone();
+        s2.tasks[0].status.port_status.ports[1].target_port = 443;
+        s2.tasks[1].status.port_status.ports[1].published_port = 0;
+        let out = with_address(TaskAddress::HostPort).observe(&s2, &d, None);
+        assert_eq!(backends(&out), ["192.0.2.2:30003"]);
+        assert_eq!(
+            out.warnings,
+            [
+                r#"service "meshfix-web": 2 running task(s) have no host-mode published port for target port 80 (--publish mode=host,target=80): address = "host_port" needs one (or set address = "auto" and attach meshd to the tasks' network)"#
+            ]
+        );
+        // auto falls back to the overlay address for them.
+        let out = with_address(TaskAddress::Auto).observe(&s2, &d, None);
+        assert_eq!(
+            backends(&out),
+            ["10.0.3.2:80", "10.0.3.4:80", "192.0.2.2:30003"]
+        );
+    }
+
+    #[test]
+    fn node_address_falls_back_to_the_manager_address() {
+        let d = defaults();
+        let mut s = host_published();
+        s.nodes[0].status.addr = "0.0.0.0".into();
+        let out = with_address(TaskAddress::HostPort).observe(&s, &d, None);
+        assert_eq!(backends(&out).len(), 3);
+        assert!(backends(&out).iter().all(|b| b.starts_with("192.0.2.2:")));
+        // No usable address at all: unreachable, not 0.0.0.0.
+        s.nodes[0].manager_status = None;
+        let out = with_address(TaskAddress::HostPort).observe(&s, &d, None);
+        assert!(backends(&out).is_empty());
         assert_eq!(out.warnings.len(), 1);
     }
 
