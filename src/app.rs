@@ -20,6 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::close::CloseSignal;
 use crate::config::Config;
 use crate::control::{Command, Control, Status};
+use crate::discovery::providers::Providers;
 use crate::proxy::conn::Shared;
 use crate::proxy::forward::Mode;
 use crate::proxy::{listener, splice};
@@ -157,24 +158,8 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
         admin_state.clone(),
         admin_stop.clone(),
     ));
-    // Discovery providers. DNS targets follow reloads; the Docker provider's settings are
-    // read at start (changing [discovery.docker] needs a restart).
-    let (dns_tx, dns_rx) = tokio::sync::watch::channel(crate::discovery::dns::targets(&config));
-    if let Some(dns) = &config.discovery.dns {
-        tokio::spawn(crate::discovery::dns::run(
-            dns.clone(),
-            dns_rx,
-            cmd_tx.clone(),
-        ));
-    }
-    if let Some(docker) = &config.discovery.docker {
-        tokio::spawn(crate::discovery::docker::run(
-            docker.clone(),
-            config.defaults.clone(),
-            cmd_tx.clone(),
-            feed_tx,
-        ));
-    }
+    // Discovery providers; a reload that changes their settings restarts them.
+    let providers = Providers::start(&config, cmd_tx.clone(), Arc::new(feed_tx));
 
     // The watch is set up before /readyz says ready: a change made right after must not
     // fall between the two (it would be neither seen nor compared).
@@ -187,7 +172,7 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
         hup,
         cmd_tx.clone(),
         admin_state.clone(),
-        dns_tx,
+        providers,
     ));
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(
@@ -201,13 +186,20 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
     if let Some(t) = handoff {
         warm_up(&status, WARM_UP_MAX).await;
         let taken = upgrade::sockets::INHERITED_TAKEN.load(Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || t.ready())
-            .await?
-            .context("telling the old meshd this one is ready")?;
-        tracing::info!(
-            inherited = taken,
-            "upgrade: ready; the old meshd stops accepting and drains"
-        );
+        // The old process may be gone already (stopped while this one warmed up, e.g. by
+        // a Swarm start-first update's SIGTERM): the listeners are this process's now, and
+        // it serves on.
+        match tokio::task::spawn_blocking(move || t.ready()).await? {
+            Ok(()) => tracing::info!(
+                inherited = taken,
+                "upgrade: ready; the old meshd stops accepting and drains"
+            ),
+            Err(e) => tracing::warn!(
+                inherited = taken,
+                error = %e,
+                "upgrade: the old meshd did not hear that this one is ready (it was stopped?); serving on"
+            ),
+        }
         tokio::spawn(async {
             tokio::time::sleep(UNCLAIMED_GRACE).await;
             let gone = upgrade::sockets::close_unclaimed();
@@ -237,7 +229,31 @@ pub async fn run(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<()
     // Wait for the signal to stop, or for a successor to be ready.
     let sig = loop {
         tokio::select! {
-            _ = term.recv() => break "SIGTERM",
+            _ = term.recv() => {
+                // Stopped while handing over (a Swarm start-first update stops the old
+                // task as soon as the new one runs): keep serving until the new process
+                // is ready or the hand-off fails, so that someone accepts all along.
+                if !info.upgrading.load(Ordering::Acquire) {
+                    break "SIGTERM";
+                }
+                tracing::info!("SIGTERM during a hand-off: serving until the new meshd is ready");
+                match tokio::time::timeout(config.upgrade.timeout, upgraded_rx.recv()).await {
+                    Ok(Some(out)) => {
+                        out.count();
+                        match out.result {
+                            Ok(pid) => {
+                                tracing::info!(new_pid = pid, "upgrade: the new meshd is ready; handing over");
+                                break "upgrade";
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "upgrade failed");
+                                break "SIGTERM";
+                            }
+                        }
+                    }
+                    _ => break "SIGTERM",
+                }
+            }
             _ = int.recv() => break "SIGINT",
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading");
@@ -319,7 +335,7 @@ async fn watch_reloads(
     mut hup: tokio::signal::unix::Signal,
     commands: mpsc::Sender<Command>,
     admin: Arc<AdminState>,
-    dns_targets: tokio::sync::watch::Sender<Vec<crate::discovery::dns::Target>>,
+    mut providers: Providers,
 ) {
     let (_watcher, mut frx, mut last_text) = watch;
     loop {
@@ -366,7 +382,7 @@ async fn watch_reloads(
             }
             Ok(cfg) => {
                 let token = cfg.admin.token.clone().map(Arc::new);
-                let targets = crate::discovery::dns::targets(&cfg);
+                let applied = cfg.clone();
                 let (tx, rx) = oneshot::channel();
                 if commands
                     .send(Command::Reload(Box::new(cfg), tx))
@@ -377,11 +393,7 @@ async fn watch_reloads(
                 }
                 if let Ok(Ok(())) = rx.await {
                     admin.token.store(token);
-                    dns_targets.send_if_modified(|t| {
-                        let changed = *t != targets;
-                        *t = targets;
-                        changed
-                    });
+                    providers.apply(&applied);
                 }
             }
         }

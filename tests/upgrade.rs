@@ -479,3 +479,76 @@ fn a_meshd_started_on_the_upgrade_socket_takes_over_from_the_running_one() {
     )));
     assert!(!sock.exists(), "a stopped meshd removes its upgrade socket");
 }
+
+/// A Swarm start-first update stops the old task as soon as the new one runs, which can be
+/// while the new meshd still warms up on the listeners it received: the old one must keep
+/// accepting until the new one is ready (then drain and exit 0), and the new one serves on.
+#[test]
+fn a_meshd_stopped_during_the_takeover_serves_until_its_successor_is_ready() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = std::env::temp_dir().join(format!(
+        "meshd-up-{}-{}.sock",
+        std::process::id(),
+        free_port()
+    ));
+    // A third service whose backend accepts and never answers its http check (timeout
+    // 1.5 s): the new process's warm-up (its first health round) takes that long, which
+    // keeps the hand-off open for the SIGTERM.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow = service_toml(
+        "slow",
+        addr(free_port()),
+        &[mute.local_addr().unwrap()],
+        "",
+        "check = \"http\"\ninterval = \"2s\"\ntimeout = \"1500ms\"\nrise = 1\nfall = 1",
+    );
+    let top = format!("[upgrade]\nsocket = \"{}\"\n\n{slow}", sock.display());
+    let mut b = bench(&top);
+    let mut pids = Pids(vec![b.m.child.id()], Vec::new());
+    let inode = listen_inode(b.web).unwrap();
+    let load = load(b.web);
+    thread::sleep(Duration::from_millis(500));
+
+    let mut new = start_beside(&b.m);
+    pids.0.push(new.id());
+    // SIGTERM to the old one the moment the new one has asked for the listeners.
+    assert!(
+        wait_until(Duration::from_secs(15), || b
+            .m
+            .log_text()
+            .contains("a new process asks for the listeners")),
+        "{}",
+        b.m.log_text()
+    );
+    kill(b.m.child.id(), libc::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(15), || serving_pid(b.m.admin)
+            == Some(new.id())),
+        "{}",
+        b.m.log_text()
+    );
+    thread::sleep(Duration::from_millis(500));
+    let tally = load.stop();
+    // Its keep-alive connections closed with the load: the old one has drained.
+    assert_eq!(
+        b.m.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "the old one exits 0 once it handed over: {}",
+        b.m.log_text()
+    );
+    println!("{}", line("SIGTERM during takeover", &tally));
+    let log = b.m.log_text();
+    assert!(
+        log.contains("SIGTERM during a hand-off"),
+        "the SIGTERM came after the hand-off ended: the test did not test it\n{log}"
+    );
+    assert!(matches!(new.try_wait(), Ok(None)), "the new one serves on");
+    assert_eq!(listen_inode(b.web), Some(inode));
+    assert_eq!(tally.close.failed, 0, "{}", line("takeover", &tally));
+    assert_eq!(tally.keepalive.failed, 0, "{}", line("takeover", &tally));
+    kill(new.id(), libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(10), || matches!(
+        new.try_wait(),
+        Ok(Some(_))
+    )));
+}
