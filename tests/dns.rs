@@ -141,3 +141,71 @@ fn dns_answers_become_backends_and_a_vanished_address_drains() {
     assert_eq!(m.backend("web", &two.to_string())["state"], "active");
     drop(b2);
 }
+
+/// `[discovery.dns]` applies on reload: pointing meshd at another resolver (which answers
+/// with another task) moves the service there; the old task drains; nothing fails.
+#[test]
+fn a_reload_that_changes_the_resolver_restarts_dns_discovery() {
+    let dir = TempDir::new("dns-reload");
+    let port = free_port();
+    let two: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let three: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+    let (hosts_a, hosts_b) = (dir.0.join("hosts-a"), dir.0.join("hosts-b"));
+    std::fs::write(&hosts_a, "127.0.0.2 tasks.web\n").unwrap();
+    std::fs::write(&hosts_b, "127.0.0.3 tasks.web\n").unwrap();
+    let (dns_a, dns_b) = (Dnsmasq::start(&hosts_a), Dnsmasq::start(&hosts_b));
+    let _b2 = Backend::spawn_on_addr(two, "two", "http", &[]);
+    let _b3 = Backend::spawn_on_addr(three, "three", "http", &[]);
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+        two
+    )
+    .is_ok()
+        && TcpStream::connect(three).is_ok()));
+
+    let listen = addr(free_port());
+    let config = |resolver: u16| {
+        format!(
+            "[discovery.dns]\nresolver = \"127.0.0.1:{resolver}\"\ninterval = \"200ms\"\n\n\
+             [[service]]\nname = \"web\"\nlisten = [\"{listen}\"]\ndns = \"tasks.web:{port}\"\n\
+             drain_timeout = \"2s\"\n\
+             [service.health]\ncheck = \"http\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n"
+        )
+    };
+    let m = Meshd::start(&config(dns_a.port));
+    assert!(wait_until(Duration::from_secs(15), || m.healthy("web") == 1));
+    assert_eq!(who(listen).as_deref(), Some("two"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if who(listen).is_none() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // The same file (with the admin section the harness added), another resolver.
+    let text = std::fs::read_to_string(&m.config).unwrap().replace(
+        &format!("127.0.0.1:{}\"", dns_a.port),
+        &format!("127.0.0.1:{}\"", dns_b.port),
+    );
+    assert!(text.contains(&format!(":{}", dns_b.port)));
+    std::fs::write(&m.config, text).unwrap();
+    m.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let b = m.backend("web", &two.to_string());
+            (b.is_null() || b["state"] == "draining") && m.healthy("web") == 1
+        }),
+        "{}",
+        m.log_text()
+    );
+    assert!((0..10).all(|_| who(listen).as_deref() == Some("three")));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(m.log_text().contains("DNS discovery restarted"));
+}

@@ -102,7 +102,7 @@ pub async fn run(
     cfg: DockerDiscoveryConfig,
     defaults: ServiceConfig,
     commands: mpsc::Sender<Command>,
-    feed: FeedTx,
+    feed: Arc<FeedTx>,
 ) {
     let client = match Client::new(&cfg.endpoint) {
         Ok(c) => c,
@@ -148,7 +148,7 @@ struct Provider {
     /// it at once, without waiting for the next poll.
     last: Option<Snapshot>,
     /// What followers on other nodes are served.
-    feed: FeedTx,
+    feed: Arc<FeedTx>,
     /// The engine has answered a whole poll at least once.
     ever_ok: bool,
 }
@@ -179,15 +179,16 @@ impl Provider {
         defaults: ServiceConfig,
         client: Client,
         commands: mpsc::Sender<Command>,
-        feed: FeedTx,
+        feed: Arc<FeedTx>,
     ) -> Provider {
         let (stops_tx, stops) = mpsc::channel(STOPS_QUEUE);
+        let tracker = Tracker::default().dialling(cfg.address);
         Provider {
             cfg,
             defaults,
             client,
             commands,
-            tracker: Tracker::default(),
+            tracker,
             sent: None,
             warnings: BTreeSet::new(),
             updating: Vec::new(),

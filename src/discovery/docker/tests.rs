@@ -136,11 +136,12 @@ fn config(endpoint: &str) -> DockerDiscoveryConfig {
         managers: Vec::new(),
         token: None,
         token_file: None,
+        address: crate::config::TaskAddress::Auto,
     }
 }
 
-fn feed() -> crate::discovery::feed::FeedTx {
-    tokio::sync::watch::channel(crate::discovery::feed::FeedState::default()).0
+fn feed() -> std::sync::Arc<crate::discovery::feed::FeedTx> {
+    std::sync::Arc::new(tokio::sync::watch::channel(crate::discovery::feed::FeedState::default()).0)
 }
 
 fn defaults() -> ServiceConfig {
@@ -353,7 +354,7 @@ impl Manager {
             config(&self.engine),
             defaults(),
             tx,
-            feed,
+            std::sync::Arc::new(feed),
         )));
     }
 
@@ -373,6 +374,7 @@ fn follower_config(managers: &[&Manager], token_ok: bool) -> DockerDiscoveryConf
         managers: managers.iter().map(|m| m.addr.to_string()).collect(),
         token: Some(if token_ok { "f33d" } else { "wrong" }.into()),
         token_file: None,
+        address: crate::config::TaskAddress::Auto,
     }
 }
 
@@ -407,7 +409,7 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
         follower_config(&[&m1, &m2], true),
         defaults(),
         tx,
-        wfeed,
+        std::sync::Arc::new(wfeed),
     ));
     let list = next_services(&mut rx, Duration::from_secs(5)).await;
     assert_eq!(
@@ -477,7 +479,7 @@ async fn a_manager_whose_engine_fails_follows_then_reads_it_again() {
     cfg.token = Some("t".into());
     let (tx, mut rx) = mpsc::channel(16);
     let (wfeed, status) = tokio::sync::watch::channel(crate::discovery::feed::FeedState::default());
-    let provider = tokio::spawn(run(cfg, defaults(), tx, wfeed));
+    let provider = tokio::spawn(run(cfg, defaults(), tx, std::sync::Arc::new(wfeed)));
     assert!(matches!(next(&mut rx).await, Got::Failed));
     assert!(!status.borrow().serving);
     engine.set(|a| a.fail = None);
