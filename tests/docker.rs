@@ -1564,3 +1564,268 @@ fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Which meshd answers on `admin`: `/api/v1/process` `started_at` (seconds) and how many
+/// listeners it inherited (pids are per container: every meshd is pid 1 in its own).
+fn started_at(admin: SocketAddr) -> Option<String> {
+    let (code, body) = common::http_get(admin, "/api/v1/process")?;
+    let v: serde_json::Value = (code == 200).then(|| serde_json::from_str(&body).ok())??;
+    Some(format!(
+        "{} inherited={}",
+        v["started_at"].as_u64()?,
+        v["inherited_listeners"].as_u64()?
+    ))
+}
+
+/// meshd as Swarm runs it in production (deploy/stack.yml): a global service on the host
+/// network, updated start-first, the new container taking the listeners over from the old
+/// one through the upgrade socket in a shared /run/meshd; tasks published `mode=host` with
+/// no published port (Docker picks one per task), dialled at `NodeAddr:PublishedPort`.
+/// Two updates of meshd under 40 connection-per-request clients (0 failed) and 20
+/// keep-alive ones (ab -k: at most the request in flight on each connection the old meshd
+/// closes at its drain_timeout). Then a newly labelled service on a new port is served,
+/// meshd untouched.
+#[test]
+fn swarm_meshd_on_the_host_network_updates_itself_start_first() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut sw) = setup_with("hostnet", false) else {
+        return;
+    };
+    let id = std::process::id();
+    let (port, port2, admin_port) = (free_port(), free_port(), free_port());
+    let proxy = SocketAddr::from(([127, 0, 0, 1], port));
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+
+    // The app: 3 tasks, host-mode publish of port 80 with no published port.
+    let app = |name: &str, p: u16, v: &str| {
+        let label = format!("mesh.publish={p}:80");
+        let args = backend_args(v, "");
+        let mut create: Vec<&str> = vec![
+            "service",
+            "create",
+            "--quiet",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            &sw.net,
+            "--endpoint-mode",
+            "dnsrr",
+            "--no-resolve-image",
+            "--replicas",
+            "3",
+            "--publish",
+            "mode=host,target=80",
+            "--label",
+            &label,
+            "--label",
+            "mesh.health=http",
+            "--label",
+            "mesh.health.path=/healthz",
+            &sw.tag,
+        ];
+        create.extend(args.split(' '));
+        docker(&create, T);
+    };
+    let web = format!("hostnet-web-{id}");
+    sw.created.services.push(web.clone());
+    app(&web, port, "v1");
+
+    // meshd: global, host network, start-first, /run/meshd shared by its containers.
+    let dir = TempDir::new("docker-hostnet");
+    let run = TempDir::new("docker-hostnet-run");
+    std::fs::write(
+        dir.0.join("mesh.toml"),
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[upgrade]\nsocket = \"/run/meshd/upgrade.sock\"\n\n\
+             [defaults]\nconnect_timeout = \"500ms\"\ndrain_timeout = \"15s\"\n\n\
+             [defaults.health]\ninterval = \"250ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n\n\
+             [discovery.docker]\nendpoint = \"unix:///var/run/docker.sock\"\npoll_interval = \"500ms\"\n"
+        ),
+    )
+    .expect("config");
+    let lb = format!("hostnet-meshd-{id}");
+    sw.created.services.push(lb.clone());
+    let conf = format!(
+        "type=bind,source={},target=/etc/meshd,readonly",
+        dir.0.display()
+    );
+    let rundir = format!("type=bind,source={},target=/run/meshd", run.0.display());
+    docker(
+        &[
+            "service",
+            "create",
+            "--quiet",
+            "--detach",
+            "--name",
+            &lb,
+            "--mode",
+            "global",
+            "--network",
+            "host",
+            "--no-resolve-image",
+            "--update-order",
+            "start-first",
+            "--update-failure-action",
+            "pause",
+            "--restart-condition",
+            "on-failure",
+            "--stop-grace-period",
+            "30s",
+            "--env",
+            "RUST_LOG=info",
+            "--mount",
+            "type=bind,source=/var/run/docker.sock,target=/var/run/docker.sock,readonly",
+            "--mount",
+            &conf,
+            "--mount",
+            &rundir,
+            &sw.tag,
+            "--config",
+            "/etc/meshd/mesh.toml",
+        ],
+        T,
+    );
+    let logs = || {
+        let o = docker_out(&["service", "logs", "--raw", &lb], T);
+        format!("{}{}", o.stdout, o.stderr)
+    };
+    let ready = wait_until(Duration::from_secs(90).min(sw.budget_left()), || {
+        healthy(admin, &web) == 3
+    });
+    assert!(
+        ready,
+        "meshd did not get 3 healthy backends for {web}; tasks:\n{}\nmeshd:\n{}\nmeshd log:\n{}",
+        docker_out(&["service", "ps", "--no-trunc", &web], T).stdout,
+        docker_out(&["service", "ps", "--no-trunc", &lb], T).stdout,
+        logs()
+    );
+    let backends: Vec<String> = service_json(admin, &web)
+        .and_then(|s| {
+            s["backends"].as_array().map(|b| {
+                b.iter()
+                    .filter_map(|x| x["addr"].as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    println!(
+        "ready after {:.1}s: meshd on the host network dials {web} at {}",
+        sw.start.elapsed().as_secs_f64(),
+        backends.join(" ")
+    );
+    assert!(
+        backends.iter().all(|b| !b.starts_with("10.")),
+        "meshd on the host network cannot reach overlay addresses: {backends:?}"
+    );
+
+    // Two start-first updates of meshd itself under load.
+    let load = Load::start(proxy);
+    let ab = Ab::start(&format!("http://{proxy}/"), true);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut took = Vec::new();
+    for round in 1..=2 {
+        let before = started_at(admin).expect("/api/v1/process");
+        let t0 = Instant::now();
+        docker(
+            &["service", "update", "--quiet", "--force", &lb],
+            Duration::from_secs(120).min(sw.budget_left()),
+        );
+        let moved = wait_until(Duration::from_secs(60).min(sw.budget_left()), || {
+            started_at(admin).is_some_and(|s| s != before)
+                && docker_out(
+                    &[
+                        "service",
+                        "ps",
+                        "--filter",
+                        "desired-state=running",
+                        "--format",
+                        "{{.CurrentState}}",
+                        &lb,
+                    ],
+                    T,
+                )
+                .stdout
+                .lines()
+                .count()
+                    == 1
+        });
+        assert!(
+            moved,
+            "update {round}: the new meshd did not take over; tasks:\n{}\nlog:\n{}",
+            docker_out(&["service", "ps", "--no-trunc", &lb], T).stdout,
+            tail(&logs(), 60)
+        );
+        took.push(t0.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    // The old containers drain their keep-alive connections up to drain_timeout (15 s):
+    // let the last one finish under load.
+    std::thread::sleep(Duration::from_secs(16));
+    let tally = load.next_step();
+    let ka = ab.finish();
+    drop(load);
+    let failed = tally.failed.load(Ordering::Relaxed);
+    println!(
+        "meshd updated start-first twice ({}): connection-per-request {} ok {} failed; \
+         keep-alive (ab -k -c {AB_CLIENTS}) {} complete {} failed {} non-2xx {}",
+        took.iter()
+            .map(|t| format!("{t:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        tally.ok.load(Ordering::Relaxed),
+        failed,
+        ka.complete,
+        ka.failed,
+        ka.non_2xx,
+        ka.breakdown
+    );
+    for e in tally.errors.lock().expect("lock").iter() {
+        println!("      failure: {e}");
+    }
+    let log = logs();
+    let handoffs = log.matches("upgrade: ready; the old meshd stops").count();
+    println!("hand-offs in meshd's log: {handoffs}");
+    assert_eq!(failed, 0, "meshd log:\n{}", tail(&log, 80));
+    assert_eq!(
+        handoffs,
+        2,
+        "each update handed the listeners over:\n{}",
+        tail(&log, 80)
+    );
+    assert!(ka.complete > 0, "ab -k completed nothing");
+    // Established connections are not handed over: the old meshd keeps each of ab's
+    // keep-alive connections (which ab never ends) until drain_timeout, then closes it,
+    // and a request in flight on it fails (ab does not retry). At most one per connection
+    // per update; a refused or reset listener would fail thousands (stop-first: 12,946).
+    let cut_at_most = 2 * AB_CLIENTS.parse::<u64>().expect("AB_CLIENTS");
+    assert_eq!(ka.non_2xx, 0, "keep-alive: {}", ka.breakdown);
+    assert!(
+        ka.failed <= cut_at_most,
+        "keep-alive: {} failed, more than one per connection cut at drain_timeout ({cut_at_most}): {}",
+        ka.failed,
+        ka.breakdown
+    );
+
+    // A newly labelled service on a new port: served without touching meshd.
+    let before = started_at(admin);
+    let web2 = format!("hostnet-web2-{id}");
+    sw.created.services.push(web2.clone());
+    let t0 = Instant::now();
+    app(&web2, port2, "w2");
+    let proxy2 = SocketAddr::from(([127, 0, 0, 1], port2));
+    let served = wait_until(Duration::from_secs(90).min(sw.budget_left()), || {
+        get(proxy2).is_ok_and(|b| b == "w2")
+    });
+    assert!(
+        served,
+        "the new service's port {port2} was not served; log:\n{}",
+        tail(&logs(), 40)
+    );
+    println!(
+        "new labelled service {web2} on port {port2}: served {:.1}s after `docker service create` \
+         (tasks started and passed meshd's health check), meshd untouched",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(started_at(admin), before, "meshd was not restarted");
+}
