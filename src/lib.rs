@@ -16,7 +16,8 @@
 //! - [`close`]: `CloseSignal`, the drain/shutdown broadcast.
 //! - [`admin`]: the admin HTTP server (metrics, health, API, status page).
 //! - [`metrics`]: metric names (`metrics::names`, a leaf) and the Prometheus exporter.
-//! - [`app`]: wiring, reloads, signals and the shutdown sequence.
+//! - [`app`]: wiring ([`app::App::build`] binds, [`app::App::spawn`] serves), reloads and
+//!   the shutdown sequence; signals are the binary's (`main.rs`).
 //! - [`demo`]: `meshd demo` and the `meshd backend` test/demo server.
 //!
 //! See ARCHITECTURE.md for the invariants.

@@ -182,9 +182,49 @@ fn main() -> ExitCode {
                 None => cfg.log.format,
             };
             init_logging(format);
-            block_on(cli.threads, meshd::app::run(cfg, cli.takeover))
+            block_on(cli.threads, serve(cfg, cli.takeover))
         }
     }
+}
+
+/// Runs meshd until SIGTERM/SIGINT or a hand-off to a successor, then drains. Signals
+/// are handled here and only here: SIGHUP reloads, SIGUSR2 upgrades.
+async fn serve(cfg: Config, takeover: Option<PathBuf>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed before anything is bound: a signal that arrives once meshd serves must
+    // find them (a SIGTERM until then ends the process, as it should).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+
+    let mut running = meshd::app::App::build(cfg, takeover).await?.spawn().await?;
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => {
+                if !running.upgrading() {
+                    break "SIGTERM";
+                }
+                // Stopped while handing over (a Swarm start-first update stops the old
+                // task as soon as the new one runs): serve until the new process is ready
+                // or the hand-off fails, so that someone accepts all along.
+                tracing::info!("SIGTERM during a hand-off: serving until the new meshd is ready");
+                break if running.finish_handover().await { "upgrade" } else { "SIGTERM" };
+            }
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => running.reload(),
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                running.upgrade();
+            }
+            _ = running.handed_over() => break "upgrade",
+        }
+    };
+    tracing::info!(signal = why, "stopping");
+    let grace = running.drain_timeout();
+    running.shutdown(grace).await;
+    Ok(())
 }
 
 fn block_on(

@@ -104,8 +104,9 @@ fn allocations_per_connection_are_the_connections_own_state() {
         .on_thread_start(|| COUNTED.with(|c| c.set(true)))
         .build()
         .unwrap();
-    rt.spawn(async move {
-        let _ = meshd::app::run(cfg, None).await;
+    let running = rt.block_on(async move {
+        let app = meshd::app::App::build(cfg, None).await.unwrap();
+        app.spawn().await.unwrap()
     });
     assert!(wait_until(Duration::from_secs(10), || {
         matches!(common::http_get(admin, "/readyz"), Some((200, _)))
@@ -134,5 +135,6 @@ fn allocations_per_connection_are_the_connections_own_state() {
     // histograms' sample blocks, amortised (0.03). None is meshd's own code: a
     // per-connection string, Box or Vec on the hot path would add at least one more.
     assert!(per_conn <= 4.5, "{per_conn:.2} allocations per connection");
+    rt.block_on(running.shutdown(Duration::ZERO));
     rt.shutdown_background();
 }

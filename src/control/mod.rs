@@ -129,7 +129,7 @@ struct ServiceEntry {
 pub struct Control {
     table: TableHandle,
     status: StatusHandle,
-    shared: &'static Shared,
+    shared: Arc<Shared>,
     tracker: TaskTracker,
     services: Vec<ServiceEntry>,
     free_slots: Vec<usize>,
@@ -171,7 +171,7 @@ impl Control {
     pub fn new(
         table: TableHandle,
         status: StatusHandle,
-        shared: &'static Shared,
+        shared: Arc<Shared>,
         tracker: TaskTracker,
         ejected_rx: mpsc::UnboundedReceiver<Arc<Backend>>,
     ) -> Control {
@@ -567,7 +567,7 @@ impl Control {
             listener,
             service: s.state.clone(),
             table: self.table.clone(),
-            shared: self.shared,
+            shared: self.shared.clone(),
             tracker: self.tracker.clone(),
             stop: stop.clone(),
         });
@@ -775,12 +775,12 @@ mod tests {
     /// A control plane with no config: services come from a provider only.
     fn control() -> Control {
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared: &'static Shared = Box::leak(Box::new(Shared {
+        let shared = Arc::new(Shared {
             mode: crate::proxy::forward::Mode::Copy,
             access_log: std::sync::atomic::AtomicBool::new(false),
             ejected: tx,
             table: TableHandle::new(),
-        }));
+        });
         let mut c = Control::new(
             TableHandle::new(),
             StatusHandle::default(),

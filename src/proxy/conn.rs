@@ -556,8 +556,9 @@ pub async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     mut svc: Arc<ServiceTable>,
-    shared: &Shared,
+    shared: Arc<Shared>,
 ) {
+    let shared = &*shared;
     let state = svc.state.clone();
     let _service_live = Live(&state.active);
     let accepted = Instant::now();

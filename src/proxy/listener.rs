@@ -62,7 +62,7 @@ pub struct AcceptLoop {
     pub listener: TcpListener,
     pub service: Arc<ServiceState>,
     pub table: TableHandle,
-    pub shared: &'static Shared,
+    pub shared: Arc<Shared>,
     pub tracker: TaskTracker,
     /// Closed to stop accepting (listener removed by a reload, or shutdown).
     pub stop: Arc<CloseSignal>,
@@ -114,7 +114,7 @@ impl AcceptLoop {
                     }
                     let svc = svc.clone();
                     drop(guard);
-                    tracker.spawn(conn::serve(sock, peer, svc, shared));
+                    tracker.spawn(conn::serve(sock, peer, svc, shared.clone()));
                 }
                 Err(e) if is_exhaustion(&e) => {
                     ACCEPT_EXHAUSTED.fetch_add(1, Ordering::Relaxed);
