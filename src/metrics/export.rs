@@ -280,18 +280,15 @@ pub fn sync_process(
     reloads_err: u64,
     discovery_errors: &[(&'static str, u64)],
 ) {
-    use crate::proxy::{forward, listener, splice};
+    let proxy = crate::proxy::stats::snapshot();
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     metrics::gauge!(TABLE_GENERATION).set(generation as f64);
     metrics::counter!(CONFIG_RELOADS, "result" => "ok").absolute(reloads_ok);
     metrics::counter!(CONFIG_RELOADS, "result" => "error").absolute(reloads_err);
-    metrics::counter!(ACCEPT_EXHAUSTED)
-        .absolute(listener::ACCEPT_EXHAUSTED.load(Ordering::Relaxed));
-    metrics::counter!(FORWARDED_BYTES, "mode" => "splice")
-        .absolute(forward::SPLICED_BYTES.load(Ordering::Relaxed));
-    metrics::counter!(FORWARDED_BYTES, "mode" => "copy")
-        .absolute(forward::COPIED_BYTES.load(Ordering::Relaxed));
-    metrics::counter!(PIPES_CREATED).absolute(splice::PIPES_CREATED.load(Ordering::Relaxed));
+    metrics::counter!(ACCEPT_EXHAUSTED).absolute(proxy.accept_exhausted);
+    metrics::counter!(FORWARDED_BYTES, "mode" => "splice").absolute(proxy.spliced_bytes);
+    metrics::counter!(FORWARDED_BYTES, "mode" => "copy").absolute(proxy.copied_bytes);
+    metrics::counter!(PIPES_CREATED).absolute(proxy.pipes_created);
     for (provider, n) in discovery_errors {
         metrics::counter!(DISCOVERY_ERRORS, "provider" => *provider).absolute(*n);
     }

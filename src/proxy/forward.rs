@@ -33,12 +33,8 @@ use tokio::time::Instant;
 
 use super::connect::keepalive;
 use super::splice::PooledPipe;
+use super::stats::STATS;
 use crate::table::Backend;
-
-/// Bytes moved by splice since start.
-pub static SPLICED_BYTES: AtomicU64 = AtomicU64::new(0);
-/// Bytes moved by `recv` + `send` through the scratch buffer since start.
-pub static COPIED_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Size of the per-thread scratch buffer, and the threshold between copying and splicing:
 /// a read that fills it makes the next read of that direction a splice, a splice that moves
@@ -338,10 +334,10 @@ impl Pump<'_> {
                 }
             };
             if spliced {
-                self.moved(n, &SPLICED_BYTES);
+                self.moved(n, &STATS.spliced_bytes);
                 big = n >= SCRATCH;
             } else {
-                self.moved(n, &COPIED_BYTES);
+                self.moved(n, &STATS.copied_bytes);
                 big = splice_ok && n == SCRATCH;
             }
         }

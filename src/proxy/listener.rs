@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +25,6 @@ use super::conn::{self, Shared};
 use super::connect::keepalive;
 use crate::table::{ServiceState, TableHandle};
 use crate::upgrade;
-
-/// Accepts that failed because descriptors or kernel memory ran out.
-pub static ACCEPT_EXHAUSTED: AtomicU64 = AtomicU64::new(0);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
@@ -117,7 +114,9 @@ impl AcceptLoop {
                     tracker.spawn(conn::serve(sock, peer, svc, shared.clone()));
                 }
                 Err(e) if is_exhaustion(&e) => {
-                    ACCEPT_EXHAUSTED.fetch_add(1, Ordering::Relaxed);
+                    super::stats::STATS
+                        .accept_exhausted
+                        .fetch_add(1, Ordering::Relaxed);
                     let now = tokio::time::Instant::now();
                     if last_log.is_none_or(|t| now - t >= Duration::from_secs(1)) {
                         last_log = Some(now);

@@ -7,8 +7,8 @@
 //!
 //! Invariants: nothing in this module takes a lock on the accept path or per byte (the
 //! only mutex is `CloseSignal`'s waiter registry, touched once when a connection starts
-//! forwarding and once when it ends); `splice` holds the data plane's only `unsafe` (the
-//! other `unsafe` blocks are the system calls in `sys.rs`).
+//! forwarding and once when it ends); `splice` holds the data plane's only `unsafe`.
+//! Process-wide counters are in `stats` (the exporter reads them at scrape time).
 
 /// `CloseSignal` lives in `crate::close` (table and health use it too); re-exported so
 /// the data plane can name it where it always did.
@@ -19,3 +19,4 @@ pub mod forward;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod splice;
+pub mod stats;

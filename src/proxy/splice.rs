@@ -21,7 +21,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// What pooled pipes are grown to with `F_SETPIPE_SZ` (the default is 64 KiB, 16 pages;
 /// `/proc/sys/fs/pipe-max-size` caps it, 1 MiB by default). Fewer, larger splices per MiB.
@@ -42,10 +42,6 @@ static GROWN: AtomicUsize = AtomicUsize::new(0);
 
 /// Pipes kept per worker thread. Beyond this, returned pipes are closed.
 const POOL_CAP: usize = 256;
-
-/// Pipes created since start (a pool that works keeps this near the peak number of
-/// directions moving bytes at the same instant, not the number of connections).
-pub static PIPES_CREATED: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
@@ -76,7 +72,9 @@ impl Pipe {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        PIPES_CREATED.fetch_add(1, Ordering::Relaxed);
+        super::stats::STATS
+            .pipes_created
+            .fetch_add(1, Ordering::Relaxed);
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let grown = GROWN.fetch_add(1, Ordering::Relaxed) < GROWN_MAX && grow(w.as_raw_fd());
