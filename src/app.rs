@@ -172,7 +172,8 @@ impl App {
         } = self;
         let upkeep = metrics.map(|h| tokio::spawn(crate::metrics::upkeep(h)));
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
-        let control_task = tokio::spawn(control.run(cmd_rx));
+        let (update_tx, update_rx) = mpsc::channel(64);
+        let control_task = tokio::spawn(control.run(cmd_rx, update_rx));
 
         // The desired-state feed: what the Docker provider reads, served to followers.
         let (feed_tx, feed_rx) =
@@ -200,7 +201,7 @@ impl App {
             admin_stop.clone(),
         ));
         // Discovery providers; a reload that changes their settings restarts them.
-        let providers = Providers::start(&config, cmd_tx.clone(), Arc::new(feed_tx));
+        let providers = Providers::start(&config, update_tx, Arc::new(feed_tx));
 
         // The watch is set up before /readyz says ready: a change made right after must not
         // fall between the two (it would be neither seen nor compared).

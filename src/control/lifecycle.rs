@@ -35,6 +35,15 @@ pub enum Source {
     Docker = 4,
 }
 
+impl From<crate::discovery::Provider> for Source {
+    fn from(p: crate::discovery::Provider) -> Source {
+        match p {
+            crate::discovery::Provider::Dns => Source::Dns,
+            crate::discovery::Provider::Docker => Source::Docker,
+        }
+    }
+}
+
 /// An endpoint one source gives one service: address, weight, and identity (a Swarm task
 /// ID; `None` where the address is the identity: mesh.toml, DNS).
 pub type Endpoint = (SocketAddr, u32, Option<Arc<str>>);

@@ -4,7 +4,7 @@
 //! Inputs (all through channels, handled one at a time, so there is no shared mutable
 //! state to lock): a validated config (start and reloads), health transitions from the
 //! checkers, ejections from the connection path, operator commands from the admin API,
-//! discovered endpoints, and a 250 ms tick that advances drains, slow-start ramps and
+//! providers' `discovery::Update`s (their own channel), and a 250 ms tick that advances drains, slow-start ramps and
 //! ejection back-offs.
 //!
 //! Output: a new `RoutingTable` generation and `Status` snapshot whenever something a
@@ -41,6 +41,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::close::CloseSignal;
 use crate::config::{CheckKind, Config, ServiceConfig};
+use crate::discovery::Update;
 use crate::health::{self, Transition};
 use crate::metrics::ServiceMetrics;
 use crate::proxy::conn::Shared;
@@ -78,13 +79,8 @@ pub enum ControlError {
     WouldEmpty { path: String, names: String },
 }
 
-/// A set of endpoints for one service from a discovery provider (replaces that provider's
-/// previous set for the service).
-#[derive(Debug, Clone)]
-pub struct Discovered {
-    pub service: String,
-    pub endpoints: Vec<(SocketAddr, u32)>,
-}
+/// Endpoint sets from a discovery provider (defined where providers make them).
+pub use crate::discovery::Discovered;
 
 pub enum Command {
     /// A validated config to apply (reload). The reply carries the error line if it could
@@ -98,15 +94,6 @@ pub enum Command {
         op: AdminOp,
         reply: oneshot::Sender<Result<(), AdminError>>,
     },
-    /// A provider's endpoint sets for services it does not create (DNS targets of
-    /// configured services, or Swarm tasks of a configured service of the same name).
-    Discovered(Source, Vec<Discovered>),
-    /// A provider's services, each a full `ServiceConfig` (listeners, policy, and its
-    /// endpoints as `backends`); replaces that provider's previous list. A configured
-    /// service of the same name wins and takes only the endpoints.
-    Services(Source, Vec<ServiceConfig>),
-    /// A failed poll: counted; the provider's last good state stays.
-    DiscoveryFailed(&'static str),
     /// Stop accepting on every listener (shutdown begins).
     StopListening(oneshot::Sender<()>),
     /// Close every connection still open (the shutdown grace period is over).
@@ -211,7 +198,11 @@ impl Control {
     }
 
     /// Runs until every sender of `commands` is gone.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut updates: mpsc::Receiver<Update>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The generation whose selectors are being built on a blocking thread. One at a
@@ -225,6 +216,7 @@ impl Control {
                     Some(cmd) => self.command(cmd),
                     None => return,
                 },
+                Some(u) = updates.recv() => self.update(u),
                 Some(t) = self.health_rx.recv() => self.health(t),
                 Some(b) = self.ejected_rx.recv() => self.eject(&b),
                 _ = tick.tick() => self.tick(),
@@ -252,6 +244,26 @@ impl Control {
                 self.publish_status();
             }
             self.start_accept_loops();
+        }
+    }
+
+    /// A discovery provider's update.
+    fn update(&mut self, update: Update) {
+        match update {
+            Update::Endpoints(p, sets) => self.discovered(p.into(), sets),
+            Update::Services(p, services) => self.provided(p.into(), services),
+            Update::Failed(p) => {
+                let provider = p.name();
+                match self
+                    .discovery_errors
+                    .iter_mut()
+                    .find(|(p, _)| *p == provider)
+                {
+                    Some((_, n)) => *n += 1,
+                    None => self.discovery_errors.push((provider, 1)),
+                }
+                self.status_dirty = true;
+            }
         }
     }
 
@@ -304,19 +316,6 @@ impl Control {
                     let _ = reply.send(Err(e));
                 }
             },
-            Command::Discovered(source, sets) => self.discovered(source, sets),
-            Command::Services(source, services) => self.provided(source, services),
-            Command::DiscoveryFailed(provider) => {
-                match self
-                    .discovery_errors
-                    .iter_mut()
-                    .find(|(p, _)| *p == provider)
-                {
-                    Some((_, n)) => *n += 1,
-                    None => self.discovery_errors.push((provider, 1)),
-                }
-                self.status_dirty = true;
-            }
             Command::StopListening(reply) => {
                 for s in &mut self.services {
                     for (_, stop) in s.listeners.drain(..) {

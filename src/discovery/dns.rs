@@ -17,10 +17,10 @@ use std::time::Duration;
 use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::Resolver;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use super::{Discovered, Provider, Update, UpdateTx};
 use crate::config::{defaults, DnsDiscoveryConfig, DnsTarget};
-use crate::control::{Command, Discovered, Source};
 
 /// One service's DNS target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +77,7 @@ fn resolver(cfg: &DnsDiscoveryConfig) -> Result<Resolver<TokioConnectionProvider
 pub async fn run(
     cfg: DnsDiscoveryConfig,
     mut targets: watch::Receiver<Vec<Target>>,
-    commands: mpsc::Sender<Command>,
+    commands: UpdateTx,
 ) {
     let resolver = match resolver(&cfg) {
         Ok(r) => r,
@@ -132,12 +132,7 @@ pub async fn run(
                 }
             }
         }
-        if failed
-            && commands
-                .send(Command::DiscoveryFailed("dns"))
-                .await
-                .is_err()
-        {
+        if failed && commands.send(Update::Failed(Provider::Dns)).await.is_err() {
             return;
         }
         if !same(&sets, &last) {
@@ -149,7 +144,7 @@ pub async fn run(
                 );
             }
             if commands
-                .send(Command::Discovered(Source::Dns, sets.clone()))
+                .send(Update::Endpoints(Provider::Dns, sets.clone()))
                 .await
                 .is_err()
             {

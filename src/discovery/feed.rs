@@ -7,7 +7,7 @@
 //!                                                    │  JSON lines: state on change,
 //!                                                    │  heartbeat every second
 //!  worker:  docker provider (following) ◄────────────┘  bearer token, failover across
-//!           ──► Command::Services(Source::Docker, ..)    `[discovery.docker] managers`
+//!           ──► Update::Services(Docker, ..)    `[discovery.docker] managers`
 //! ```
 //!
 //! The source of truth stays Swarm's Raft store: a manager's meshd only relays its last

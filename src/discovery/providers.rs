@@ -6,19 +6,19 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::dns::{self, Target};
 use super::feed::FeedTx;
+use super::{Provider, Update, UpdateTx};
 use crate::config::{Config, DnsDiscoveryConfig, DockerDiscoveryConfig, ServiceConfig};
-use crate::control::{Command, Source};
 
 /// What a running Docker provider was started with.
 type DockerRun = (DockerDiscoveryConfig, ServiceConfig, JoinHandle<()>);
 
 pub struct Providers {
-    commands: mpsc::Sender<Command>,
+    commands: UpdateTx,
     /// Followers' feed: kept across provider restarts (their streams stay open).
     feed: Arc<FeedTx>,
     dns_targets: watch::Sender<Vec<Target>>,
@@ -28,7 +28,7 @@ pub struct Providers {
 
 impl Providers {
     /// Starts the providers `config` asks for.
-    pub fn start(config: &Config, commands: mpsc::Sender<Command>, feed: Arc<FeedTx>) -> Providers {
+    pub fn start(config: &Config, commands: UpdateTx, feed: Arc<FeedTx>) -> Providers {
         let (dns_targets, _) = watch::channel(dns::targets(config));
         let mut p = Providers {
             commands,
@@ -100,9 +100,11 @@ impl Providers {
     fn withdraw_docker(&self) {
         let tx = self.commands.clone();
         tokio::spawn(async move {
-            let _ = tx.send(Command::Services(Source::Docker, Vec::new())).await;
             let _ = tx
-                .send(Command::Discovered(Source::Docker, Vec::new()))
+                .send(Update::Services(Provider::Docker, Vec::new()))
+                .await;
+            let _ = tx
+                .send(Update::Endpoints(Provider::Docker, Vec::new()))
                 .await;
         });
     }

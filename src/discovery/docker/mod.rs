@@ -9,8 +9,8 @@
 //!  every poll_interval (150 ms while a service updates or a task is stopping):
 //!    GET /services (label mesh.publish), /tasks, /nodes ──► state::Tracker::observe
 //!        (pure: labels -> ServiceConfig, routable tasks -> backends, retired task IDs)
-//!    changed? ──► Command::Services(Source::Docker, list) ──► control plane (drains, health)
-//!    failed?  ──► Command::DiscoveryFailed("docker"), the last good list stays
+//!    changed? ──► Update::Services(Docker, list) ──► control plane (drains, health)
+//!    failed?  ──► Update::Failed(Docker), the last good list stays
 //! ```
 //!
 //! Swarm has no task events (moby#37403), so tasks are polled; service and node events
@@ -48,8 +48,8 @@ use tokio::task::JoinHandle;
 pub use client::{ApiError, Client};
 pub use state::{Desired, OwnNetworks, Snapshot, Tracker};
 
+use super::{Update, UpdateTx};
 use crate::config::{DockerDiscoveryConfig, ServiceConfig};
-use crate::control::{Command, Source};
 use crate::discovery::feed::FeedTx;
 
 /// The poll interval while an opted-in service is in a rolling update or rollback, and for
@@ -89,19 +89,19 @@ const EVENTS_FILTER: &str = r#"{"type":["service","node","container"],"event":["
 /// Task IDs from container events waiting for the poll loop.
 const STOPS_QUEUE: usize = 1024;
 
-/// The provider's name in `Command::DiscoveryFailed` (and the status page).
-pub const PROVIDER: &str = "docker";
+/// This provider, as its updates name it.
+pub const PROVIDER: super::Provider = super::Provider::Docker;
 
 /// Runs the Docker provider until the control plane goes away: polls the engine at
 /// `cfg.endpoint`, builds mesh services from `defaults` (the `[defaults]` template) and
-/// the `mesh.*` labels, and sends `Command::Services(Source::Docker, ..)` whenever the list
+/// the `mesh.*` labels, and sends `Update::Services(Docker, ..)` whenever the list
 /// changes. What it reads is published on `feed` for followers. With `cfg.managers`
 /// listed, it follows meshd on those managers whenever the local engine cannot answer for
 /// the swarm ([`follow`]).
 pub async fn run(
     cfg: DockerDiscoveryConfig,
     defaults: ServiceConfig,
-    commands: mpsc::Sender<Command>,
+    commands: UpdateTx,
     feed: Arc<FeedTx>,
 ) {
     let client = match Client::new(&cfg.endpoint) {
@@ -127,7 +127,7 @@ struct Provider {
     cfg: DockerDiscoveryConfig,
     defaults: ServiceConfig,
     client: Client,
-    commands: mpsc::Sender<Command>,
+    commands: UpdateTx,
     tracker: Tracker,
     /// The last list sent (`None`: nothing sent yet).
     sent: Option<Vec<ServiceConfig>>,
@@ -178,7 +178,7 @@ impl Provider {
         cfg: DockerDiscoveryConfig,
         defaults: ServiceConfig,
         client: Client,
-        commands: mpsc::Sender<Command>,
+        commands: UpdateTx,
         feed: Arc<FeedTx>,
     ) -> Provider {
         let (stops_tx, stops) = mpsc::channel(STOPS_QUEUE);
@@ -405,7 +405,7 @@ impl Provider {
             }
             if self
                 .commands
-                .send(Command::Services(Source::Docker, desired.services.clone()))
+                .send(Update::Services(PROVIDER, desired.services.clone()))
                 .await
                 .is_err()
             {
@@ -547,7 +547,7 @@ impl Provider {
             }
             if self
                 .commands
-                .send(Command::Services(Source::Docker, services.clone()))
+                .send(Update::Services(PROVIDER, services.clone()))
                 .await
                 .is_err()
             {
@@ -560,10 +560,7 @@ impl Provider {
 
     /// Counts a failed poll or manager with the control plane; false once it is gone.
     async fn report_failure(&self) -> bool {
-        self.commands
-            .send(Command::DiscoveryFailed(PROVIDER))
-            .await
-            .is_ok()
+        self.commands.send(Update::Failed(PROVIDER)).await.is_ok()
     }
 
     /// Logs warnings when they first appear and update phases when they change.
@@ -684,7 +681,7 @@ impl Failures {
 
 /// Resolves when the local engine answers for the swarm (its `/nodes`), asked every
 /// [`ENGINE_REPROBE`], or when the control plane goes away.
-async fn engine_probe(mut client: Client, commands: mpsc::Sender<Command>) {
+async fn engine_probe(mut client: Client, commands: UpdateTx) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(ENGINE_REPROBE) => {}

@@ -155,14 +155,14 @@ enum Got {
     Failed,
 }
 
-async fn next(rx: &mut mpsc::Receiver<Command>) -> Got {
+async fn next(rx: &mut mpsc::Receiver<Update>) -> Got {
     let cmd = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("a command within 5 s")
         .expect("provider alive");
     match cmd {
-        Command::Services(Source::Docker, list) => Got::Services(list),
-        Command::DiscoveryFailed("docker") => Got::Failed,
+        Update::Services(PROVIDER, list) => Got::Services(list),
+        Update::Failed(PROVIDER) => Got::Failed,
         _ => panic!("unexpected command"),
     }
 }
@@ -216,8 +216,8 @@ async fn sends_on_change_only_and_keeps_state_on_failure() {
     loop {
         match tokio::time::timeout(Duration::from_millis(800), rx.recv()).await {
             Err(_) => break,
-            Ok(Some(Command::DiscoveryFailed(_))) => continue,
-            Ok(Some(Command::Services(_, list))) => {
+            Ok(Some(Update::Failed(_))) => continue,
+            Ok(Some(Update::Services(_, list))) => {
                 panic!("resurrected: {} endpoints", endpoint_count(&list))
             }
             Ok(_) => panic!("unexpected command"),
@@ -379,7 +379,7 @@ fn follower_config(managers: &[&Manager], token_ok: bool) -> DockerDiscoveryConf
 }
 
 /// Skips failures (counted by the control plane) up to the next services, within `limit`.
-async fn next_services(rx: &mut mpsc::Receiver<Command>, limit: Duration) -> Vec<ServiceConfig> {
+async fn next_services(rx: &mut mpsc::Receiver<Update>, limit: Duration) -> Vec<ServiceConfig> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let cmd = tokio::time::timeout_at(deadline, rx.recv())
@@ -387,8 +387,8 @@ async fn next_services(rx: &mut mpsc::Receiver<Command>, limit: Duration) -> Vec
             .expect("services within the limit")
             .expect("provider alive");
         match cmd {
-            Command::Services(Source::Docker, list) => return list,
-            Command::DiscoveryFailed("docker") => continue,
+            Update::Services(PROVIDER, list) => return list,
+            Update::Failed(PROVIDER) => continue,
             _ => panic!("unexpected command"),
         }
     }
@@ -427,8 +427,8 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
     // m1 goes away. Nothing changes on the worker but a counted failure...
     m1.stop();
     match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
-        Ok(Some(Command::DiscoveryFailed("docker"))) => {}
-        Ok(Some(Command::Services(..))) => panic!("the table changed when a manager went away"),
+        Ok(Some(Update::Failed(PROVIDER))) => {}
+        Ok(Some(Update::Services(..))) => panic!("the table changed when a manager went away"),
         other => panic!("expected a counted failure, got {:?}", other.is_ok()),
     }
     // ... and it now follows m2: a task stopping in the swarm reaches it through m2.
@@ -448,8 +448,8 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
     let mut failures = 0;
     while let Ok(cmd) = tokio::time::timeout(Duration::from_millis(2500), rx.recv()).await {
         match cmd {
-            Some(Command::DiscoveryFailed("docker")) => failures += 1,
-            Some(Command::Services(_, l)) => panic!("table changed to {} services: {l:?}", l.len()),
+            Some(Update::Failed(PROVIDER)) => failures += 1,
+            Some(Update::Services(_, l)) => panic!("table changed to {} services: {l:?}", l.len()),
             _ => panic!("unexpected command"),
         }
     }
@@ -595,7 +595,7 @@ async fn a_task_container_stopping_drains_at_once_even_while_polls_fail() {
         a.events = String::new();
     });
     while let Ok(Some(cmd)) = tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await {
-        if let Command::Services(_, l) = cmd {
+        if let Update::Services(_, l) = cmd {
             panic!("the stopped task came back: {l:?}");
         }
     }
