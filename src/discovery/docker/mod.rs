@@ -504,7 +504,7 @@ impl Provider {
         token: &str,
         has_alternatives: bool,
         got_state: &mut bool,
-    ) -> Option<String> {
+    ) -> Option<follow::FollowError> {
         let mut session = match follow::Session::open(addr, token, has_alternatives).await {
             Ok(s) => s,
             Err(why) => return Some(why),
