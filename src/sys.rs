@@ -28,7 +28,8 @@ pub fn raise_nofile() -> std::io::Result<u64> {
     Ok(lim.rlim_cur as u64)
 }
 
-/// Sends `sig` to process `pid` (the demo's orchestrator signals its own children).
+/// Sends `sig` to process `pid` (the demo's orchestrator and the tests signal their own
+/// children with it: the one `kill(2)` call).
 pub fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
     // SAFETY: kill(2) takes two integers and reads no memory of ours.

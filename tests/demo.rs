@@ -88,10 +88,8 @@ fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
 }
 
 fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill(2) on our own child, not reaped yet.
-    unsafe {
-        libc::kill(child.id() as i32, sig);
-    }
+    // Our own child, not reaped yet (we hold the Child): the pid is still its.
+    let _ = meshd::sys::send_signal(child.id(), sig);
 }
 
 #[test]

@@ -61,10 +61,7 @@ impl Dnsmasq {
     }
 
     fn reload(&self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGHUP);
-        }
+        let _ = meshd::sys::send_signal(self.child.id(), libc::SIGHUP);
     }
 }
 

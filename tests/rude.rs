@@ -381,10 +381,8 @@ impl Task {
     }
 
     fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid (not reaped yet: we hold the Child).
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        // Not reaped yet (we hold the Child): the pid is still our child's.
+        let _ = meshd::sys::send_signal(self.child.id(), sig);
     }
 
     /// The stop signal, then SIGKILL after `GRACE`; then whatever is left of its process
@@ -403,10 +401,8 @@ impl Task {
 
 impl Drop for Task {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group this test created for the task.
-        unsafe {
-            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
-        }
+        // The process group this test created for the task.
+        let _ = meshd::sys::signal_group(self.child.id(), libc::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -50,10 +50,7 @@ impl Drop for Pids {
 }
 
 fn kill(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a process this test started.
-    unsafe {
-        libc::kill(pid as i32, sig);
-    }
+    let _ = meshd::sys::send_signal(pid, sig);
 }
 
 fn alive(pid: u32) -> bool {

@@ -129,10 +129,8 @@ impl Meshd {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        // Not reaped yet (we hold the Child): the pid is still our child's.
+        let _ = meshd::sys::send_signal(self.child.id(), sig);
     }
 
     /// Waits for exit; returns the exit code.
