@@ -92,8 +92,10 @@ fn allocations_per_connection_are_the_connections_own_state() {
     std::fs::write(
         &path,
         format!(
-            "[admin]\nlisten = \"{admin}\"\n[[service]]\nname = \"svc\"\nlisten = [\"{listen}\"]\n\
-             balance = \"p2c\"\nbackends = [{{ addr = \"{backend}\" }}]\n[service.health]\ncheck = \"none\"\n"
+            "[admin]\nlisten = \"{admin}\"\n{}",
+            common::Svc::new("svc", listen)
+                .backends(&[backend])
+                .set("balance = \"p2c\"")
         ),
     )
     .unwrap();

@@ -13,14 +13,11 @@ use std::time::Duration;
 use common::*;
 
 fn config(listen: SocketAddr, backends: &[(&Backend, u32)], balance: &str) -> String {
-    let b: Vec<String> = backends
+    backends
         .iter()
-        .map(|(b, w)| format!("{{ addr = \"{}\", weight = {w} }}", b.addr))
-        .collect();
-    format!(
-        "[[service]]\nname = \"svc\"\nlisten = [\"{listen}\"]\nbalance = \"{balance}\"\nbackends = [{}]\n[service.health]\ncheck = \"none\"\n",
-        b.join(", ")
-    )
+        .fold(Svc::new("svc", listen), |s, (b, w)| s.weighted(b.addr, *w))
+        .set(&format!("balance = \"{balance}\""))
+        .to_string()
 }
 
 fn tally(n: usize, mut f: impl FnMut() -> String) -> HashMap<String, usize> {

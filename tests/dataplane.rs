@@ -15,14 +15,10 @@ use std::time::Duration;
 use common::*;
 
 fn service(listen: SocketAddr, backends: &[SocketAddr], extra: &str) -> String {
-    let b: Vec<String> = backends
-        .iter()
-        .map(|a| format!("{{ addr = \"{a}\" }}"))
-        .collect();
-    format!(
-        "[[service]]\nname = \"svc\"\nlisten = [\"{listen}\"]\nbackends = [{}]\n{extra}\n[service.health]\ncheck = \"none\"\n",
-        b.join(", ")
-    )
+    Svc::new("svc", listen)
+        .backends(backends)
+        .set(extra)
+        .to_string()
 }
 
 /// xorshift64* stream: reproducible bytes without storing them.

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{addr, free_port, service_toml, TempDir};
+use common::{addr, free_port, Svc, TempDir};
 use meshd::app::App;
 use meshd::config::Config;
 
@@ -56,13 +56,10 @@ async fn ask(to: SocketAddr) -> Option<String> {
 fn config_text(admin: SocketAddr, listen: SocketAddr, backends: &[SocketAddr]) -> String {
     format!(
         "[admin]\nlisten = \"{admin}\"\n\n{}",
-        service_toml(
-            "web",
-            listen,
-            backends,
-            "drain_timeout = \"300ms\"",
-            "check = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1"
-        )
+        Svc::new("web", listen)
+            .backends(backends)
+            .set("drain_timeout = \"300ms\"")
+            .health("check = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1")
     )
 }
 

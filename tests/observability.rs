@@ -369,7 +369,11 @@ fn service_checked(
     extra: &str,
     health: &str,
 ) -> String {
-    service_toml(name, listen, backends, extra, health)
+    Svc::new(name, listen)
+        .backends(backends)
+        .set(extra)
+        .health(health)
+        .to_string()
 }
 
 /// Replaces the config the way an editor saves (write a temp file, rename it over), which

@@ -391,11 +391,10 @@ fn a_failed_upgrade_leaves_the_old_process_serving_and_says_why() {
         "killed.sh",
         "\"$MESHD\" \"$@\" & pid=$!\nsleep 0.5\nkill -9 $pid\nwait $pid\nexit 137",
     );
-    let slow = format!(
-        "[[service]]\nname = \"slow\"\nlisten = [\"{}\"]\nbackends = [\"{}\"]\n[service.health]\ncheck = \"tcp\"\ninterval = \"5s\"\nrise = 1\n",
-        addr(free_port()),
-        addr(free_port())
-    );
+    let slow = Svc::new("slow", addr(free_port()))
+        .backends(&[addr(free_port())])
+        .health("check = \"tcp\"\ninterval = \"5s\"\nrise = 1")
+        .to_string();
     // The slow service's one backend never answers: warm-up waits for it (up to 10 s).
     let text = std::fs::read_to_string(&b.m.config).unwrap();
     std::fs::write(&b.m.config, format!("{text}{slow}")).unwrap();

@@ -373,8 +373,84 @@ pub fn who(addr: SocketAddr) -> Option<String> {
     }
 }
 
+/// The one builder of `[[service]]` tables in the tests: `Svc::new("web", listen)`
+/// `.backends(&[a, b])`, `.weighted(a, 3)`, `.set("drain_timeout = \"1s\"")` (raw lines
+/// into the service), `.health("check = \"tcp\"")` (the `[service.health]` body; `check =
+/// "none"` unless set). `Display` writes the TOML.
+#[derive(Clone)]
+pub struct Svc {
+    name: String,
+    listen: Vec<SocketAddr>,
+    backends: Vec<(SocketAddr, Option<u32>)>,
+    lines: Vec<String>,
+    health: String,
+}
+
+impl Svc {
+    pub fn new(name: &str, listen: SocketAddr) -> Svc {
+        Svc {
+            name: name.to_owned(),
+            listen: vec![listen],
+            backends: Vec::new(),
+            lines: Vec::new(),
+            health: "check = \"none\"".to_owned(),
+        }
+    }
+
+    /// Another listen address.
+    pub fn listen(mut self, a: SocketAddr) -> Svc {
+        self.listen.push(a);
+        self
+    }
+
+    pub fn backends(mut self, addrs: &[SocketAddr]) -> Svc {
+        self.backends.extend(addrs.iter().map(|a| (*a, None)));
+        self
+    }
+
+    pub fn weighted(mut self, addr: SocketAddr, weight: u32) -> Svc {
+        self.backends.push((addr, Some(weight)));
+        self
+    }
+
+    /// Raw lines into the service table (`key = value`, one or more).
+    pub fn set(mut self, lines: &str) -> Svc {
+        if !lines.is_empty() {
+            self.lines.push(lines.to_owned());
+        }
+        self
+    }
+
+    /// The `[service.health]` table's body.
+    pub fn health(mut self, body: &str) -> Svc {
+        self.health = body.to_owned();
+        self
+    }
+}
+
+impl std::fmt::Display for Svc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let listen: Vec<String> = self.listen.iter().map(|a| format!("\"{a}\"")).collect();
+        let backends: Vec<String> = self
+            .backends
+            .iter()
+            .map(|(a, w)| match w {
+                Some(w) => format!("{{ addr = \"{a}\", weight = {w} }}"),
+                None => format!("{{ addr = \"{a}\" }}"),
+            })
+            .collect();
+        writeln!(f, "[[service]]\nname = \"{}\"", self.name)?;
+        writeln!(f, "listen = [{}]", listen.join(", "))?;
+        writeln!(f, "backends = [{}]", backends.join(", "))?;
+        for l in &self.lines {
+            writeln!(f, "{l}")?;
+        }
+        writeln!(f, "[service.health]\n{}\n", self.health)
+    }
+}
+
 /// A `[[service]]` table: `extra` lines go into the service, `health` into its
-/// `[service.health]`.
+/// `[service.health]` (shorthand for [`Svc`]).
 pub fn service_toml(
     name: &str,
     listen: SocketAddr,
@@ -382,12 +458,9 @@ pub fn service_toml(
     extra: &str,
     health: &str,
 ) -> String {
-    let b: Vec<String> = backends
-        .iter()
-        .map(|a| format!("{{ addr = \"{a}\" }}"))
-        .collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nbackends = [{}]\n{extra}\n[service.health]\n{health}\n\n",
-        b.join(", ")
-    )
+    Svc::new(name, listen)
+        .backends(backends)
+        .set(extra)
+        .health(health)
+        .to_string()
 }
