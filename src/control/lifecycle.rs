@@ -28,7 +28,7 @@ use crate::metrics::BackendMetrics;
 use crate::table::{outlier, Backend, Health, ServiceState, State};
 
 /// Where a backend comes from (a bit each; a backend drains when no source wants it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     Static = 1,
     Dns = 2,
