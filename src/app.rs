@@ -173,6 +173,7 @@ impl App {
         let upkeep = metrics.map(|h| tokio::spawn(crate::metrics::upkeep(h)));
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (update_tx, update_rx) = mpsc::channel(64);
+        let accept_loops = control.accept_loops();
         let control_task = tokio::spawn(control.run(cmd_rx, update_rx));
 
         // The desired-state feed: what the Docker provider reads, served to followers.
@@ -195,7 +196,7 @@ impl App {
             metrics,
         });
         let admin_stop = Arc::new(CloseSignal::new());
-        tokio::spawn(admin::serve(
+        let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             admin_state.clone(),
             admin_stop.clone(),
@@ -280,7 +281,9 @@ impl App {
             control_task,
             admin_state,
             admin_stop,
+            admin_task,
             admin_served,
+            accept_loops,
             socket_server,
             reload_tx,
             reloader,
@@ -304,7 +307,9 @@ pub struct Running {
     control_task: tokio::task::JoinHandle<()>,
     admin_state: Arc<AdminState>,
     admin_stop: Arc<CloseSignal>,
+    admin_task: tokio::task::JoinHandle<()>,
     admin_served: upgrade::sockets::Registered,
+    accept_loops: TaskTracker,
     socket_server: Option<upgrade::SocketServer>,
     reload_tx: mpsc::Sender<()>,
     reloader: tokio::task::JoinHandle<()>,
@@ -339,30 +344,15 @@ impl Running {
             let Some(out) = self.upgraded_rx.recv().await else {
                 return std::future::pending().await;
             };
-            out.count();
-            match out.result {
-                Ok(pid) => {
-                    tracing::info!(
-                        new_pid = pid,
-                        "upgrade: the new meshd is ready; handing over"
-                    );
-                    self.handed_over = true;
-                    return pid;
-                }
-                Err(e) => tracing::error!(error = %e, "upgrade failed; this meshd keeps serving"),
+            if let Some(pid) = self.outcome(out, false) {
+                return pid;
             }
         }
     }
 
-    /// Asked to stop while handing over (a Swarm start-first update stops the old task as
-    /// soon as the new one runs): waits for the hand-off's outcome, up to `[upgrade]
-    /// timeout`, so that someone accepts all along. True if the successor took over.
-    pub async fn finish_handover(&mut self) -> bool {
-        let Ok(Some(out)) =
-            tokio::time::timeout(self.upgrade_timeout, self.upgraded_rx.recv()).await
-        else {
-            return false;
-        };
+    /// Counts and logs a hand-off's outcome; the successor's pid if it took over.
+    /// `stopping`: this process was asked to stop meanwhile (it will not serve on).
+    fn outcome(&mut self, out: upgrade::Outcome, stopping: bool) -> Option<u32> {
         out.count();
         match out.result {
             Ok(pid) => {
@@ -371,12 +361,26 @@ impl Running {
                     "upgrade: the new meshd is ready; handing over"
                 );
                 self.handed_over = true;
-                true
+                Some(pid)
+            }
+            Err(e) if stopping => {
+                tracing::error!(error = %e, "upgrade failed while stopping");
+                None
             }
             Err(e) => {
-                tracing::error!(error = %e, "upgrade failed");
-                false
+                tracing::error!(error = %e, "upgrade failed; this meshd keeps serving");
+                None
             }
+        }
+    }
+
+    /// Asked to stop while handing over (a Swarm start-first update stops the old task as
+    /// soon as the new one runs): waits for the hand-off's outcome, up to `[upgrade]
+    /// timeout`, so that someone accepts all along. True if the successor took over.
+    pub async fn finish_handover(&mut self) -> bool {
+        match tokio::time::timeout(self.upgrade_timeout, self.upgraded_rx.recv()).await {
+            Ok(Some(out)) => self.outcome(out, true).is_some(),
+            _ => false,
         }
     }
 
@@ -396,7 +400,9 @@ impl Running {
             control_task,
             admin_state,
             admin_stop,
+            admin_task,
             admin_served,
+            accept_loops,
             socket_server,
             reloader,
             upkeep,
@@ -421,6 +427,10 @@ impl Running {
         if cmd_tx.send(Command::StopListening(tx)).await.is_ok() {
             let _ = rx.await;
         }
+        // Every accept loop sees its stop at once; when they have returned, no listening
+        // socket of this meshd is open any more (in-process, the ports are free again).
+        accept_loops.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), accept_loops.wait()).await;
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
@@ -434,6 +444,7 @@ impl Running {
             let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
         admin_stop.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
         if handed_over {
             // The request that started the hand-off is answered before this process exits
             // (up to 2 s; the answer is written a moment after its handler returns).

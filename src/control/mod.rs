@@ -118,6 +118,8 @@ pub struct Control {
     status: StatusHandle,
     shared: Arc<Shared>,
     tracker: TaskTracker,
+    /// The accept loops (a shutdown waits for them: their sockets are closed then).
+    accepts: TaskTracker,
     services: Vec<ServiceEntry>,
     free_slots: Vec<usize>,
     next_slot: usize,
@@ -168,6 +170,7 @@ impl Control {
             status,
             shared,
             tracker,
+            accepts: TaskTracker::new(),
             services: Vec::new(),
             free_slots: Vec::new(),
             next_slot: 0,
@@ -198,6 +201,12 @@ impl Control {
     }
 
     /// Runs until every sender of `commands` is gone.
+    /// The accept loops' tracker: once `Command::StopListening` is answered, closing it and
+    /// waiting returns when every listening socket is closed.
+    pub fn accept_loops(&self) -> TaskTracker {
+        self.accepts.clone()
+    }
+
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
@@ -585,7 +594,7 @@ impl Control {
         while k < self.pending_accept.len() {
             let l = &self.pending_accept[k];
             if l.stop.is_closed() || table.service(&l.service).is_some() {
-                tokio::spawn(self.pending_accept.swap_remove(k).run());
+                self.accepts.spawn(self.pending_accept.swap_remove(k).run());
             } else {
                 k += 1;
             }
