@@ -34,6 +34,8 @@ pub const MAX_API: ApiVersion = ApiVersion(1, 50);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A larger answer is refused (a `/tasks` answer is ~2 KiB per task).
 pub const MAX_BODY: usize = 64 << 20;
+/// A larger answer is decoded on a blocking thread.
+const DECODE_INLINE_MAX: usize = 256 << 10;
 
 /// An API version, e.g. 1.41.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -180,13 +182,32 @@ impl Client {
     }
 
     /// `GET <prefix><path>` decoded as JSON.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+    pub async fn get<T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+    ) -> Result<T, ApiError> {
         self.get_json(&format!("{}{path}", self.prefix)).await
     }
 
-    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+    async fn get_json<T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+    ) -> Result<T, ApiError> {
         let body = self.get_bytes(path).await?;
-        serde_json::from_slice(&body).map_err(|e| ApiError::Decode {
+        // A large answer (a `/tasks` of 10,000 tasks is ~15 MB, ~40 ms to decode) is
+        // decoded on a blocking thread: on the runtime thread it held up every connection
+        // for that long (benches/swarm-scale.py). A small one is not worth the hop.
+        let decoded = if body.len() > DECODE_INLINE_MAX {
+            tokio::task::spawn_blocking(move || serde_json::from_slice::<T>(&body))
+                .await
+                .map_err(|e| ApiError::Decode {
+                    path: shown(path),
+                    problem: e.to_string(),
+                })?
+        } else {
+            serde_json::from_slice(&body)
+        };
+        decoded.map_err(|e| ApiError::Decode {
             path: shown(path),
             problem: e.to_string(),
         })
