@@ -477,6 +477,28 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
     }
 
     #[test]
+    fn accept_proxy_crosses_the_wire_and_is_checked() {
+        let mut s = service();
+        let text = serde_json::to_string(&WireService::from_config(&s)).unwrap();
+        // Unused: not on the wire at all (an older follower reads the line as before).
+        assert!(!text.contains("accept_proxy"), "{text}");
+        s.accept_proxy = vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        s.client_hello_timeout = Duration::from_millis(1500);
+        let wire = WireService::from_config(&s);
+        let text = serde_json::to_string(&wire).unwrap();
+        assert!(
+            text.contains(r#""accept_proxy":["10.0.0.0/8","::1/128"]"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""client_hello_timeout_ms":1500"#), "{text}");
+        assert_eq!(wire.clone().into_config().unwrap(), s);
+        let mut bad = wire;
+        bad.accept_proxy.push("10.0.0.1/8".into());
+        let e = bad.into_config().unwrap_err().to_string();
+        assert!(e.contains("has bits set past its prefix"), "{e}");
+    }
+
+    #[test]
     fn backend_ids_cross_the_wire_and_are_checked() {
         let mut s = service();
         s.backends[0].id = Some(Arc::from("p4m3yb1x0yq8dh5c2w0k6z7ns"));
