@@ -20,4 +20,5 @@ pub mod forward;
 pub mod listener;
 pub mod proxy_header;
 pub mod proxy_protocol;
+pub mod sni;
 pub mod splice;
