@@ -418,3 +418,79 @@ fn maglev_hashes_the_client_address_of_the_header() {
     // Every connection came from 127.0.0.1: only the header's addresses spread them.
     assert!(seen.len() >= 2, "16 client addresses all went to {seen:?}");
 }
+
+#[test]
+fn a_reload_turns_accept_proxy_on_and_off() {
+    let echo = Backend::echo("echo");
+    let listen = addr(free_port());
+    let body = |extra: &str| service_toml("svc", listen, &[echo.addr], extra, "check = \"tcp\"");
+    let m = Meshd::start(&body(""));
+    let reloads = |m: &Meshd| {
+        let r = &m.services()["reloads"];
+        (r["ok"].as_u64().unwrap(), r["error"].as_u64().unwrap())
+    };
+    let replace = |text: &str| {
+        let tmp = m.dir.0.join(".mesh.toml.tmp");
+        std::fs::write(&tmp, format!("[admin]\nlisten = \"{}\"\n\n{text}", m.admin)).unwrap();
+        std::fs::rename(&tmp, &m.config).unwrap();
+    };
+    let header: &[u8] = b"PROXY TCP4 203.0.113.5 127.0.0.1 7000 80\r\nping";
+
+    // Off: the header is the client's payload.
+    assert_eq!(
+        exchange(connect_from([127, 0, 0, 1], listen), &[header]).unwrap(),
+        header
+    );
+
+    // On (with meshd's own v1 towards the backend): the header is read and passed on.
+    replace(&body(
+        "accept_proxy = [\"127.0.0.0/8\"]\nproxy_protocol = \"v1\"\n",
+    ));
+    assert!(wait_until(Duration::from_secs(10), || reloads(&m) == (1, 0)));
+    let got = exchange(connect_from([127, 0, 0, 1], listen), &[header]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "PROXY TCP4 203.0.113.5 127.0.0.1 7000 80\r\nping"
+    );
+    // No header from a trusted source: closed (EOF, or a reset for the unread bytes).
+    match exchange(connect_from([127, 0, 0, 1], listen), &[b"ping"]) {
+        Ok(got) => assert!(got.is_empty(), "{got:?}"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::NotConnected
+            ),
+            "{e}"
+        ),
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        m.metric(
+            "meshd_rejected_connections_total",
+            &[("service", "svc"), ("reason", "proxy_header")],
+        ) == 1.0
+    }));
+
+    // A bad CIDR is refused with its position; the running config stays.
+    replace(&body("accept_proxy = [\"127.0.0.1/8\"]\n"));
+    assert!(wait_until(Duration::from_secs(10), || reloads(&m) == (1, 1)));
+    let err = m.services()["reloads"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        err.contains(
+            "mesh.toml:8:17: CIDR \"127.0.0.1/8\" in accept_proxy has bits set past its prefix"
+        ),
+        "{err}"
+    );
+
+    // Off again.
+    replace(&body(""));
+    assert!(wait_until(Duration::from_secs(10), || reloads(&m) == (2, 1)));
+    assert_eq!(
+        exchange(connect_from([127, 0, 0, 1], listen), &[header]).unwrap(),
+        header
+    );
+}
