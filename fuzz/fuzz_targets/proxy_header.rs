@@ -43,12 +43,21 @@ fuzz_target!(|data: &[u8]| {
     // Round trip through meshd's encoder, with addresses taken from the input.
     if input.len() >= 12 {
         let b = |i: usize| input[i];
-        let src = std::net::SocketAddr::from(([b(0), b(1), b(2), b(3)], u16::from_be_bytes([b(8), b(9)])));
-        let dst = std::net::SocketAddr::from(([b(4), b(5), b(6), b(7)], u16::from_be_bytes([b(10), b(11)])));
+        let src = std::net::SocketAddr::from((
+            [b(0), b(1), b(2), b(3)],
+            u16::from_be_bytes([b(8), b(9)]),
+        ));
+        let dst = std::net::SocketAddr::from((
+            [b(4), b(5), b(6), b(7)],
+            u16::from_be_bytes([b(10), b(11)]),
+        ));
         for v in [ProxyProtocol::V1, ProxyProtocol::V2] {
             if let Some(h) = proxy_protocol::encode(v, src, dst) {
                 let got = verdict(h.as_bytes());
-                assert_eq!(got, Ok(Some((Header::Proxy { src, dst }, h.as_bytes().len()))));
+                assert_eq!(
+                    got,
+                    Ok(Some((Header::Proxy { src, dst }, h.as_bytes().len())))
+                );
             }
         }
     }
