@@ -16,6 +16,9 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 #  - apache2-utils: ab, the load generator of tests/docker.rs's busybox phases.
 command -v ab >/dev/null 2>&1 || need+=(apache2-utils)
+#  - haproxy: the PROXY protocol sender (`send-proxy`, `send-proxy-v2`) in front of meshd in
+#    tests/proxy_accept.rs. Only the binary is used (policy-rc.d keeps its service stopped).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 #  - docker-init (tini): `docker service create --init` needs it next to dockerd.
 if command -v dockerd >/dev/null 2>&1 && ! command -v docker-init >/dev/null 2>&1; then
   need+=(tini)

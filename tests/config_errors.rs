@@ -54,7 +54,7 @@ const ERRORS: &[(&str, &str)] = &[
          `dns`, `balance`, `connect_timeout`, `connect_retries`, `hedge_delay`, \
          `queue_timeout`, `max_ejection_percent`, `retry_on_early_close`, `replay_buffer`, `idle_timeout`, \
          `drain_timeout`, `slow_start`, `half_close_timeout`, `max_connections`, \
-         `proxy_protocol`, `backlog`, `health`",
+         `proxy_protocol`, `accept_proxy`, `client_hello_timeout`, `backlog`, `health`",
     ),
     (
         "[admin]\ntoken = \"secret\"\n",
@@ -321,6 +321,26 @@ const ERRORS: &[(&str, &str)] = &[
         "[defaults]\nproxy_protocol = \"v3\"\n",
         "mesh.toml:2:18: invalid proxy_protocol \"v3\": use one of \"off\", \"v1\", \"v2\"",
     ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\naccept_proxy = [\"10.0.0.0/8\", \"10.0.0.1/8\"]\n",
+        "mesh.toml:4:31: CIDR \"10.0.0.1/8\" in accept_proxy has bits set past its prefix: use \"10.0.0.0/8\"",
+    ),
+    (
+        "[defaults]\naccept_proxy = [\"haproxy\"]\n",
+        "mesh.toml:2:17: invalid CIDR \"haproxy\" in accept_proxy: use e.g. \"10.0.0.0/8\", \"192.168.1.10/32\" or \"2001:db8::/32\"",
+    ),
+    (
+        "[defaults]\naccept_proxy = \"10.0.0.0/8\"\n",
+        "mesh.toml:2:16: invalid type: string \"10.0.0.0/8\", expected a sequence",
+    ),
+    (
+        "[defaults]\naccept_proxy = [\"127.0.0.1\", \"127.0.0.1/32\"]\n",
+        "mesh.toml:2:30: accept_proxy lists 127.0.0.1/32 twice: remove one",
+    ),
+    (
+        "[defaults]\nclient_hello_timeout = \"0s\"\n",
+        "mesh.toml:2:24: client_hello_timeout must be greater than zero: use e.g. \"5s\"",
+    ),
     // --- health ---
     (
         "[defaults.health]\nrise = 0\n",
@@ -491,6 +511,8 @@ fn builtin_defaults() -> ServiceConfig {
         half_close_timeout: Duration::from_secs(30),
         max_connections: 0,
         proxy_protocol: ProxyProtocol::Off,
+        accept_proxy: vec![],
+        client_hello_timeout: Duration::from_secs(5),
         backlog: 1024,
         backends: vec![],
         dns: None,
@@ -651,6 +673,8 @@ fn design_example() {
                 half_close_timeout: Duration::from_secs(30),
                 max_connections: 0,
                 proxy_protocol: ProxyProtocol::Off,
+                accept_proxy: vec![],
+                client_hello_timeout: Duration::from_secs(5),
                 backlog: 1024,
                 backends: vec![
                     BackendConfig {

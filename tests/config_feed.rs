@@ -86,6 +86,7 @@ const DURATION_KEYS: &[&str] = &[
     "drain_timeout",
     "slow_start",
     "half_close_timeout",
+    "client_hello_timeout",
 ];
 const INT_KEYS: &[&str] = &[
     "connect_retries",
@@ -121,6 +122,25 @@ fn policy(r: &mut Rng, out: &mut String) {
     if r.chance(30) {
         let v = r.pick(&["true", "false"]);
         out.push_str(&format!("retry_on_early_close = {v}\n"));
+    }
+    if r.chance(30) {
+        let many: Vec<String> = (0..65).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
+        let many = many.join(", ");
+        let list = r.value(
+            &[
+                "",
+                "\"10.0.0.0/8\"",
+                "\"127.0.0.1\", \"192.168.1.10/32\"",
+                "\"::1\", \"2001:db8::/32\", \"0.0.0.0/0\"",
+            ],
+            &[
+                "\"10.0.0.1/8\"",
+                "\"10.0.0.0/8\", \"10.0.0.0/8\"",
+                "\"x\"",
+                many.as_str(),
+            ],
+        );
+        out.push_str(&format!("accept_proxy = [{list}]\n"));
     }
 }
 

@@ -64,6 +64,7 @@ pub struct ServiceDto<'a> {
     pub healthy_backends: usize,
     pub rejected_no_backend: u64,
     pub rejected_max_connections: u64,
+    pub rejected_proxy_header: u64,
     pub connect_retries: u64,
     pub backends: Vec<BackendDto<'a>>,
 }
@@ -129,6 +130,7 @@ fn service(s: &ServiceStatus, now: Instant) -> ServiceDto<'_> {
         healthy_backends: s.eligible,
         rejected_no_backend: s.state.rejected_no_backend.load(Relaxed),
         rejected_max_connections: s.state.rejected_max_connections.load(Relaxed),
+        rejected_proxy_header: s.state.rejected_proxy_header.load(Relaxed),
         connect_retries: s.state.retries.load(Relaxed),
         backends: s.backends.iter().map(|b| backend(b, now)).collect(),
     }

@@ -24,6 +24,8 @@ use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol, TaskAddress
 pub type Key<T> = Option<Spanned<Parsed<T>>>;
 /// An optional integer key; `validate` checks its range and names the key.
 pub type Int = Option<Spanned<i64>>;
+/// `accept_proxy = ["10.0.0.0/8", ...]`: each entry keeps its own span.
+pub type CidrList = Option<Spanned<Vec<Spanned<Parsed<ipnet::IpNet>>>>>;
 
 /// The whole file. Every table is optional, but the file must hold something: `validate`
 /// refuses a file of nothing but whitespace and comments (a truncated file).
@@ -89,6 +91,8 @@ pub struct Policy {
     pub half_close_timeout: Key<Duration>,
     pub max_connections: Int,
     pub proxy_protocol: Key<ProxyProtocol>,
+    pub accept_proxy: CidrList,
+    pub client_hello_timeout: Key<Duration>,
     pub backlog: Int,
     pub health: Option<Health>,
 }
@@ -131,6 +135,8 @@ pub struct Service {
     pub half_close_timeout: Key<Duration>,
     pub max_connections: Int,
     pub proxy_protocol: Key<ProxyProtocol>,
+    pub accept_proxy: CidrList,
+    pub client_hello_timeout: Key<Duration>,
     pub backlog: Int,
     pub health: Option<Health>,
 }
@@ -153,6 +159,8 @@ impl Service {
             half_close_timeout: self.half_close_timeout.clone(),
             max_connections: self.max_connections.clone(),
             proxy_protocol: self.proxy_protocol.clone(),
+            accept_proxy: self.accept_proxy.clone(),
+            client_hello_timeout: self.client_hello_timeout.clone(),
             backlog: self.backlog.clone(),
             health: self.health.clone(),
         }
@@ -271,6 +279,13 @@ impl FromValue for ProxyProtocol {
     const EXPECTING: &'static str = r#"one of "off", "v1", "v2""#;
     fn from_value(s: &str) -> Result<Self, String> {
         keyword("proxy_protocol", s, &limits::PROXY_PROTOCOLS)
+    }
+}
+
+impl FromValue for ipnet::IpNet {
+    const EXPECTING: &'static str = r#"a CIDR string such as "10.0.0.0/8""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        limits::cidr(s)
     }
 }
 

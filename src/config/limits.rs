@@ -69,6 +69,12 @@ pub const HALF_CLOSE_TIMEOUT: DurationKey = DurationKey {
     positive: false,
     default: defaults::HALF_CLOSE_TIMEOUT,
 };
+/// The PROXY header's deadline (`accept_proxy`).
+pub const CLIENT_HELLO_TIMEOUT: DurationKey = DurationKey {
+    key: "client_hello_timeout",
+    positive: true,
+    default: defaults::CLIENT_HELLO_TIMEOUT,
+};
 pub const HEALTH_INTERVAL: DurationKey = DurationKey {
     key: "health interval",
     positive: true,
@@ -250,6 +256,48 @@ pub fn health_path(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most entries `accept_proxy` may list (each connection of the service is checked
+/// against the list: it stays short).
+pub const MAX_ACCEPT_PROXY: usize = 64;
+
+/// One `accept_proxy` entry: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address
+/// (`/32` or `/128`), with no bits set past the prefix.
+pub fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let net = if s.contains('/') {
+        s.parse::<ipnet::IpNet>().map_err(|_| {
+            format!(r#"invalid CIDR {s:?} in accept_proxy: use e.g. "10.0.0.0/8", "192.168.1.10/32" or "2001:db8::/32""#)
+        })?
+    } else {
+        let ip = s.parse::<std::net::IpAddr>().map_err(|_| {
+            format!(r#"invalid CIDR {s:?} in accept_proxy: use e.g. "10.0.0.0/8", "192.168.1.10/32" or "2001:db8::/32""#)
+        })?;
+        ipnet::IpNet::from(ip)
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            r#"CIDR {s:?} in accept_proxy has bits set past its prefix: use "{}""#,
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// The `accept_proxy` list: each entry a [`cidr`], at most [`MAX_ACCEPT_PROXY`].
+pub fn accept_proxy<'a>(
+    list: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<ipnet::IpNet>, String> {
+    let mut out = Vec::new();
+    for s in list {
+        out.push(cidr(s)?);
+        if out.len() > MAX_ACCEPT_PROXY {
+            return Err(format!(
+                "accept_proxy lists more than {MAX_ACCEPT_PROXY} sources: use wider CIDRs"
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// The keywords of `balance`, in the order messages list them.
 pub const BALANCES: [(&str, Balance); 4] = [
     ("round_robin", Balance::RoundRobin),
@@ -334,6 +382,28 @@ mod tests {
         assert_eq!(
             CONNECT_TIMEOUT.check(Duration::ZERO).unwrap_err(),
             "connect_timeout must be greater than zero: use e.g. \"5s\""
+        );
+    }
+
+    #[test]
+    fn accept_proxy_entries_are_cidrs_or_addresses() {
+        assert_eq!(cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(cidr("127.0.0.1").unwrap().to_string(), "127.0.0.1/32");
+        assert_eq!(cidr("::1").unwrap().to_string(), "::1/128");
+        assert_eq!(
+            cidr("10.0.0.1/8").unwrap_err(),
+            r#"CIDR "10.0.0.1/8" in accept_proxy has bits set past its prefix: use "10.0.0.0/8""#
+        );
+        assert!(cidr("10.0.0.0/33").unwrap_err().starts_with("invalid CIDR"));
+        assert!(cidr("example.com").is_err());
+        assert!(cidr("").is_err());
+        let many: Vec<String> = (0..65).map(|i| format!("10.0.{i}.0/24")).collect();
+        assert!(accept_proxy(many.iter().map(String::as_str)).is_err());
+        assert_eq!(
+            accept_proxy(many[..64].iter().map(String::as_str))
+                .unwrap()
+                .len(),
+            64
         );
     }
 

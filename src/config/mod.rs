@@ -35,6 +35,9 @@ pub mod defaults {
     /// queue`, which defaults to `timeout connect`): covers a rollout's moment with no
     /// task accepting (Swarm stops every old task before a rollback starts new ones).
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// How long a connection from an `accept_proxy` source has to send its PROXY header
+    /// (and, with SNI routing, its ClientHello): a sender that stalls holds nothing longer.
+    pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
     /// Passive ejection never takes more than this share of a service's backends out.
     pub const MAX_EJECTION_PERCENT: u32 = 50;
     /// Client bytes kept for a replay on early close (`retry_on_early_close`).
@@ -195,6 +198,11 @@ pub struct ServiceConfig {
     /// 0 = unlimited.
     pub max_connections: u32,
     pub proxy_protocol: ProxyProtocol,
+    /// `accept_proxy`: connections from these sources must start with a PROXY v1/v2
+    /// header, whose client address then stands for the connection's. Empty: none.
+    pub accept_proxy: Vec<ipnet::IpNet>,
+    /// How long such a connection has to send its header.
+    pub client_hello_timeout: Duration,
     pub backlog: u32,
     pub backends: Vec<BackendConfig>,
     /// `dns = "tasks.web:80"`: the name's A/AAAA records (re-resolved every

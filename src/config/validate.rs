@@ -173,6 +173,8 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         half_close_timeout: d.half_close_timeout,
         max_connections: d.max_connections,
         proxy_protocol: d.proxy_protocol,
+        accept_proxy: d.accept_proxy,
+        client_hello_timeout: d.client_hello_timeout,
         backlog: d.backlog,
         backends: Vec::new(),
         dns: None,
@@ -436,6 +438,8 @@ fn service<'f>(
         half_close_timeout,
         max_connections,
         proxy_protocol,
+        accept_proxy,
+        client_hello_timeout,
         backlog,
         health,
     } = policy;
@@ -456,6 +460,8 @@ fn service<'f>(
         half_close_timeout,
         max_connections,
         proxy_protocol,
+        accept_proxy,
+        client_hello_timeout,
         backlog,
         backends,
         dns,
@@ -480,6 +486,8 @@ struct Resolved {
     half_close_timeout: Duration,
     max_connections: u32,
     proxy_protocol: ProxyProtocol,
+    accept_proxy: Vec<ipnet::IpNet>,
+    client_hello_timeout: Duration,
     backlog: u32,
     health: HealthConfig,
 }
@@ -639,9 +647,45 @@ fn resolve(cx: &Cx, own: &file::Policy, def: &file::Policy) -> Result<Resolved, 
             pick(&own.proxy_protocol, &def.proxy_protocol),
             ProxyProtocol::Off,
         ),
+        accept_proxy: accept_proxy(cx, pick(&own.accept_proxy, &def.accept_proxy))?,
+        client_hello_timeout: duration(
+            cx,
+            &limits::CLIENT_HELLO_TIMEOUT,
+            pick(&own.client_hello_timeout, &def.client_hello_timeout),
+        )?,
         backlog: int(cx, &limits::BACKLOG, pick(&own.backlog, &def.backlog))?,
         health,
     })
+}
+
+/// `accept_proxy = ["10.0.0.0/8", ...]`: each entry was read as a CIDR already; the list
+/// is bounded and free of repeats.
+fn accept_proxy(
+    cx: &Cx,
+    list: Option<&Spanned<Vec<Spanned<file::Parsed<ipnet::IpNet>>>>>,
+) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<ipnet::IpNet> = Vec::with_capacity(list.get_ref().len());
+    for e in list.get_ref() {
+        let net = e.get_ref().0;
+        if out.contains(&net) {
+            return Err(cx.err(
+                e.span(),
+                format!("accept_proxy lists {net} twice: remove one"),
+            ));
+        }
+        out.push(net);
+        if out.len() > limits::MAX_ACCEPT_PROXY {
+            let msg = format!(
+                "accept_proxy lists more than {} sources: use wider CIDRs",
+                limits::MAX_ACCEPT_PROXY
+            );
+            return Err(cx.err(e.span(), msg));
+        }
+    }
+    Ok(out)
 }
 
 /// `managers = ["HOST:PORT", ...]`: admin addresses of meshd on Swarm managers. Host
@@ -801,6 +845,8 @@ mod tests {
                 half_close_timeout: defaults::HALF_CLOSE_TIMEOUT,
                 max_connections: 0,
                 proxy_protocol: ProxyProtocol::Off,
+                accept_proxy: Vec::new(),
+                client_hello_timeout: defaults::CLIENT_HELLO_TIMEOUT,
                 backlog: defaults::BACKLOG,
                 health: HealthConfig {
                     check: CheckKind::Tcp,

@@ -220,6 +220,7 @@ pub struct ServiceMetrics {
     retries: Counter,
     no_backend: Counter,
     max_conn: Counter,
+    proxy_header: Counter,
     panic: Counter,
     ejections: Counter,
     hedged: Counter,
@@ -234,6 +235,7 @@ impl ServiceMetrics {
             retries: metrics::counter!(CONNECT_RETRIES, "service" => s.clone()),
             no_backend: metrics::counter!(REJECTED, "service" => s.clone(), "reason" => "no_backend"),
             max_conn: metrics::counter!(REJECTED, "service" => s.clone(), "reason" => "max_connections"),
+            proxy_header: metrics::counter!(REJECTED, "service" => s.clone(), "reason" => "proxy_header"),
             panic: metrics::counter!(PANIC_CONNECTIONS, "service" => s.clone()),
             ejections: metrics::counter!(EJECTIONS, "service" => s.clone()),
             hedged: metrics::counter!(HEDGED_CONNECTS, "service" => s.clone()),
@@ -248,6 +250,8 @@ impl ServiceMetrics {
             .absolute(s.rejected_no_backend.load(Ordering::Relaxed));
         self.max_conn
             .absolute(s.rejected_max_connections.load(Ordering::Relaxed));
+        self.proxy_header
+            .absolute(s.rejected_proxy_header.load(Ordering::Relaxed));
         self.panic
             .absolute(s.panic_connections.load(Ordering::Relaxed));
         self.ejections.absolute(s.ejections.load(Ordering::Relaxed));

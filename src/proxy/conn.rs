@@ -11,6 +11,10 @@
 //! only says the backend is busy: it is retried elsewhere but never counts towards
 //! ejection. Refused, reset and unreachable do.
 //!
+//! With `accept_proxy`, a connection from a trusted source first yields its PROXY header
+//! (`accept_proxy::read`, within `client_hello_timeout`; a bad or missing one closes it and
+//! counts it), and the header's client address stands for the peer from then on.
+//!
 //! Invariant: no lock, no string formatting (the access log, off by default, aside), no
 //! allocation unless `retry_on_early_close` asks for a replay buffer: the snapshot and
 //! backend are `Arc` clones, the tried-set, both connect attempts and the PROXY header live
@@ -30,7 +34,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::forward::{self, End, Limits, Mode};
-use super::{connect, proxy_protocol};
+use super::proxy_header::Header;
+use super::{accept_proxy, connect, proxy_protocol};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
 use crate::config::ProxyProtocol;
 use crate::table::{Backend, ConnectError, Ejection, ServiceState, ServiceTable, TableHandle};
@@ -553,7 +558,7 @@ async fn dial_queued(
 /// Serves one accepted connection. The accept loop has already counted it in
 /// `svc.state.active`; this function un-counts it when it returns.
 pub async fn serve(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     mut svc: Arc<ServiceTable>,
     shared: Arc<Shared>,
@@ -562,6 +567,32 @@ pub async fn serve(
     let state = svc.state.clone();
     let _service_live = Live(&state.active);
     let accepted = Instant::now();
+    // `accept_proxy`: a trusted source's PROXY header names the client (for the pick, the
+    // header meshd sends, the access log) and the address it connected to. Anyone else
+    // costs one CIDR check; their bytes are not looked at.
+    let mut proxied_dst: Option<SocketAddr> = None;
+    let peer = if accept_proxy::trusted(&svc.config.accept_proxy, peer.ip()) {
+        let read = accept_proxy::read(&mut client);
+        match tokio::time::timeout(svc.config.client_hello_timeout, read).await {
+            Ok(Ok(Header::Proxy { src, dst })) => {
+                proxied_dst = Some(dst);
+                src
+            }
+            Ok(Ok(Header::Local)) => peer,
+            Ok(Err(e)) => {
+                state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(service = &*state.name, %peer, error = %e, "PROXY header refused, connection closed");
+                return;
+            }
+            Err(_) => {
+                state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(service = &*state.name, %peer, "no PROXY header within client_hello_timeout, connection closed");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     let mut attempts = Attempts::new();
     let mut queue: Option<Queue> = None;
     // `retry_on_early_close`: the client's bytes kept for a replay (allocated only then).
@@ -577,10 +608,14 @@ pub async fn serve(
         let replays = cfg.retry_on_early_close && cfg.replay_buffer > 0;
         let live = Serving::new(backend);
 
-        // The address the client connected to costs a getsockname: only the header needs it.
+        // The address the client connected to (the PROXY header's, when one came in) costs
+        // a getsockname: only the header needs it.
         let header = match cfg.proxy_protocol {
             ProxyProtocol::Off => None,
-            v => proxy_protocol::encode(v, peer, client.local_addr().unwrap_or(peer)),
+            v => {
+                let dst = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(peer));
+                proxy_protocol::encode(v, peer, dst)
+            }
         };
         if let Some(h) = header {
             if server.write_all(h.as_bytes()).await.is_err() {

@@ -13,10 +13,13 @@
 /// `CloseSignal` lives in `crate::close` (table and health use it too); re-exported so
 /// the data plane can name it where it always did.
 pub use crate::close;
+pub mod accept_proxy;
 pub mod conn;
 pub mod connect;
 pub mod forward;
 pub mod listener;
+pub mod proxy_header;
 pub mod proxy_protocol;
+pub mod sni;
 pub mod splice;
 pub mod stats;

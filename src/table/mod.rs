@@ -32,6 +32,8 @@ pub struct ServiceState {
     pub active: AtomicU64,
     pub rejected_no_backend: AtomicU64,
     pub rejected_max_connections: AtomicU64,
+    /// Connections from an `accept_proxy` source closed for a bad or missing PROXY header.
+    pub rejected_proxy_header: AtomicU64,
     /// Connects retried on another backend after a failure.
     pub retries: AtomicU64,
     /// Ejections refused because the backend was the service's last usable one (counted
@@ -65,6 +67,7 @@ impl ServiceState {
             active: AtomicU64::new(0),
             rejected_no_backend: AtomicU64::new(0),
             rejected_max_connections: AtomicU64::new(0),
+            rejected_proxy_header: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             ejections_spared: AtomicU64::new(0),
             ejections: AtomicU64::new(0),

@@ -13,6 +13,7 @@
 //! | `mesh.proxy_protocol` | `off`, `v1`, `v2` | `[defaults] proxy_protocol` |
 //! | `mesh.network` | the name or ID of the network to reach the tasks on | the one meshd shares with them |
 //! | `mesh.listen` | the IP to listen on, e.g. `0.0.0.0`, `::`, `10.1.2.3` | `0.0.0.0` |
+//! | `mesh.accept_proxy` | CIDRs, comma-separated, e.g. `10.0.0.0/8,192.168.1.10/32`: these sources must send a PROXY header | `[defaults] accept_proxy` |
 //! | `mesh.retry_early_close` | `true`, `false`: replay a connection whose task closes before answering | `[defaults] retry_on_early_close` |
 //!
 //! Invariant: pure functions, no I/O. A label that does not parse is one [`LabelError`]
@@ -34,8 +35,9 @@ pub const PROXY_PROTOCOL: &str = "mesh.proxy_protocol";
 pub const NETWORK: &str = "mesh.network";
 pub const LISTEN: &str = "mesh.listen";
 pub const RETRY_EARLY_CLOSE: &str = "mesh.retry_early_close";
+pub const ACCEPT_PROXY: &str = "mesh.accept_proxy";
 
-const KNOWN: [&str; 8] = [
+const KNOWN: [&str; 9] = [
     PUBLISH,
     BALANCE,
     HEALTH,
@@ -44,6 +46,7 @@ const KNOWN: [&str; 8] = [
     NETWORK,
     LISTEN,
     RETRY_EARLY_CLOSE,
+    ACCEPT_PROXY,
 ];
 
 /// A label that cannot be used. `Display`: `service "web": label mesh.publish="80:abc":
@@ -74,6 +77,8 @@ pub struct MeshLabels {
     /// `mesh.retry_early_close`: replay a connection whose task closes or resets before
     /// sending a byte (opt-in: the task may have acted on what it read).
     pub retry_early_close: Option<bool>,
+    /// `mesh.accept_proxy`: the sources whose PROXY header is read.
+    pub accept_proxy: Option<Vec<ipnet::IpNet>>,
     /// Unknown `mesh.*` labels, each as a one-line warning.
     pub warnings: Vec<String>,
 }
@@ -119,6 +124,22 @@ pub fn parse(
         .map_err(|(v, p)| err(PROXY_PROTOCOL, &v, p))?;
     let retry_early_close = keyword(labels, RETRY_EARLY_CLOSE, &BOOLS)
         .map_err(|(v, p)| err(RETRY_EARLY_CLOSE, &v, p))?;
+    let accept_proxy = match labels.get(ACCEPT_PROXY) {
+        None => None,
+        Some(v) => {
+            let list = limits::accept_proxy(v.split(',').map(str::trim))
+                .map_err(|p| err(ACCEPT_PROXY, v, p))?;
+            if let Some(dup) = list
+                .iter()
+                .enumerate()
+                .find(|(i, n)| list[..*i].contains(n))
+            {
+                let problem = format!("{} is listed twice: remove one", dup.1);
+                return Err(err(ACCEPT_PROXY, v, problem));
+            }
+            Some(list)
+        }
+    };
     let path = match labels.get(HEALTH_PATH) {
         None => None,
         Some(v) => {
@@ -166,6 +187,7 @@ pub fn parse(
         path,
         proxy_protocol,
         retry_early_close,
+        accept_proxy,
         warnings,
     }))
 }
@@ -198,6 +220,9 @@ pub fn services(
     }
     if let Some(r) = labels.retry_early_close {
         template.retry_on_early_close = r;
+    }
+    if let Some(a) = &labels.accept_proxy {
+        template.accept_proxy = a.clone();
     }
     if let Some(path) = &labels.path {
         if template.health.check != CheckKind::Http {
@@ -345,6 +370,7 @@ mod tests {
                 ("mesh.listen", "::"),
                 ("mesh.network", "front"),
                 ("mesh.retry_early_close", "true"),
+                ("mesh.accept_proxy", "10.0.0.0/8, 127.0.0.1"),
                 ("mesh.colour", "blue"),
                 ("com.example.other", "x"),
             ]),
@@ -364,6 +390,11 @@ mod tests {
         assert_eq!(s[0].config.health.path, "/ready");
         assert_eq!(s[0].config.proxy_protocol, ProxyProtocol::V2);
         assert!(s[0].config.retry_on_early_close && s[1].config.retry_on_early_close);
+        let want: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "127.0.0.1/32".parse().unwrap(),
+        ];
+        assert_eq!(s[1].config.accept_proxy, want);
         // Absent: the default; false overrides a default of true.
         let m = parse("api", &labels(&[("mesh.publish", "8080:80")]))
             .unwrap()
@@ -440,6 +471,27 @@ mod tests {
             (
                 &[("mesh.publish", "80:80"), ("mesh.health.path", "/h")],
                 r#"label mesh.health.path="/h": the health check is not http: add the label mesh.health=http"#,
+            ),
+            (
+                &[
+                    ("mesh.publish", "80:80"),
+                    ("mesh.accept_proxy", "10.0.0.0/8,10.1.0.0/8"),
+                ],
+                r#"label mesh.accept_proxy="10.0.0.0/8,10.1.0.0/8": CIDR "10.1.0.0/8" in accept_proxy has bits set past its prefix: use "10.0.0.0/8""#,
+            ),
+            (
+                &[
+                    ("mesh.publish", "80:80"),
+                    ("mesh.accept_proxy", "10.0.0.0/8,"),
+                ],
+                r#"label mesh.accept_proxy="10.0.0.0/8,": invalid CIDR "" in accept_proxy"#,
+            ),
+            (
+                &[
+                    ("mesh.publish", "80:80"),
+                    ("mesh.accept_proxy", "::1,::1/128"),
+                ],
+                r#"label mesh.accept_proxy="::1,::1/128": ::1/128 is listed twice: remove one"#,
             ),
             (
                 &[("mesh.publish", "80:80"), ("mesh.network", " ")],
