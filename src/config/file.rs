@@ -18,7 +18,7 @@ use toml::Spanned;
 
 use super::duration::parse_duration;
 use super::limits;
-use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol, TaskAddress};
+use super::{Balance, CheckKind, DnsTarget, LogFormat, Protocol, ProxyProtocol, TaskAddress};
 
 /// An optional key whose string value has its own syntax.
 pub type Key<T> = Option<Spanned<Parsed<T>>>;
@@ -91,6 +91,9 @@ pub struct Policy {
     pub proxy_protocol: Key<ProxyProtocol>,
     pub backlog: Int,
     pub health: Option<Health>,
+    pub udp_idle_timeout: Key<Duration>,
+    pub max_flows: Int,
+    pub udp_responses: Int,
 }
 
 /// `[defaults.health]` and `[service.health]`.
@@ -133,6 +136,11 @@ pub struct Service {
     pub proxy_protocol: Key<ProxyProtocol>,
     pub backlog: Int,
     pub health: Option<Health>,
+    /// `"tcp"` (default) or `"udp"`; a service's own, never from `[defaults]`.
+    pub protocol: Key<Protocol>,
+    pub udp_idle_timeout: Key<Duration>,
+    pub max_flows: Int,
+    pub udp_responses: Int,
 }
 
 impl Service {
@@ -155,6 +163,9 @@ impl Service {
             proxy_protocol: self.proxy_protocol.clone(),
             backlog: self.backlog.clone(),
             health: self.health.clone(),
+            udp_idle_timeout: self.udp_idle_timeout.clone(),
+            max_flows: self.max_flows.clone(),
+            udp_responses: self.udp_responses.clone(),
         }
     }
 }
@@ -271,6 +282,13 @@ impl FromValue for ProxyProtocol {
     const EXPECTING: &'static str = r#"one of "off", "v1", "v2""#;
     fn from_value(s: &str) -> Result<Self, String> {
         keyword("proxy_protocol", s, &limits::PROXY_PROTOCOLS)
+    }
+}
+
+impl FromValue for Protocol {
+    const EXPECTING: &'static str = r#"one of "tcp", "udp""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        keyword("protocol", s, &limits::PROTOCOLS)
     }
 }
 

@@ -19,3 +19,4 @@ pub mod forward;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod splice;
+pub mod udp;
