@@ -540,3 +540,107 @@ fn a_reload_adds_and_removes_a_udp_listener() {
     assert_eq!(ask(udp_listen, 3), None);
     assert_eq!(who(tcp_listen).as_deref(), Some("web"));
 }
+
+/// The inode of the UDP socket bound to `addr` (from /proc/net/udp): the same inode before
+/// and after an upgrade is the same socket, handed over, never re-bound.
+fn udp_inode(addr: SocketAddr) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/udp").ok()?;
+    let SocketAddr::V4(a) = addr else { return None };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    );
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&want.as_str()))
+            .then(|| f.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn meshd_upgrade_hands_the_udp_socket_over_and_answers_throughout() {
+    let (a, b) = two_servers();
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let mut m = Meshd::start(&udp_service(
+        "dns",
+        listen,
+        &[a.addr, b.addr],
+        "udp_responses = 1",
+    ));
+    assert!(wait_until(Duration::from_secs(10), || m.healthy("dns") == 2));
+    let inode = udp_inode(listen).expect("meshd's UDP socket in /proc/net/udp");
+    let old_pid = m.child.id();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, lost) = (stop.clone(), ok.clone(), lost.clone());
+        thread::spawn(move || {
+            let mut id = 0u16;
+            while !stop.load(Ordering::Relaxed) {
+                id = id.wrapping_add(1);
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.connect(listen).unwrap();
+                match ask_on(&s, id, Duration::from_millis(500)) {
+                    Some(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    None => lost.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let out = Command::new(BIN)
+        .args(["upgrade", "--admin", &m.admin.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run meshd upgrade");
+    assert!(
+        out.status.success(),
+        "meshd upgrade: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        m.log_text()
+    );
+    // The new process serves on the very same socket.
+    let (_, body) = http_get(m.admin, "/api/v1/process").unwrap();
+    let process: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_ne!(
+        process["pid"].as_u64(),
+        Some(u64::from(old_pid)),
+        "{process}"
+    );
+    assert!(
+        process["inherited_listeners"].as_u64() >= Some(2),
+        "{process}"
+    );
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    assert_eq!(
+        udp_inode(listen),
+        Some(inode),
+        "the UDP socket was re-bound"
+    );
+    let (ok, lost) = (ok.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
+    eprintln!("through the upgrade: answered {ok}, lost {lost}");
+    assert!(ok > 100, "answered {ok}");
+    // Only a query whose flow the old process held when it stopped may go unanswered.
+    assert!(lost <= 2, "lost {lost} of {}", ok + lost);
+    assert!(ask(listen, 7).is_some());
+    // The old process drained and left.
+    assert_eq!(
+        m.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        m.log_text()
+    );
+    // The new meshd is not this test's child: stop it by pid.
+    if let Some(pid) = process["pid"].as_u64() {
+        // SAFETY: kill(2) on the meshd this test started (through its upgrade).
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}

@@ -612,7 +612,8 @@ impl Control {
             }
         };
         let stop = Arc::new(CloseSignal::new());
-        // Started like an accept loop, once a published table holds the service.
+        // Started like an accept loop, once a published table holds the service with an
+        // eligible backend (`start_accept_loops`).
         self.pending_udp.push(UdpLoop {
             socket,
             service: s.state.clone(),
@@ -631,10 +632,17 @@ impl Control {
             return;
         }
         let table = self.table.load();
+        // A UDP listener starts reading once its service has an eligible backend: a
+        // datagram read before would be dropped (UDP has no queue_timeout), while in the
+        // socket it waits (and after a hand-off, the predecessor still reads it).
         let mut k = 0;
         while k < self.pending_udp.len() {
             let l = &self.pending_udp[k];
-            if l.stop.is_closed() || table.service(&l.service).is_some() {
+            if l.stop.is_closed()
+                || table
+                    .service(&l.service)
+                    .is_some_and(|s| !s.backends.is_empty())
+            {
                 tokio::spawn(self.pending_udp.swap_remove(k).run());
             } else {
                 k += 1;

@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use super::close::CloseSignal;
 use super::conn::{Shared, EJECT_AFTER_FAILURES};
 use crate::table::{Backend, ConnectError, Ejection, ServiceState, ServiceTable, TableHandle};
+use crate::upgrade;
 
 /// The largest UDP payload: every datagram fits the buffers.
 const MAX_DATAGRAM: usize = 65536;
@@ -54,6 +55,9 @@ const BATCH: usize = 64;
 /// Receive buffer asked for the listening socket: a burst of small datagrams waits there
 /// while the loop task is busy (the kernel caps it at `net.core.rmem_max`).
 const RCVBUF: usize = 4 << 20;
+/// How long a stopped listener (removed by a reload, handed to a successor, shutdown)
+/// still relays replies to its flows before they all end.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// The flow tasks' reply buffer, one per thread (see `forward.rs`'s scratch buffer):
@@ -65,9 +69,20 @@ thread_local! {
 /// Binds a UDP listening socket: SO_REUSEADDR, IPV6_V6ONLY for IPv6, a large receive
 /// buffer, and on a wildcard address the destination of each datagram reported
 /// (`IP_PKTINFO` / `IPV6_RECVPKTINFO`) so replies leave from the address the client used.
+///
+/// No `SO_REUSEADDR`: on UDP it would let a second meshd bind the same address silently
+/// (and take part of its datagrams); a socket inherited from the process this one
+/// upgraded is taken instead (the same socket, never re-bound).
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    if let Some(inherited) = upgrade::sockets::take_udp(addr) {
+        match inherited {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "inherited UDP socket refused; binding anew")
+            }
+        }
+    }
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -148,6 +163,11 @@ impl UdpLoop {
             shared,
             stop,
         } = self;
+        // Offered to a successor (`meshd upgrade`) for as long as this loop serves.
+        let _served = socket.local_addr().ok().and_then(|a| {
+            use std::os::fd::AsFd;
+            upgrade::sockets::register(upgrade::sockets::Kind::Udp, a, socket.as_fd()).ok()
+        });
         let listen = Arc::new(socket);
         let (tx, mut rx) = mpsc::unbounded_channel::<Ended>();
         let env = Env {
@@ -163,6 +183,7 @@ impl UdpLoop {
             env,
             flows: HashMap::new(),
             next_id: 0,
+            stopping: false,
             buf: vec![0; MAX_DATAGRAM].into_boxed_slice(),
         };
         let stopped = stop.wait();
@@ -197,7 +218,18 @@ impl UdpLoop {
                 }
             }
         }
-        // Stopped: every flow ends with the listener (it carries their replies).
+        // Stopped: no datagram is read any more (after an upgrade, the successor reads the
+        // same socket); flows waiting for a reply get [`STOP_GRACE`] to relay it, then every
+        // flow ends with the listener (it carries their replies).
+        lp.stopping = true;
+        let grace = tokio::time::sleep(STOP_GRACE);
+        tokio::pin!(grace);
+        while !lp.flows.is_empty() {
+            tokio::select! {
+                Some((key, id, end)) = rx.recv() => lp.ended(key, id, end),
+                _ = &mut grace => break,
+            }
+        }
         for (_, f) in lp.flows.drain() {
             f.task.abort();
             lp.service.udp.flows.fetch_sub(1, Ordering::Relaxed);
@@ -213,6 +245,8 @@ struct Loop {
     env: Env,
     flows: HashMap<Key, Flow>,
     next_id: u64,
+    /// The listener stopped: no new flow (a refused flow just ends).
+    stopping: bool,
     buf: Box<[u8]>,
 }
 
@@ -263,6 +297,9 @@ impl Loop {
         fresh: Option<usize>,
     ) -> bool {
         let udp = &self.service.udp;
+        if self.stopping {
+            return false;
+        }
         let table = self.table.load();
         let Some(svc) = table.service(&self.service) else {
             udp.dropped_no_backend.fetch_add(1, Ordering::Relaxed);
