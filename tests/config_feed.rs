@@ -306,3 +306,41 @@ fn the_limits_mesh_toml_and_the_feed_used_to_disagree_on() {
     let cfg = parse("[defaults.health]\nrise = 100\nfall = 100").unwrap();
     survives(&swarm_service(&cfg.defaults)).unwrap();
 }
+
+/// A UDP service crosses the wire with its keys; a line from an older manager (no protocol
+/// fields) is a TCP service with the UDP defaults; a UDP service with an HTTP check is
+/// refused by the worker as by mesh.toml.
+#[test]
+fn udp_services_cross_the_wire() {
+    let cfg = Config::parse(
+        Path::new("mesh.toml"),
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"0.0.0.0:53\"]\n\
+         backends = [\"10.0.0.2:53\"]\nudp_idle_timeout = \"2s\"\nmax_flows = 9\nudp_responses = 1\n",
+    )
+    .unwrap();
+    let s = &cfg.services[0];
+    survives(s).unwrap();
+    let got = across_the_wire(s).unwrap();
+    assert_eq!(got.protocol, meshd::config::Protocol::Udp);
+    assert_eq!(got.udp.max_flows, 9);
+    assert_eq!(got.udp.responses, 1);
+
+    let mut v = serde_json::to_value(WireService::from_config(s)).unwrap();
+    for k in [
+        "protocol",
+        "udp_idle_timeout_ms",
+        "max_flows",
+        "udp_responses",
+    ] {
+        v.as_object_mut().unwrap().remove(k);
+    }
+    let old: WireService = serde_json::from_value(v).unwrap();
+    let old = old.into_config().unwrap();
+    assert_eq!(old.protocol, meshd::config::Protocol::Tcp);
+    assert_eq!(old.udp, meshd::config::UdpConfig::default());
+
+    let mut w = WireService::from_config(s);
+    w.health.check = "http".into();
+    let e = w.into_config().unwrap_err().to_string();
+    assert!(e.contains("cannot check a UDP service"), "{e}");
+}

@@ -498,6 +498,31 @@ fn replies_leave_a_wildcard_listener_from_the_address_the_client_used() {
 }
 
 #[test]
+fn an_ipv6_wildcard_listener_replies_from_the_address_the_client_used() {
+    let (a, _b) = two_servers();
+    let port = free_udp_port();
+    let m = Meshd::start(&udp_service(
+        "dns",
+        "[::]:0"
+            .parse::<SocketAddr>()
+            .map(|mut s| {
+                s.set_port(port);
+                s
+            })
+            .unwrap(),
+        &[a.addr],
+        "udp_responses = 1",
+    ));
+    assert!(wait_until(Duration::from_secs(10), || m.healthy("dns") == 1));
+    // IPV6_RECVPKTINFO in, IPV6_PKTINFO out: a reply with a wrong (or no) source would
+    // not reach this connected socket.
+    let s = UdpSocket::bind("[::1]:0").unwrap();
+    s.connect(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port)))
+        .unwrap();
+    assert_eq!(ask_on(&s, 6, Duration::from_secs(1)), Some(TWO));
+}
+
+#[test]
 fn a_reload_adds_and_removes_a_udp_listener() {
     let (a, _b) = two_servers();
     let tcp_listen = addr(free_port());

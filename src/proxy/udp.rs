@@ -305,7 +305,8 @@ impl Loop {
             udp.dropped_no_backend.fetch_add(1, Ordering::Relaxed);
             return false;
         };
-        if self.flows.len() >= svc.config.udp.max_flows as usize {
+        // Per service (all its listeners): the service-wide count.
+        if udp.flows.load(Ordering::Relaxed) >= u64::from(svc.config.udp.max_flows) {
             udp.dropped_max_flows.fetch_add(1, Ordering::Relaxed);
             return false;
         }
