@@ -669,3 +669,44 @@ fn meshd_upgrade_hands_the_udp_socket_over_and_answers_throughout() {
         }
     }
 }
+
+/// `udp_responses = 1` with many queries in flight from one client port (a resolver's
+/// forwarding socket, dnsperf): the flow ends only once every query has its answer, and
+/// then at once.
+#[test]
+fn one_response_per_query_even_with_many_queries_in_flight_on_one_flow() {
+    let (a, b) = two_servers();
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let m = Meshd::start(&udp_service(
+        "dns",
+        listen,
+        &[a.addr, b.addr],
+        "udp_responses = 1",
+    ));
+    assert!(wait_until(Duration::from_secs(10), || m.healthy("dns") == 2));
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect(listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for round in 0..20u16 {
+        const BURST: u16 = 50;
+        for k in 0..BURST {
+            s.send(&query(round * BURST + k)).unwrap();
+        }
+        let mut got = std::collections::HashSet::new();
+        let mut buf = [0u8; 512];
+        while got.len() < usize::from(BURST) {
+            let n = s.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("round {round}: {} of {BURST} answers, then {e}", got.len())
+            });
+            let id = u16::from_be_bytes([buf[0], buf[1]]);
+            assert!(answer(id, &buf[..n]).is_some());
+            got.insert(id);
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || udp_field(&m, "dns", "flows")
+            == 0),
+        "flows {}",
+        udp_field(&m, "dns", "flows")
+    );
+}

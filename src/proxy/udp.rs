@@ -13,8 +13,10 @@
 //! from the listening socket to the client (from the address the client sent to, with
 //! `IP_PKTINFO` / `IPV6_PKTINFO`, when listening on a wildcard address).
 //!
-//! A flow ends when it has seen no datagram either way for `udp_idle_timeout`, after
-//! `udp_responses` replies, or when its backend's drain is over (`drain_timeout` after its
+//! A flow ends when it has seen no datagram either way for `udp_idle_timeout`, once it
+//! relayed `udp_responses` replies for each datagram the client sent on it (nginx's
+//! `proxy_responses`: a client with many DNS queries in flight from one port loses none of
+//! their answers), or when its backend's drain is over (`drain_timeout` after its
 //! removal: the backend's `CloseSignal`). A refusal (`ECONNREFUSED` on the connected
 //! socket: the backend answered with ICMP port unreachable) counts as a refused connect
 //! of that backend, towards its ejection as on the TCP path, and moves the flow: a new
@@ -127,11 +129,17 @@ struct FlowShared {
     backend: Arc<Backend>,
     /// Milliseconds since the loop's epoch of the last datagram either way.
     last: AtomicU64,
+    /// Datagrams the client sent on this flow (written by the loop only).
+    requests: AtomicU64,
+    /// Replies relayed (written by the flow's task only).
+    replies: AtomicU64,
 }
 
 /// A flow as the loop owns it.
 struct Flow {
     id: u64,
+    /// `udp_responses` when it opened.
+    responses: u32,
     shared: Arc<FlowShared>,
     task: tokio::task::AbortHandle,
     /// The client's last datagram (if at most `KEEP` bytes; empty otherwise).
@@ -263,6 +271,9 @@ impl Loop {
             } else {
                 f.last_datagram.clear();
             }
+            // Counted before it is sent: the flow ends only once every datagram the loop
+            // sent has its replies (`ended`).
+            f.shared.requests.fetch_add(1, Ordering::Relaxed);
             match SockRef::from(&f.shared.sock).send(&self.buf[..n]) {
                 Ok(_) => count_rx(&f.shared.backend, n),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -348,6 +359,8 @@ impl Loop {
                 sock,
                 backend: backend.clone(),
                 last: AtomicU64::new(ms_since(self.env.epoch)),
+                requests: AtomicU64::new(0),
+                replies: AtomicU64::new(0),
             });
             self.next_id += 1;
             let id = self.next_id;
@@ -365,6 +378,7 @@ impl Loop {
                 None => &keep,
             };
             if !data.is_empty() {
+                shared.requests.store(1, Ordering::Relaxed);
                 match SockRef::from(&shared.sock).send(data) {
                     Ok(_) => count_rx(&backend, data.len()),
                     Err(_) => {
@@ -376,6 +390,7 @@ impl Loop {
                 key,
                 Flow {
                     id,
+                    responses: cfg_responses,
                     shared,
                     task,
                     last_datagram: keep,
@@ -394,6 +409,14 @@ impl Loop {
         };
         if f.id != id {
             return; // an older flow of the same client, already replaced
+        }
+        // Decided here, where requests are counted: a datagram the client sent after the
+        // task saw its last reply keeps the flow (the task reports again later).
+        if end == End::Responses {
+            let want = u64::from(f.responses) * f.shared.requests.load(Ordering::Relaxed);
+            if f.shared.replies.load(Ordering::Relaxed) < want {
+                return;
+            }
         }
         let Some(f) = self.flows.remove(&key) else {
             return;
@@ -464,13 +487,16 @@ fn failed(svc: &ServiceTable, b: &Arc<Backend>, e: ConnectError, shared: &Shared
 }
 
 /// A flow's task: relays replies to the client until the flow ends, then reports why.
+/// With `udp_responses`, it reports each time the replies reach `responses` per datagram
+/// the client sent, and relays on until the loop ends it (the loop may have sent another
+/// datagram meanwhile: nginx's `proxy_responses`).
 async fn flow(f: Arc<FlowShared>, env: Env, key: Key, id: u64, idle: Duration, responses: u32) {
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     let closed = f.backend.close.wait();
     tokio::pin!(closed);
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
-    let mut replies: u32 = 0;
+    let mut replies: u64 = 0;
     let mut answered = false;
     let end = loop {
         tokio::select! {
@@ -499,7 +525,7 @@ async fn flow(f: Arc<FlowShared>, env: Env, key: Key, id: u64, idle: Duration, r
                 if r.is_err() {
                     break End::Error;
                 }
-                match relay(&f, &env, key, responses.saturating_sub(replies)) {
+                match relay(&f, &env, key) {
                     Ok(k) => {
                         if k > 0 && !answered {
                             answered = true;
@@ -508,9 +534,11 @@ async fn flow(f: Arc<FlowShared>, env: Env, key: Key, id: u64, idle: Duration, r
                                 f.backend.consecutive_failures.store(0, Ordering::Relaxed);
                             }
                         }
-                        replies = replies.saturating_add(k);
-                        if responses > 0 && replies >= responses {
-                            break End::Responses;
+                        replies += u64::from(k);
+                        f.replies.store(replies, Ordering::Relaxed);
+                        let want = u64::from(responses) * f.requests.load(Ordering::Relaxed);
+                        if responses > 0 && k > 0 && replies >= want {
+                            let _ = env.ended.send((key, id, End::Responses));
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break End::Refused,
@@ -532,17 +560,14 @@ async fn flow(f: Arc<FlowShared>, env: Env, key: Key, id: u64, idle: Duration, r
     let _ = env.ended.send((key, id, end));
 }
 
-/// Reads every reply waiting on the flow's socket (at most `limit` when non-zero) and
-/// sends each to the client; returns how many it read.
-fn relay(f: &FlowShared, env: &Env, key: Key, limit: u32) -> io::Result<u32> {
+/// Reads every reply waiting on the flow's socket and sends each to the client; returns
+/// how many it read.
+fn relay(f: &FlowShared, env: &Env, key: Key) -> io::Result<u32> {
     let (client, local) = key;
     REPLY_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
         let mut k: u32 = 0;
         loop {
-            if limit > 0 && k >= limit {
-                return Ok(k);
-            }
             let n = match f.sock.try_recv(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(k),
