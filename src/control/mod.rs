@@ -614,13 +614,13 @@ impl Control {
         let stop = Arc::new(CloseSignal::new());
         // Started like an accept loop, once a published table holds the service with an
         // eligible backend (`start_accept_loops`).
-        self.pending_udp.push(UdpLoop {
+        self.pending_udp.push(UdpLoop::new(
             socket,
-            service: s.state.clone(),
-            table: self.table.clone(),
-            shared: self.shared,
-            stop: stop.clone(),
-        });
+            s.state.clone(),
+            self.table.clone(),
+            self.shared,
+            stop.clone(),
+        ));
         tracing::info!(service = &*s.state.name, listen = %addr, protocol = "udp", "listener bound");
         s.listeners.push((Protocol::Udp, addr, stop));
     }

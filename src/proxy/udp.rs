@@ -99,12 +99,39 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 
 /// What a UDP listener task needs.
 pub struct UdpLoop {
-    pub socket: UdpSocket,
+    socket: UdpSocket,
     pub service: Arc<ServiceState>,
-    pub table: TableHandle,
-    pub shared: &'static Shared,
+    table: TableHandle,
+    shared: &'static Shared,
     /// Closed to stop (listener removed by a reload, or shutdown): every flow ends.
     pub stop: Arc<CloseSignal>,
+    /// Its place among the sockets a hand-off sends, until it ends.
+    _served: Option<upgrade::sockets::Registered>,
+}
+
+impl UdpLoop {
+    /// A loop for `socket`, offered to a successor (`meshd upgrade`) from now until it
+    /// stops, also while it waits for its service's first eligible backend.
+    pub fn new(
+        socket: UdpSocket,
+        service: Arc<ServiceState>,
+        table: TableHandle,
+        shared: &'static Shared,
+        stop: Arc<CloseSignal>,
+    ) -> UdpLoop {
+        let served = socket.local_addr().ok().and_then(|a| {
+            use std::os::fd::AsFd;
+            upgrade::sockets::register(upgrade::sockets::Kind::Udp, a, socket.as_fd()).ok()
+        });
+        UdpLoop {
+            socket,
+            service,
+            table,
+            shared,
+            stop,
+            _served: served,
+        }
+    }
 }
 
 /// A flow's key: the client, and the local address it sent to (on a wildcard listener).
@@ -170,12 +197,8 @@ impl UdpLoop {
             table,
             shared,
             stop,
+            _served,
         } = self;
-        // Offered to a successor (`meshd upgrade`) for as long as this loop serves.
-        let _served = socket.local_addr().ok().and_then(|a| {
-            use std::os::fd::AsFd;
-            upgrade::sockets::register(upgrade::sockets::Kind::Udp, a, socket.as_fd()).ok()
-        });
         let listen = Arc::new(socket);
         let (tx, mut rx) = mpsc::unbounded_channel::<Ended>();
         let env = Env {
