@@ -193,6 +193,7 @@ impl App {
             token: ArcSwapOption::from(config.admin.token.clone().map(Arc::new)),
             ready: AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            accepting: AtomicBool::new(true),
             metrics,
         });
         let admin_stop = Arc::new(CloseSignal::new());

@@ -65,3 +65,191 @@ pub fn at_urgent_mark(fd: std::os::fd::RawFd) -> bool {
     let r = unsafe { libc::ioctl(fd, SIOCATMARK, &mut v) };
     r != 0 || v != 0
 }
+
+/// Asks the kernel to report each datagram's destination address on UDP socket `fd`
+/// (`IP_PKTINFO`, or `IPV6_RECVPKTINFO` when `v6`): a socket bound to a wildcard address
+/// then knows which of the host's addresses a client sent to, and replies from it.
+pub fn set_pktinfo(fd: std::os::fd::RawFd, v6: bool) -> std::io::Result<()> {
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int through a valid pointer of the given length.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Room for one `in_pktinfo` or `in6_pktinfo` control message (both under 64 bytes with
+/// their header), 8-byte aligned as `cmsghdr` requires.
+type CmsgBuf = [u64; 8];
+
+/// One datagram read from non-blocking UDP socket `fd` into `buf`: its length, sender, the
+/// local address it was sent to (when `set_pktinfo` is on), and whether it was cut short
+/// (longer than `buf`). No allocation: the address and control buffers are on the stack.
+pub fn recv_with_dst(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, std::net::SocketAddr, Option<std::net::IpAddr>, bool)> {
+    // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut cmsg: CmsgBuf = [0; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: see above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
+    // SAFETY: every pointer in `msg` points to a live local (or `buf`) of the stated size;
+    // the kernel writes at most those sizes.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let from = sockaddr_to_std(&name)
+        .ok_or_else(|| std::io::Error::other("datagram from a non-IP address"))?;
+    let mut dst = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
+    // `msg_controllen`; each header's data is read unaligned as the struct its
+    // (level, type) names.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_PKTINFO {
+                let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                dst = Some(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                    u32::from_be(info.ipi_addr.s_addr),
+                )));
+            } else if h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_PKTINFO {
+                let info: libc::in6_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                dst = Some(std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                    info.ipi6_addr.s6_addr,
+                )));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
+    Ok((n as usize, from, dst, truncated))
+}
+
+/// Sends `data` to `to` from UDP socket `fd`, with source address `from` (an address of
+/// this host the socket's wildcard bind covers) given as a `IP_PKTINFO` / `IPV6_PKTINFO`
+/// control message. Non-blocking; no allocation.
+pub fn send_from(
+    fd: std::os::fd::RawFd,
+    data: &[u8],
+    to: std::net::SocketAddr,
+    from: std::net::IpAddr,
+) -> std::io::Result<usize> {
+    let to = socket2::SockAddr::from(to);
+    let mut cmsg: CmsgBuf = [0; 8];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = to.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = to.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE / CMSG_LEN only compute sizes; the header and its data are written
+    // inside `cmsg`, which is large enough for either pktinfo struct (checked by the
+    // assertion), at CMSG_FIRSTHDR's aligned position.
+    unsafe {
+        let (level, kind, len) = match from {
+            std::net::IpAddr::V4(_) => (
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                std::mem::size_of::<libc::in_pktinfo>(),
+            ),
+            std::net::IpAddr::V6(_) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                std::mem::size_of::<libc::in6_pktinfo>(),
+            ),
+        };
+        let space = libc::CMSG_SPACE(len as u32) as usize;
+        assert!(space <= std::mem::size_of::<CmsgBuf>());
+        msg.msg_controllen = space as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = kind;
+        (*c).cmsg_len = libc::CMSG_LEN(len as u32) as _;
+        match from {
+            std::net::IpAddr::V4(ip) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+            std::net::IpAddr::V6(ip) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+        }
+    }
+    // SAFETY: `msg` points to `to`, `iov` (over `data`) and `cmsg`, all live for the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// An IPv4 or IPv6 `sockaddr_storage` as a `SocketAddr`.
+fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+    match libc::c_int::from(s.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in (which fits in it).
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read_unaligned((s as *const libc::sockaddr_storage).cast()) };
+            Some(std::net::SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, a sockaddr_in6.
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read_unaligned((s as *const libc::sockaddr_storage).cast()) };
+            Some(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use meshd::config::{
     AdminConfig, BackendConfig, Balance, CheckKind, Config, ConfigError, DiscoveryConfig,
     DnsDiscoveryConfig, DnsTarget, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat,
-    ProxyProtocol, ServiceConfig, UpgradeConfig,
+    Protocol, ProxyProtocol, ServiceConfig, UdpConfig, UpgradeConfig,
 };
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -54,7 +54,8 @@ const ERRORS: &[(&str, &str)] = &[
          `dns`, `balance`, `connect_timeout`, `connect_retries`, `hedge_delay`, \
          `queue_timeout`, `max_ejection_percent`, `retry_on_early_close`, `replay_buffer`, `idle_timeout`, \
          `drain_timeout`, `slow_start`, `half_close_timeout`, `max_connections`, \
-         `proxy_protocol`, `accept_proxy`, `client_hello_timeout`, `backlog`, `health`",
+         `proxy_protocol`, `accept_proxy`, `client_hello_timeout`, `backlog`, `health`, \
+         `protocol`, `udp_idle_timeout`, `max_flows`, `udp_responses`",
     ),
     (
         "[admin]\ntoken = \"secret\"\n",
@@ -280,6 +281,52 @@ const ERRORS: &[(&str, &str)] = &[
         "mesh.toml:8:11: service \"api\": listen 10.0.0.5:8080 overlaps 0.0.0.0:8080 of service \"web\": \
          a wildcard address takes the port on every address, use another port",
     ),
+    // --- protocol = "udp" ---
+    (
+        "[[service]]\nname = \"dns\"\nprotocol = \"sctp\"\n",
+        "mesh.toml:3:12: invalid protocol \"sctp\": use one of \"tcp\", \"udp\"",
+    ),
+    (
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:5353\"]\n\
+         backends = [\"127.0.0.1:53\"]\nidle_timeout = \"5s\"\n",
+        "mesh.toml:6:16: service \"dns\": idle_timeout applies to TCP services only (this one has \
+         protocol = \"udp\"): use udp_idle_timeout",
+    ),
+    (
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:5353\"]\n\
+         backends = [\"127.0.0.1:53\"]\nproxy_protocol = \"v2\"\n",
+        "mesh.toml:6:18: service \"dns\": proxy_protocol applies to TCP services only (this one has \
+         protocol = \"udp\"): remove it",
+    ),
+    (
+        "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\nbackends = [\"127.0.0.1:9001\"]\n\
+         max_flows = 10\n",
+        "mesh.toml:5:13: service \"web\": max_flows applies to protocol = \"udp\" services only: \
+         add protocol = \"udp\", or remove it",
+    ),
+    (
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:5353\"]\n\
+         backends = [\"127.0.0.1:53\"]\nmax_flows = 0\n",
+        "mesh.toml:6:13: max_flows 0 is out of range: use 1..=1048576 (UDP flows kept at once, one \
+         socket each)",
+    ),
+    (
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:5353\"]\n\
+         backends = [\"127.0.0.1:53\"]\nudp_idle_timeout = \"0s\"\n",
+        "mesh.toml:6:20: udp_idle_timeout must be greater than zero: use e.g. \"30s\"",
+    ),
+    (
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:5353\"]\n\
+         backends = [\"127.0.0.1:53\"]\n[service.health]\ncheck = \"http\"\n",
+        "mesh.toml:7:9: service \"dns\": health check \"http\" cannot check a UDP service: use \
+         \"tcp\" (a TCP connect to each backend's address) or \"none\"",
+    ),
+    (
+        "[[service]]\nname = \"a\"\nprotocol = \"udp\"\nlisten = [\"0.0.0.0:53\"]\nbackends = [\"127.0.0.1:9001\"]\n\n\
+         [[service]]\nname = \"b\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:53\"]\nbackends = [\"127.0.0.1:9002\"]\n",
+        "mesh.toml:10:11: service \"b\": listen 127.0.0.1:53 overlaps 0.0.0.0:53 of service \"a\": \
+         a wildcard address takes the port on every address, use another port",
+    ),
     (
         "[[service]]\nname = \"web\"\nlisten = [\"[::]:8080\"]\nbackends = [{ addr = \"127.0.0.1:9001\" }]\n\n\
          [[service]]\nname = \"api\"\nlisten = [\"[::1]:8080\"]\nbackends = [{ addr = \"127.0.0.1:9002\" }]\n",
@@ -497,6 +544,12 @@ fn builtin_defaults() -> ServiceConfig {
     ServiceConfig {
         name: String::new(),
         listen: vec![],
+        protocol: Protocol::Tcp,
+        udp: UdpConfig {
+            idle_timeout: Duration::from_secs(30),
+            max_flows: 65536,
+            responses: 0,
+        },
         balance: Balance::P2c,
         connect_timeout: Duration::from_secs(5),
         connect_retries: 2,
@@ -659,6 +712,8 @@ fn design_example() {
             services: vec![ServiceConfig {
                 name: "web".into(),
                 listen: vec![addr("0.0.0.0:8080")],
+                protocol: Protocol::Tcp,
+                udp: builtin_defaults().udp,
                 balance: Balance::RoundRobin,
                 connect_timeout: Duration::from_secs(1),
                 connect_retries: 2,
@@ -997,4 +1052,38 @@ fn shipped_example_is_valid() {
     assert_eq!(web.health.check, CheckKind::Http);
     assert_eq!(web.health.path, "/healthz");
     assert_eq!(c.discovery, DiscoveryConfig::default());
+}
+
+/// A TCP and a UDP service may share an address (DNS on port 53); a UDP service checks its
+/// backends only if it asks (`[defaults.health] check` is for TCP services), and takes the
+/// UDP keys from `[defaults]` like any other.
+#[test]
+fn udp_services_share_addresses_with_tcp_and_take_their_own_keys() {
+    let cfg = parse(
+        "[defaults]\nmax_flows = 7\nudp_responses = 1\nidle_timeout = \"9s\"\n\
+         [defaults.health]\ncheck = \"http\"\n\n\
+         [[service]]\nname = \"dns-tcp\"\nlisten = [\"0.0.0.0:5353\"]\nbackends = [\"127.0.0.1:53\"]\n\n\
+         [[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"0.0.0.0:5353\"]\n\
+         backends = [\"127.0.0.1:53\"]\nudp_idle_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    let (tcp, udp) = (&cfg.services[0], &cfg.services[1]);
+    assert_eq!(tcp.protocol, Protocol::Tcp);
+    assert_eq!(tcp.health.check, CheckKind::Http);
+    assert_eq!(udp.protocol, Protocol::Udp);
+    assert_eq!(udp.health.check, CheckKind::None);
+    assert_eq!(
+        udp.udp,
+        UdpConfig {
+            idle_timeout: Duration::from_secs(2),
+            max_flows: 7,
+            responses: 1,
+        }
+    );
+    let own = parse(
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"0.0.0.0:5353\"]\n\
+         backends = [\"127.0.0.1:53\"]\n[service.health]\ncheck = \"tcp\"\n",
+    )
+    .unwrap();
+    assert_eq!(own.services[0].health.check, CheckKind::Tcp);
 }

@@ -87,6 +87,7 @@ const DURATION_KEYS: &[&str] = &[
     "slow_start",
     "half_close_timeout",
     "client_hello_timeout",
+    "udp_idle_timeout",
 ];
 const INT_KEYS: &[&str] = &[
     "connect_retries",
@@ -94,12 +95,36 @@ const INT_KEYS: &[&str] = &[
     "replay_buffer",
     "max_connections",
     "backlog",
+    "max_flows",
+    "udp_responses",
 ];
+/// The keys of a `protocol = "udp"` service (the others are refused in its own table).
+const UDP_KEYS: &[&str] = &[
+    "drain_timeout",
+    "slow_start",
+    "udp_idle_timeout",
+    "max_ejection_percent",
+    "max_flows",
+    "udp_responses",
+    "balance",
+];
+/// Keys only a UDP service takes (refused in a TCP service's own table).
+const UDP_ONLY: &[&str] = &["udp_idle_timeout", "max_flows", "udp_responses"];
 
-/// A policy table's keys (`[defaults]` or a service's), each set with some chance.
-fn policy(r: &mut Rng, out: &mut String) {
+/// A policy table's keys (`[defaults]` or a service's), each set with some chance. A
+/// service's own table (`protocol`) mostly gets the keys its protocol takes, now and then
+/// one it refuses.
+fn policy(r: &mut Rng, out: &mut String, protocol: Option<&str>) {
+    let wanted = |r: &mut Rng, k: &str| {
+        let fits = match protocol {
+            None => true,
+            Some("udp") => UDP_KEYS.contains(&k),
+            Some(_) => !UDP_ONLY.contains(&k),
+        };
+        r.chance(if fits { 40 } else { 2 })
+    };
     for k in DURATION_KEYS {
-        if r.chance(40) {
+        if wanted(r, k) {
             out.push_str(&format!(
                 "{k} = \"{}\"\n",
                 r.value(ORDINARY_DURATIONS, DURATIONS)
@@ -107,19 +132,19 @@ fn policy(r: &mut Rng, out: &mut String) {
         }
     }
     for k in INT_KEYS {
-        if r.chance(40) {
+        if wanted(r, k) {
             out.push_str(&format!("{k} = {}\n", r.value(ORDINARY_INTS, INTS)));
         }
     }
-    if r.chance(40) {
+    if wanted(r, "balance") {
         let b = r.pick(&["round_robin", "least_conn", "p2c", "maglev", "random"]);
         out.push_str(&format!("balance = \"{b}\"\n"));
     }
-    if r.chance(30) {
+    if wanted(r, "proxy_protocol") {
         let p = r.pick(&["off", "v1", "v2"]);
         out.push_str(&format!("proxy_protocol = \"{p}\"\n"));
     }
-    if r.chance(30) {
+    if wanted(r, "retry_on_early_close") {
         let v = r.pick(&["true", "false"]);
         out.push_str(&format!("retry_on_early_close = {v}\n"));
     }
@@ -175,7 +200,7 @@ fn health(r: &mut Rng, out: &mut String, table: &str) {
 
 fn config(r: &mut Rng) -> String {
     let mut t = String::from("[discovery.docker]\n\n[defaults]\n");
-    policy(r, &mut t);
+    policy(r, &mut t, None);
     health(r, &mut t, "defaults.health");
     t.push_str("\n[[service]]\n");
     let long = "s".repeat(65);
@@ -183,6 +208,10 @@ fn config(r: &mut Rng) -> String {
         .value(&["web", "a.b_c-d", "x"], &["web", long.as_str()])
         .to_owned();
     t.push_str(&format!("name = \"{name}\"\n"));
+    let protocol = if r.chance(30) { "udp" } else { "tcp" };
+    if protocol == "udp" || r.chance(20) {
+        t.push_str(&format!("protocol = \"{protocol}\"\n"));
+    }
     let listen: Vec<String> = if r.chance(5) {
         (0..65)
             .map(|i| format!("\"127.0.0.1:{}\"", 20000 + i))
@@ -195,7 +224,7 @@ fn config(r: &mut Rng) -> String {
     t.push_str(&format!(
         "backends = [{{ addr = \"10.0.0.1:80\", weight = {w} }}, \"10.0.0.2:80\"]\n"
     ));
-    policy(r, &mut t);
+    policy(r, &mut t, Some(protocol));
     health(r, &mut t, "service.health");
     t
 }
@@ -296,4 +325,42 @@ fn the_limits_mesh_toml_and_the_feed_used_to_disagree_on() {
     }
     let cfg = parse("[defaults.health]\nrise = 100\nfall = 100").unwrap();
     survives(&swarm_service(&cfg.defaults)).unwrap();
+}
+
+/// A UDP service crosses the wire with its keys; a line from an older manager (no protocol
+/// fields) is a TCP service with the UDP defaults; a UDP service with an HTTP check is
+/// refused by the worker as by mesh.toml.
+#[test]
+fn udp_services_cross_the_wire() {
+    let cfg = Config::parse(
+        Path::new("mesh.toml"),
+        "[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"0.0.0.0:53\"]\n\
+         backends = [\"10.0.0.2:53\"]\nudp_idle_timeout = \"2s\"\nmax_flows = 9\nudp_responses = 1\n",
+    )
+    .unwrap();
+    let s = &cfg.services[0];
+    survives(s).unwrap();
+    let got = across_the_wire(s).unwrap();
+    assert_eq!(got.protocol, meshd::config::Protocol::Udp);
+    assert_eq!(got.udp.max_flows, 9);
+    assert_eq!(got.udp.responses, 1);
+
+    let mut v = serde_json::to_value(WireService::from_config(s)).unwrap();
+    for k in [
+        "protocol",
+        "udp_idle_timeout_ms",
+        "max_flows",
+        "udp_responses",
+    ] {
+        v.as_object_mut().unwrap().remove(k);
+    }
+    let old: WireService = serde_json::from_value(v).unwrap();
+    let old = old.into_config().unwrap();
+    assert_eq!(old.protocol, meshd::config::Protocol::Tcp);
+    assert_eq!(old.udp, meshd::config::UdpConfig::default());
+
+    let mut w = WireService::from_config(s);
+    w.health.check = "http".into();
+    let e = w.into_config().unwrap_err().to_string();
+    assert!(e.contains("cannot check a UDP service"), "{e}");
 }

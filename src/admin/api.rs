@@ -58,6 +58,8 @@ pub struct ReloadsDto {
 pub struct ServiceDto<'a> {
     pub name: &'a str,
     pub listen: Vec<String>,
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
     pub balance: &'static str,
     pub active_connections: u64,
     pub max_connections: u32,
@@ -66,7 +68,23 @@ pub struct ServiceDto<'a> {
     pub rejected_max_connections: u64,
     pub rejected_proxy_header: u64,
     pub connect_retries: u64,
+    /// A UDP service's flows and drops (absent for a TCP service).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpDto>,
     pub backends: Vec<BackendDto<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct UdpDto {
+    pub flows: u64,
+    pub flows_total: u64,
+    pub max_flows: u32,
+    pub udp_responses: u32,
+    pub idle_timeout_ms: u64,
+    pub dropped_max_flows: u64,
+    pub dropped_no_backend: u64,
+    pub dropped_send: u64,
+    pub moved_flows: u64,
 }
 
 #[derive(Serialize)]
@@ -124,6 +142,7 @@ fn service(s: &ServiceStatus, now: Instant) -> ServiceDto<'_> {
     ServiceDto {
         name: &s.state.name,
         listen: s.listeners.iter().map(|a| a.to_string()).collect(),
+        protocol: s.config.protocol.name(),
         balance: s.config.balance.name(),
         active_connections: s.state.active.load(Relaxed),
         max_connections: s.config.max_connections,
@@ -132,6 +151,21 @@ fn service(s: &ServiceStatus, now: Instant) -> ServiceDto<'_> {
         rejected_max_connections: s.state.rejected_max_connections.load(Relaxed),
         rejected_proxy_header: s.state.rejected_proxy_header.load(Relaxed),
         connect_retries: s.state.retries.load(Relaxed),
+        udp: (s.config.protocol == crate::config::Protocol::Udp).then(|| {
+            let u = &s.state.udp;
+            UdpDto {
+                flows: u.flows.load(Relaxed),
+                flows_total: u.flows_total.load(Relaxed),
+                max_flows: s.config.udp.max_flows,
+                udp_responses: s.config.udp.responses,
+                idle_timeout_ms: u64::try_from(s.config.udp.idle_timeout.as_millis())
+                    .unwrap_or(u64::MAX),
+                dropped_max_flows: u.dropped_max_flows.load(Relaxed),
+                dropped_no_backend: u.dropped_no_backend.load(Relaxed),
+                dropped_send: u.dropped_send.load(Relaxed),
+                moved_flows: u.moved.load(Relaxed),
+            }
+        }),
         backends: s.backends.iter().map(|b| backend(b, now)).collect(),
     }
 }

@@ -70,6 +70,9 @@ pub struct AdminState {
     /// Requests being answered now: a process that handed over waits for them (the
     /// `POST /api/v1/upgrade` that started the hand-off among them) before it exits.
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// This process accepts admin connections (false once `serve` has closed its listener:
+    /// after a hand-off, the successor alone answers the admin address).
+    pub accepting: AtomicBool,
     pub metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
     /// The Docker provider's desired state, served to followers (`None`: no
     /// `[discovery.docker]`).
@@ -180,7 +183,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Arc<Clos
     tokio::pin!(stopped);
     loop {
         let (sock, peer) = tokio::select! {
-            _ = &mut stopped => return,
+            _ = &mut stopped => {
+                drop(listener);
+                state.accepting.store(false, Ordering::Release);
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(_) => {
@@ -351,11 +358,19 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
                     .upgrade(body.binary.map(std::path::PathBuf::from), timeout)
                     .await;
                 match out.result {
-                    Ok(pid) => json(
+                    Ok(pid) => {
+                        // Answered once this process no longer accepts on the admin
+                        // address: the caller's next request reaches the new process.
+                        let end = Instant::now() + Duration::from_secs(2);
+                        while state.accepting.load(Ordering::Acquire) && Instant::now() < end {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        json(
                         StatusCode::OK,
                         serde_json::json!({"result": "ok", "pid": pid, "old_pid": std::process::id()})
                             .to_string(),
-                    ),
+                    )
+                    }
                     Err(e) => {
                         let code = if out.label == "failed" && e.contains("already in progress") {
                             StatusCode::CONFLICT

@@ -18,7 +18,7 @@ use toml::Spanned;
 
 use super::duration::parse_duration;
 use super::limits;
-use super::{Balance, CheckKind, DnsTarget, LogFormat, ProxyProtocol, TaskAddress};
+use super::{Balance, CheckKind, DnsTarget, LogFormat, Protocol, ProxyProtocol, TaskAddress};
 
 /// An optional key whose string value has its own syntax.
 pub type Key<T> = Option<Spanned<Parsed<T>>>;
@@ -95,6 +95,9 @@ pub struct Policy {
     pub client_hello_timeout: Key<Duration>,
     pub backlog: Int,
     pub health: Option<Health>,
+    pub udp_idle_timeout: Key<Duration>,
+    pub max_flows: Int,
+    pub udp_responses: Int,
 }
 
 /// `[defaults.health]` and `[service.health]`.
@@ -139,6 +142,11 @@ pub struct Service {
     pub client_hello_timeout: Key<Duration>,
     pub backlog: Int,
     pub health: Option<Health>,
+    /// `"tcp"` (default) or `"udp"`; a service's own, never from `[defaults]`.
+    pub protocol: Key<Protocol>,
+    pub udp_idle_timeout: Key<Duration>,
+    pub max_flows: Int,
+    pub udp_responses: Int,
 }
 
 impl Service {
@@ -163,6 +171,9 @@ impl Service {
             client_hello_timeout: self.client_hello_timeout.clone(),
             backlog: self.backlog.clone(),
             health: self.health.clone(),
+            udp_idle_timeout: self.udp_idle_timeout.clone(),
+            max_flows: self.max_flows.clone(),
+            udp_responses: self.udp_responses.clone(),
         }
     }
 }
@@ -286,6 +297,13 @@ impl FromValue for ipnet::IpNet {
     const EXPECTING: &'static str = r#"a CIDR string such as "10.0.0.0/8""#;
     fn from_value(s: &str) -> Result<Self, String> {
         limits::cidr(s)
+    }
+}
+
+impl FromValue for Protocol {
+    const EXPECTING: &'static str = r#"one of "tcp", "udp""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        keyword("protocol", s, &limits::PROTOCOLS)
     }
 }
 

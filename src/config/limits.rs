@@ -13,7 +13,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::duration::format_duration;
-use super::{defaults, Balance, CheckKind, LogFormat, ProxyProtocol};
+use super::{defaults, Balance, CheckKind, LogFormat, Protocol, ProxyProtocol};
 
 /// The longest duration any key accepts: 366 days.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -74,6 +74,11 @@ pub const CLIENT_HELLO_TIMEOUT: DurationKey = DurationKey {
     key: "client_hello_timeout",
     positive: true,
     default: defaults::CLIENT_HELLO_TIMEOUT,
+};
+pub const UDP_IDLE_TIMEOUT: DurationKey = DurationKey {
+    key: "udp_idle_timeout",
+    positive: true,
+    default: defaults::UDP_IDLE_TIMEOUT,
 };
 pub const HEALTH_INTERVAL: DurationKey = DurationKey {
     key: "health interval",
@@ -161,6 +166,18 @@ pub const BACKLOG: IntKey = IntKey {
     range: 1..=65535,
     default: defaults::BACKLOG,
     hint: " (the listen queue length)",
+};
+pub const MAX_FLOWS: IntKey = IntKey {
+    key: "max_flows",
+    range: 1..=defaults::MAX_MAX_FLOWS,
+    default: defaults::MAX_FLOWS,
+    hint: " (UDP flows kept at once, one socket each)",
+};
+pub const UDP_RESPONSES: IntKey = IntKey {
+    key: "udp_responses",
+    range: 0..=u32::MAX,
+    default: 0,
+    hint: " (replies after which a UDP flow ends; 0 = any number)",
 };
 pub const RISE: IntKey = IntKey {
     key: "rise",
@@ -317,6 +334,10 @@ pub const PROXY_PROTOCOLS: [(&str, ProxyProtocol); 3] = [
     ("v1", ProxyProtocol::V1),
     ("v2", ProxyProtocol::V2),
 ];
+/// The keywords of `protocol`.
+pub const PROTOCOLS: [(&str, Protocol); 2] = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
+/// The health checks a UDP service may use (its backends' TCP port, or none).
+pub const UDP_CHECKS: [CheckKind; 2] = [CheckKind::None, CheckKind::Tcp];
 /// The keywords of `[log] format`.
 pub const LOG_FORMATS: [(&str, LogFormat); 2] =
     [("human", LogFormat::Human), ("json", LogFormat::Json)];
@@ -349,6 +370,12 @@ impl ProxyProtocol {
     }
 }
 
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        name_of(&PROTOCOLS, self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +390,9 @@ mod tests {
             assert_eq!(v.name(), k);
         }
         for (k, v) in PROXY_PROTOCOLS {
+            assert_eq!(v.name(), k);
+        }
+        for (k, v) in PROTOCOLS {
             assert_eq!(v.name(), k);
         }
         assert_eq!(keyword(&CHECKS, "udp"), None);

@@ -66,6 +66,15 @@ pub mod defaults {
     pub const DOCKER_ENDPOINT: &str = "unix:///var/run/docker.sock";
     pub const DOCKER_POLL_INTERVAL: Duration = Duration::from_millis(500);
     pub const DNS_INTERVAL: Duration = Duration::from_secs(1);
+    /// A UDP flow with no datagram either way for this long ends (its socket is closed).
+    /// Sōzu's default and Linux conntrack's `nf_conntrack_udp_timeout`: a client silent
+    /// for longer has been forgotten by the NATs on its path anyway. (nginx's 10 min
+    /// `proxy_timeout` would hold a descriptor per client address for 10 min.)
+    pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Flows (one connected socket, so one descriptor, each) a UDP service keeps at once.
+    pub const MAX_FLOWS: u32 = 65536;
+    /// The largest `max_flows`: 2^20, the open-files limit meshd raises itself to.
+    pub const MAX_MAX_FLOWS: u32 = 1 << 20;
 }
 
 /// A validated configuration.
@@ -132,6 +141,37 @@ pub enum Balance {
     Maglev,
 }
 
+/// `protocol`: what a service's listeners carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// TCP connections (the default).
+    #[default]
+    Tcp,
+    /// UDP datagrams, grouped into flows by client address.
+    Udp,
+}
+
+/// The settings of a `protocol = "udp"` service (kept, unused, by a TCP service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// `udp_idle_timeout`: a flow with no datagram either way for this long ends.
+    pub idle_timeout: Duration,
+    /// `max_flows`: flows kept at once; datagrams that would start another are dropped.
+    pub max_flows: u32,
+    /// `udp_responses`: a flow ends after this many replies (0: any number).
+    pub responses: u32,
+}
+
+impl Default for UdpConfig {
+    fn default() -> UdpConfig {
+        UdpConfig {
+            idle_timeout: defaults::UDP_IDLE_TIMEOUT,
+            max_flows: defaults::MAX_FLOWS,
+            responses: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocol {
     Off,
@@ -175,6 +215,10 @@ pub struct BackendConfig {
 pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<SocketAddr>,
+    /// `protocol`: TCP (default) or UDP. Listen addresses are unique per protocol.
+    pub protocol: Protocol,
+    /// `udp_idle_timeout`, `max_flows`, `udp_responses` (used by UDP services only).
+    pub udp: UdpConfig,
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub connect_retries: u32,

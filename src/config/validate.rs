@@ -19,8 +19,8 @@ use super::file::{self, FileConfig};
 use super::limits::{self, DurationKey, IntKey};
 use super::{
     defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
-    DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat, ProxyProtocol,
-    ServiceConfig, TaskAddress, UpgradeConfig,
+    DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat, Protocol,
+    ProxyProtocol, ServiceConfig, TaskAddress, UdpConfig, UpgradeConfig,
 };
 
 /// A configuration that cannot be used. `Display` is one line: `FILE:LINE:COL: message`
@@ -159,6 +159,8 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let defaults = ServiceConfig {
         name: String::new(),
         listen: Vec::new(),
+        protocol: Protocol::Tcp,
+        udp: d.udp,
         balance: d.balance,
         connect_timeout: d.connect_timeout,
         connect_retries: d.connect_retries,
@@ -183,7 +185,7 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let mut seen = Seen {
         names: HashMap::new(),
-        binds: vec![(admin.listen, Owner::Admin)],
+        binds: vec![(admin.listen, Protocol::Tcp, Owner::Admin)],
     };
     let has_docker = file.discovery.docker.is_some();
     let services = file
@@ -317,10 +319,11 @@ enum Owner<'f> {
     Service(&'f str),
 }
 
-/// What earlier services claimed: names (with their offset) and listen addresses.
+/// What earlier services claimed: names (with their offset) and listen addresses (a TCP
+/// and a UDP listener may share an address: DNS serves both on port 53).
 struct Seen<'f> {
     names: HashMap<&'f str, usize>,
-    binds: Vec<(SocketAddr, Owner<'f>)>,
+    binds: Vec<(SocketAddr, Protocol, Owner<'f>)>,
 }
 
 /// Two binds collide: the same port and family, and the same IP or a wildcard on either side.
@@ -386,17 +389,39 @@ fn service<'f>(
         );
         return Err(cx.err(span, msg));
     }
+    let protocol = value(s.protocol.as_ref(), Protocol::Tcp);
     let mut listen = Vec::with_capacity(addrs.len());
     for a in addrs {
         let addr = a.get_ref().0;
-        if let Some((prev, owner)) = seen.binds.iter().find(|(b, _)| overlaps(*b, addr)) {
+        if let Some((prev, _, owner)) = seen
+            .binds
+            .iter()
+            .find(|(b, p, _)| *p == protocol && overlaps(*b, addr))
+        {
             return Err(cx.err(a.span(), conflict(name, addr, *prev, owner)));
         }
-        seen.binds.push((addr, Owner::Service(name)));
+        seen.binds.push((addr, protocol, Owner::Service(name)));
         listen.push(addr);
     }
+    protocol_keys(cx, name, s, protocol)?;
 
-    let policy = resolve(cx, &s.policy(), def)?;
+    let mut policy = resolve(cx, &s.policy(), def)?;
+    if protocol == Protocol::Udp {
+        // `[defaults.health] check` is for TCP services (an "http" default would not
+        // apply); a UDP service checks only if it asks, with a TCP connect.
+        let own = s.health.as_ref().and_then(|h| h.check.as_ref());
+        policy.health.check = match own {
+            None => CheckKind::None,
+            Some(k) if limits::UDP_CHECKS.contains(&k.get_ref().0) => k.get_ref().0,
+            Some(k) => {
+                let msg = format!(
+                    r#"service {name:?}: health check "{}" cannot check a UDP service: use "tcp" (a TCP connect to each backend's address) or "none""#,
+                    k.get_ref().0.name()
+                );
+                return Err(cx.err(k.span(), msg));
+            }
+        };
+    }
 
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(s.backends.len());
     // A set, not a scan of the list so far: 10,000 backends took 5·10^7 comparisons.
@@ -442,10 +467,13 @@ fn service<'f>(
         client_hello_timeout,
         backlog,
         health,
+        udp,
     } = policy;
     Ok(ServiceConfig {
         name: name.to_owned(),
         listen,
+        protocol,
+        udp,
         balance,
         connect_timeout,
         connect_retries,
@@ -490,6 +518,68 @@ struct Resolved {
     client_hello_timeout: Duration,
     backlog: u32,
     health: HealthConfig,
+    udp: UdpConfig,
+}
+
+/// Keys a service sets in its own table that its protocol has no use for: one error naming
+/// the first. (`[defaults]` may hold both kinds: each service takes what applies.)
+fn protocol_keys(
+    cx: &Cx,
+    name: &str,
+    s: &file::Service,
+    protocol: Protocol,
+) -> Result<(), ConfigError> {
+    fn at<T>(k: &Option<Spanned<T>>) -> Option<Range<usize>> {
+        k.as_ref().map(Spanned::span)
+    }
+    type Keys<'k> = Vec<(&'k str, Option<Range<usize>>)>;
+    let (keys, fix): (Keys, fn(&str) -> &'static str) = match protocol {
+        Protocol::Udp => (
+            vec![
+                ("connect_timeout", at(&s.connect_timeout)),
+                ("connect_retries", at(&s.connect_retries)),
+                ("hedge_delay", at(&s.hedge_delay)),
+                ("queue_timeout", at(&s.queue_timeout)),
+                ("retry_on_early_close", at(&s.retry_on_early_close)),
+                ("replay_buffer", at(&s.replay_buffer)),
+                ("idle_timeout", at(&s.idle_timeout)),
+                ("half_close_timeout", at(&s.half_close_timeout)),
+                ("max_connections", at(&s.max_connections)),
+                ("proxy_protocol", at(&s.proxy_protocol)),
+                ("backlog", at(&s.backlog)),
+            ],
+            |key| match key {
+                "idle_timeout" => "use udp_idle_timeout",
+                "max_connections" => "use max_flows",
+                _ => "remove it",
+            },
+        ),
+        Protocol::Tcp => (
+            vec![
+                ("udp_idle_timeout", at(&s.udp_idle_timeout)),
+                ("max_flows", at(&s.max_flows)),
+                ("udp_responses", at(&s.udp_responses)),
+            ],
+            |_| r#"add protocol = "udp", or remove it"#,
+        ),
+    };
+    let Some((key, span)) = keys
+        .into_iter()
+        .find_map(|(k, span)| span.map(|sp| (k, sp)))
+    else {
+        return Ok(());
+    };
+    let msg = match protocol {
+        Protocol::Udp => format!(
+            r#"service {name:?}: {key} applies to TCP services only (this one has protocol = "udp"): {}"#,
+            fix(key)
+        ),
+        Protocol::Tcp => format!(
+            r#"service {name:?}: {key} applies to protocol = "udp" services only: {}"#,
+            fix(key)
+        ),
+    };
+    Err(cx.err(span, msg))
 }
 
 /// The service's own value if it sets the key, else the `[defaults]` one.
@@ -655,6 +745,19 @@ fn resolve(cx: &Cx, own: &file::Policy, def: &file::Policy) -> Result<Resolved, 
         )?,
         backlog: int(cx, &limits::BACKLOG, pick(&own.backlog, &def.backlog))?,
         health,
+        udp: UdpConfig {
+            idle_timeout: duration(
+                cx,
+                &limits::UDP_IDLE_TIMEOUT,
+                pick(&own.udp_idle_timeout, &def.udp_idle_timeout),
+            )?,
+            max_flows: int(cx, &limits::MAX_FLOWS, pick(&own.max_flows, &def.max_flows))?,
+            responses: int(
+                cx,
+                &limits::UDP_RESPONSES,
+                pick(&own.udp_responses, &def.udp_responses),
+            )?,
+        },
     })
 }
 
@@ -856,6 +959,7 @@ mod tests {
                     rise: defaults::HEALTH_RISE,
                     fall: defaults::HEALTH_FALL,
                 },
+                udp: UdpConfig::default(),
             }
         );
     }

@@ -40,12 +40,13 @@ use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::close::CloseSignal;
-use crate::config::{CheckKind, Config, ServiceConfig};
+use crate::config::{CheckKind, Config, Protocol, ServiceConfig};
 use crate::discovery::Update;
 use crate::health::{self, Transition};
 use crate::metrics::ServiceMetrics;
 use crate::proxy::conn::Shared;
 use crate::proxy::listener::{self, AcceptLoop};
+use crate::proxy::udp::{self, UdpLoop};
 use crate::table::{Backend, Health, ServiceState, ServiceTable, State, TableHandle};
 pub use lifecycle::{AdminError, AdminOp, Endpoint, Endpoints, Source};
 use lifecycle::{BackendEntry, Effects};
@@ -104,7 +105,7 @@ struct ServiceEntry {
     state: Arc<ServiceState>,
     metrics: Arc<ServiceMetrics>,
     config: Arc<ServiceConfig>,
-    listeners: Vec<(SocketAddr, Arc<CloseSignal>)>,
+    listeners: Vec<(Protocol, SocketAddr, Arc<CloseSignal>)>,
     backends: Vec<BackendEntry>,
     /// Removed from the config: no listener, backends draining; freed when all are gone.
     removed: bool,
@@ -140,6 +141,8 @@ pub struct Control {
     /// Accept loops of new listeners, started once a published table holds their service
     /// (until then the socket is bound and the kernel queues connections).
     pending_accept: Vec<AcceptLoop>,
+    /// UDP listener tasks waiting the same way (until then datagrams queue in the socket).
+    pending_udp: Vec<UdpLoop>,
     /// Operators' requests applied since the last plan, answered when it is published: an
     /// API call returns once its change is in the routing table and the status.
     admin_replies: Vec<AdminReply>,
@@ -155,6 +158,12 @@ pub struct Control {
 }
 
 type AdminReply = oneshot::Sender<Result<(), AdminError>>;
+
+/// A socket bound for a new listener, before its task starts.
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
 
 impl Control {
     pub fn new(
@@ -186,6 +195,7 @@ impl Control {
             endpoints: Vec::new(),
             provided: Vec::new(),
             pending_accept: Vec::new(),
+            pending_udp: Vec::new(),
             admin_replies: Vec::new(),
             building: false,
             force_publish: false,
@@ -327,7 +337,7 @@ impl Control {
             },
             Command::StopListening(reply) => {
                 for s in &mut self.services {
-                    for (_, stop) in s.listeners.drain(..) {
+                    for (_, _, stop) in s.listeners.drain(..) {
                         stop.close();
                     }
                 }
@@ -413,20 +423,27 @@ impl Control {
             .map(|(index, s)| Running {
                 index,
                 name: &s.state.name,
-                listen: s.listeners.iter().map(|(a, _)| *a).collect(),
+                listen: s.listeners.iter().map(|(p, a, _)| (*p, *a)).collect(),
             })
             .collect();
         let diff = reconcile::diff(&running, &desired);
 
         // 1. Bind every new listen address first: if one fails, nothing has changed.
-        let mut bound: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
-            desired.iter().map(|_| Vec::new()).collect();
+        let mut bound: Vec<Vec<(SocketAddr, Bound)>> = desired.iter().map(|_| Vec::new()).collect();
         for step in diff.listen {
             let err = match step {
                 Listen::Held(e) => e,
-                Listen::Bind { service, addr } => {
+                Listen::Bind {
+                    service,
+                    protocol,
+                    addr,
+                } => {
                     let svc = &desired[service].0;
-                    match listener::bind(addr, svc.backlog) {
+                    let r = match protocol {
+                        Protocol::Tcp => listener::bind(addr, svc.backlog).map(Bound::Tcp),
+                        Protocol::Udp => udp::bind(addr).map(Bound::Udp),
+                    };
+                    match r {
                         Ok(l) => {
                             bound[service].push((addr, l));
                             continue;
@@ -451,7 +468,7 @@ impl Control {
             let s = &mut self.services[i];
             s.removed = true;
             s.dirty = true;
-            for (_, stop) in s.listeners.drain(..) {
+            for (_, _, stop) in s.listeners.drain(..) {
                 stop.close();
             }
             for b in &mut s.backends {
@@ -466,14 +483,15 @@ impl Control {
             );
         }
         // Listeners the config no longer lists.
-        for &(i, addr) in &diff.close {
+        for &(i, protocol, addr) in &diff.close {
             let s = &mut self.services[i];
-            s.listeners.retain(|(a, stop)| {
-                if *a == addr {
+            s.listeners.retain(|(p, a, stop)| {
+                let gone = *p == protocol && *a == addr;
+                if gone {
                     stop.close();
-                    tracing::info!(service = &*s.state.name, listen = %a, "listener closed");
+                    tracing::info!(service = &*s.state.name, listen = %a, protocol = p.name(), "listener closed");
                 }
-                *a != addr
+                !gone
             });
         }
 
@@ -490,6 +508,11 @@ impl Control {
                 self.services[idx].config = Arc::new(cfg.clone());
                 self.services[idx].dirty = true;
             }
+            self.services[idx]
+                .state
+                .udp
+                .enabled
+                .store(cfg.protocol == Protocol::Udp, Ordering::Relaxed);
             for (a, l) in bound {
                 self.start_listener(idx, a, l);
             }
@@ -559,7 +582,11 @@ impl Control {
         self.services.len() - 1
     }
 
-    fn start_listener(&mut self, idx: usize, addr: SocketAddr, l: std::net::TcpListener) {
+    fn start_listener(&mut self, idx: usize, addr: SocketAddr, l: Bound) {
+        let l = match l {
+            Bound::Tcp(l) => l,
+            Bound::Udp(u) => return self.start_udp(idx, addr, u),
+        };
         let s = &mut self.services[idx];
         let listener = match tokio::net::TcpListener::from_std(l) {
             Ok(l) => l,
@@ -580,16 +607,55 @@ impl Control {
             stop: stop.clone(),
         });
         tracing::info!(service = &*s.state.name, listen = %addr, "listener bound");
-        s.listeners.push((addr, stop));
+        s.listeners.push((Protocol::Tcp, addr, stop));
+    }
+
+    fn start_udp(&mut self, idx: usize, addr: SocketAddr, u: std::net::UdpSocket) {
+        let s = &mut self.services[idx];
+        let socket = match tokio::net::UdpSocket::from_std(u) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(service = &*s.state.name, listen = %addr, error = %e, "cannot register UDP listener");
+                return;
+            }
+        };
+        let stop = Arc::new(CloseSignal::new());
+        // Started like an accept loop, once a published table holds the service with an
+        // eligible backend (`start_accept_loops`).
+        self.pending_udp.push(UdpLoop::new(
+            socket,
+            s.state.clone(),
+            self.table.clone(),
+            self.shared.clone(),
+            stop.clone(),
+        ));
+        tracing::info!(service = &*s.state.name, listen = %addr, protocol = "udp", "listener bound");
+        s.listeners.push((Protocol::Udp, addr, stop));
     }
 
     /// Spawns the accept loops whose service the published table now holds, and those
     /// already stopped (they return at once and release their socket).
     fn start_accept_loops(&mut self) {
-        if self.pending_accept.is_empty() {
+        if self.pending_accept.is_empty() && self.pending_udp.is_empty() {
             return;
         }
         let table = self.table.load();
+        // A UDP listener starts reading once its service has an eligible backend: a
+        // datagram read before would be dropped (UDP has no queue_timeout), while in the
+        // socket it waits (and after a hand-off, the predecessor still reads it).
+        let mut k = 0;
+        while k < self.pending_udp.len() {
+            let l = &self.pending_udp[k];
+            if l.stop.is_closed()
+                || table
+                    .service(&l.service)
+                    .is_some_and(|s| !s.backends.is_empty())
+            {
+                self.accepts.spawn(self.pending_udp.swap_remove(k).run());
+            } else {
+                k += 1;
+            }
+        }
         let mut k = 0;
         while k < self.pending_accept.len() {
             let l = &self.pending_accept[k];

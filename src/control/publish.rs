@@ -190,7 +190,7 @@ impl Control {
                 state: s.state.clone(),
                 config: s.config.clone(),
                 metrics: s.metrics.clone(),
-                listeners: s.listeners.iter().map(|(a, _)| *a).collect(),
+                listeners: s.listeners.iter().map(|(_, a, _)| *a).collect(),
                 backends: s
                     .backends
                     .iter()

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use super::lifecycle::{Endpoints, Source};
 use super::ControlError;
-use crate::config::{BackendConfig, Config, ServiceConfig};
+use crate::config::{BackendConfig, Config, Protocol, ServiceConfig};
 
 /// A desired service and its endpoint sets by source.
 pub type Desired = (ServiceConfig, Vec<(Source, Endpoints)>);
@@ -87,14 +87,20 @@ pub struct Running<'a> {
     /// Its index in `Control::services`.
     pub index: usize,
     pub name: &'a str,
-    pub listen: Vec<SocketAddr>,
+    /// Its listeners: a TCP and a UDP one may share an address.
+    pub listen: Vec<(Protocol, SocketAddr)>,
 }
 
 /// One step of binding the desired listeners, in the order the config lists them.
 #[derive(Debug)]
 pub enum Listen {
-    /// Bind `addr` for desired service `service` (an index in the desired list).
-    Bind { service: usize, addr: SocketAddr },
+    /// Bind `addr` for desired service `service` (an index in the desired list), with
+    /// that service's protocol.
+    Bind {
+        service: usize,
+        protocol: Protocol,
+        addr: SocketAddr,
+    },
     /// The address is still held by another running service.
     Held(ControlError),
 }
@@ -106,8 +112,9 @@ pub struct Diff {
     pub listen: Vec<Listen>,
     /// Running services no longer desired (indices): listeners closed, backends drained.
     pub remove: Vec<usize>,
-    /// Listeners of running services that their config no longer lists.
-    pub close: Vec<(usize, SocketAddr)>,
+    /// Listeners of running services that their config no longer lists (or lists with
+    /// another protocol).
+    pub close: Vec<(usize, Protocol, SocketAddr)>,
     /// For each desired service (same order): the running service it is, or `None` (new).
     pub matched: Vec<Option<usize>>,
 }
@@ -117,7 +124,7 @@ pub struct Diff {
 /// comparisons per reload).
 pub fn diff(running: &[Running<'_>], desired: &[Desired]) -> Diff {
     let mut live: HashMap<&str, usize> = HashMap::with_capacity(running.len());
-    let mut listening: HashMap<SocketAddr, &Running<'_>> = HashMap::new();
+    let mut listening: HashMap<(Protocol, SocketAddr), &Running<'_>> = HashMap::new();
     for r in running {
         live.insert(r.name, r.index);
         for a in &r.listen {
@@ -127,14 +134,18 @@ pub fn diff(running: &[Running<'_>], desired: &[Desired]) -> Diff {
     let mut d = Diff::default();
     for (k, (svc, _)) in desired.iter().enumerate() {
         for &addr in &svc.listen {
-            match listening.get(&addr) {
+            match listening.get(&(svc.protocol, addr)) {
                 Some(owner) if owner.name == svc.name => {}
                 Some(owner) => d.listen.push(Listen::Held(ControlError::ListenHeld {
                     service: svc.name.clone(),
                     addr,
                     owner: owner.name.to_string(),
                 })),
-                None => d.listen.push(Listen::Bind { service: k, addr }),
+                None => d.listen.push(Listen::Bind {
+                    service: k,
+                    protocol: svc.protocol,
+                    addr,
+                }),
             }
         }
     }
@@ -147,9 +158,9 @@ pub fn diff(running: &[Running<'_>], desired: &[Desired]) -> Diff {
     for (svc, _) in desired {
         let index = live.get(svc.name.as_str()).copied();
         if let Some(r) = index.and_then(|i| running.iter().find(|r| r.index == i)) {
-            for a in &r.listen {
-                if !svc.listen.contains(a) {
-                    d.close.push((r.index, *a));
+            for &(p, a) in &r.listen {
+                if p != svc.protocol || !svc.listen.contains(&a) {
+                    d.close.push((r.index, p, a));
                 }
             }
         }
@@ -182,6 +193,63 @@ backends = [{ addr = "127.0.0.1:9002" }]
         s.parse().unwrap()
     }
 
+    fn tcp(s: &str) -> (Protocol, SocketAddr) {
+        (Protocol::Tcp, addr(s))
+    }
+
+    #[test]
+    fn a_protocol_is_part_of_a_listener() {
+        // A UDP service next to a TCP one on the same address: both bound.
+        let both = r#"
+[[service]]
+name = "dns-tcp"
+listen = ["127.0.0.1:5353"]
+backends = ["127.0.0.1:53"]
+
+[[service]]
+name = "dns"
+protocol = "udp"
+listen = ["127.0.0.1:5353"]
+backends = ["127.0.0.1:53"]
+"#;
+        let d = diff(&[], &desired(&config(both), &[], &[]));
+        let binds: Vec<(usize, Protocol)> = d
+            .listen
+            .iter()
+            .map(|l| match l {
+                Listen::Bind {
+                    service, protocol, ..
+                } => (*service, *protocol),
+                Listen::Held(e) => panic!("{e}"),
+            })
+            .collect();
+        assert_eq!(binds, [(0, Protocol::Tcp), (1, Protocol::Udp)]);
+
+        // A service that turns from TCP to UDP: its TCP listener closes, a UDP one binds.
+        let running = [Running {
+            index: 0,
+            name: "dns",
+            listen: vec![tcp("127.0.0.1:5353")],
+        }];
+        let udp_only = r#"
+[[service]]
+name = "dns"
+protocol = "udp"
+listen = ["127.0.0.1:5353"]
+backends = ["127.0.0.1:53"]
+"#;
+        let d = diff(&running, &desired(&config(udp_only), &[], &[]));
+        assert_eq!(d.close, [(0, Protocol::Tcp, addr("127.0.0.1:5353"))]);
+        assert!(matches!(
+            d.listen[..],
+            [Listen::Bind {
+                service: 0,
+                protocol: Protocol::Udp,
+                ..
+            }]
+        ));
+    }
+
     #[test]
     fn a_first_config_binds_everything() {
         let want = desired(&config(TWO), &[], &[]);
@@ -190,7 +258,7 @@ backends = [{ addr = "127.0.0.1:9002" }]
             .listen
             .iter()
             .map(|l| match l {
-                Listen::Bind { service, addr } => (*service, *addr),
+                Listen::Bind { service, addr, .. } => (*service, *addr),
                 Listen::Held(e) => panic!("{e}"),
             })
             .collect();
@@ -214,17 +282,17 @@ backends = [{ addr = "127.0.0.1:9002" }]
             Running {
                 index: 0,
                 name: "web",
-                listen: vec![addr("127.0.0.1:8080"), addr("127.0.0.1:8081")],
+                listen: vec![tcp("127.0.0.1:8080"), tcp("127.0.0.1:8081")],
             },
             Running {
                 index: 1,
                 name: "old",
-                listen: vec![addr("127.0.0.1:7000")],
+                listen: vec![tcp("127.0.0.1:7000")],
             },
             Running {
                 index: 2,
                 name: "api",
-                listen: vec![addr("127.0.0.1:8090")],
+                listen: vec![tcp("127.0.0.1:8090")],
             },
         ];
         // web drops 8081 and takes api's 8090 in the same reload; "old" is gone.
@@ -250,7 +318,10 @@ backends = [{ addr = "127.0.0.1:9002" }]
         assert_eq!(d.remove, [1]);
         assert_eq!(
             d.close,
-            [(0, addr("127.0.0.1:8081")), (2, addr("127.0.0.1:8090"))]
+            [
+                (0, Protocol::Tcp, addr("127.0.0.1:8081")),
+                (2, Protocol::Tcp, addr("127.0.0.1:8090"))
+            ]
         );
         assert_eq!(d.listen.len(), 2);
         match &d.listen[0] {
@@ -263,7 +334,7 @@ backends = [{ addr = "127.0.0.1:9002" }]
         }
         assert!(matches!(
             d.listen[1],
-            Listen::Bind { service: 1, addr: a } if a == addr("127.0.0.1:8091")
+            Listen::Bind { service: 1, addr: a, .. } if a == addr("127.0.0.1:8091")
         ));
     }
 

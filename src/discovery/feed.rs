@@ -31,8 +31,10 @@ use hyper::body::{Body, Frame};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::limits::{self, DurationKey, IntKey, BALANCES, CHECKS, PROXY_PROTOCOLS};
-use crate::config::{defaults, BackendConfig, HealthConfig, ServiceConfig};
+use crate::config::limits::{
+    self, DurationKey, IntKey, BALANCES, CHECKS, PROTOCOLS, PROXY_PROTOCOLS, UDP_CHECKS,
+};
+use crate::config::{defaults, BackendConfig, HealthConfig, Protocol, ServiceConfig, UdpConfig};
 
 /// How often a manager tells a follower it is alive (with whether its engine answers).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -133,6 +135,16 @@ pub struct WireService {
     pub backlog: u32,
     pub health: WireHealth,
     pub backends: Vec<WireBackend>,
+    /// `tcp` or `udp`; the UDP keys below. Added with UDP services: absent from an older
+    /// manager's feed (its services are all TCP), so defaulted.
+    #[serde(default = "wire_protocol")]
+    pub protocol: String,
+    #[serde(default = "wire_udp_idle_timeout_ms")]
+    pub udp_idle_timeout_ms: u64,
+    #[serde(default = "wire_max_flows")]
+    pub max_flows: u32,
+    #[serde(default)]
+    pub udp_responses: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +217,18 @@ fn wire_replay_buffer() -> u32 {
     defaults::REPLAY_BUFFER
 }
 
+fn wire_protocol() -> String {
+    Protocol::Tcp.name().to_owned()
+}
+
+fn wire_udp_idle_timeout_ms() -> u64 {
+    ms(defaults::UDP_IDLE_TIMEOUT)
+}
+
+fn wire_max_flows() -> u32 {
+    defaults::MAX_FLOWS
+}
+
 /// A backend identity from the wire: 1 to [`MAX_WIRE_ID`] printable ASCII characters, no
 /// space (it is logged and may be shown on the status page).
 fn id_ok(id: &str) -> bool {
@@ -250,6 +274,10 @@ impl WireService {
                     id: b.id.as_deref().map(str::to_owned),
                 })
                 .collect(),
+            protocol: name_of(&PROTOCOLS, s.protocol),
+            udp_idle_timeout_ms: ms(s.udp.idle_timeout),
+            max_flows: s.udp.max_flows,
+            udp_responses: s.udp.responses,
         }
     }
 
@@ -289,7 +317,22 @@ impl WireService {
                 b.id.as_deref().unwrap_or_default()
             )));
         }
+        let protocol = keyword(&PROTOCOLS, "protocol", &self.protocol).map_err(err)?;
+        let check = keyword(&CHECKS, "health check", &h.check).map_err(err)?;
+        if protocol == Protocol::Udp && !UDP_CHECKS.contains(&check) {
+            return Err(err(format!(
+                "health check {:?} cannot check a UDP service",
+                h.check
+            )));
+        }
         Ok(ServiceConfig {
+            protocol,
+            udp: UdpConfig {
+                idle_timeout: duration(&limits::UDP_IDLE_TIMEOUT, self.udp_idle_timeout_ms)
+                    .map_err(err)?,
+                max_flows: int(&limits::MAX_FLOWS, self.max_flows).map_err(err)?,
+                responses: int(&limits::UDP_RESPONSES, self.udp_responses).map_err(err)?,
+            },
             balance: keyword(&BALANCES, "balance", &self.balance).map_err(err)?,
             connect_timeout: duration(&limits::CONNECT_TIMEOUT, self.connect_timeout_ms)
                 .map_err(err)?,
@@ -317,7 +360,7 @@ impl WireService {
             .map_err(err)?,
             backlog: int(&limits::BACKLOG, self.backlog).map_err(err)?,
             health: HealthConfig {
-                check: keyword(&CHECKS, "health check", &h.check).map_err(err)?,
+                check,
                 path: h.path.clone(),
                 interval: duration(&limits::HEALTH_INTERVAL, h.interval_ms).map_err(err)?,
                 timeout: duration(&limits::HEALTH_TIMEOUT, h.timeout_ms).map_err(err)?,

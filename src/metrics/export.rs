@@ -155,6 +155,23 @@ fn describe() {
         REPLAYED_CONNECTIONS,
         "Connections replayed on another backend after their backend closed before answering (retry_on_early_close)."
     );
+    describe_gauge!(
+        UDP_FLOWS,
+        "UDP flows open now (one per client address, each with its own backend socket)."
+    );
+    describe_counter!(UDP_FLOWS_TOTAL, "UDP flows opened.");
+    describe_counter!(
+        DATAGRAMS,
+        "UDP datagrams forwarded; direction rx is from the client, tx is to the client (their bytes are in meshd_bytes_total)."
+    );
+    describe_counter!(
+        UDP_DROPPED,
+        "UDP datagrams dropped, by reason: max_flows (a new flow past max_flows), no_backend (a new flow with no usable backend), send (a socket buffer full or a send error), truncated (over 64 KiB)."
+    );
+    describe_counter!(
+        UDP_MOVED_FLOWS,
+        "UDP flows moved to another backend because theirs refused a datagram (ICMP port unreachable)."
+    );
     describe_counter!(
         DISCOVERY_ERRORS,
         "Failed discovery polls, by provider; the last good state is kept."
@@ -172,6 +189,9 @@ pub struct BackendMetrics {
     up: Gauge,
     draining: Gauge,
     drain_closed: Counter,
+    /// Registered once the backend forwards a datagram (a UDP service's backend).
+    datagrams: std::sync::OnceLock<[Counter; 2]>,
+    labels: [(&'static str, String); 2],
 }
 
 impl BackendMetrics {
@@ -189,6 +209,8 @@ impl BackendMetrics {
             up: metrics::gauge!(BACKEND_UP, &sb),
             draining: metrics::gauge!(BACKEND_DRAINING, &sb),
             drain_closed: metrics::counter!(DRAIN_CLOSED, &sb),
+            datagrams: std::sync::OnceLock::new(),
+            labels: sb.clone(),
         }
     }
 
@@ -211,6 +233,21 @@ impl BackendMetrics {
         });
         self.drain_closed
             .absolute(st.drain_closed.load(Ordering::Relaxed));
+        let (drx, dtx) = (
+            st.datagrams_rx.load(Ordering::Relaxed),
+            st.datagrams_tx.load(Ordering::Relaxed),
+        );
+        if drx + dtx > 0 {
+            let [rx, tx] = self.datagrams.get_or_init(|| {
+                let [(_, s), (_, b)] = self.labels.clone();
+                [
+                    metrics::counter!(DATAGRAMS, "service" => s.clone(), "backend" => b.clone(), "direction" => "rx"),
+                    metrics::counter!(DATAGRAMS, "service" => s, "backend" => b, "direction" => "tx"),
+                ]
+            });
+            rx.absolute(drx);
+            tx.absolute(dtx);
+        }
     }
 }
 
@@ -226,6 +263,36 @@ pub struct ServiceMetrics {
     hedged: Counter,
     replayed: Counter,
     queued: Counter,
+    /// Registered once the service is a UDP one.
+    udp: std::sync::OnceLock<UdpMetrics>,
+    name: String,
+}
+
+/// A UDP service's handles.
+#[derive(Debug)]
+struct UdpMetrics {
+    flows: Gauge,
+    flows_total: Counter,
+    max_flows: Counter,
+    no_backend: Counter,
+    send: Counter,
+    truncated: Counter,
+    moved: Counter,
+}
+
+impl UdpMetrics {
+    fn new(s: &str) -> UdpMetrics {
+        let dropped = |reason: &'static str| metrics::counter!(UDP_DROPPED, "service" => s.to_string(), "reason" => reason);
+        UdpMetrics {
+            flows: metrics::gauge!(UDP_FLOWS, "service" => s.to_string()),
+            flows_total: metrics::counter!(UDP_FLOWS_TOTAL, "service" => s.to_string()),
+            max_flows: dropped("max_flows"),
+            no_backend: dropped("no_backend"),
+            send: dropped("send"),
+            truncated: dropped("truncated"),
+            moved: metrics::counter!(UDP_MOVED_FLOWS, "service" => s.to_string()),
+        }
+    }
 }
 
 impl ServiceMetrics {
@@ -240,7 +307,9 @@ impl ServiceMetrics {
             ejections: metrics::counter!(EJECTIONS, "service" => s.clone()),
             hedged: metrics::counter!(HEDGED_CONNECTS, "service" => s.clone()),
             replayed: metrics::counter!(REPLAYED_CONNECTIONS, "service" => s.clone()),
-            queued: metrics::counter!(QUEUED_CONNECTIONS, "service" => s),
+            queued: metrics::counter!(QUEUED_CONNECTIONS, "service" => s.clone()),
+            udp: std::sync::OnceLock::new(),
+            name: s,
         }
     }
 
@@ -259,6 +328,21 @@ impl ServiceMetrics {
             .absolute(s.hedged_connects.load(Ordering::Relaxed));
         self.replayed.absolute(s.replays.load(Ordering::Relaxed));
         self.queued.absolute(s.queued.load(Ordering::Relaxed));
+        let u = &s.udp;
+        if u.enabled.load(Ordering::Relaxed) || self.udp.get().is_some() {
+            let m = self.udp.get_or_init(|| UdpMetrics::new(&self.name));
+            m.flows.set(u.flows.load(Ordering::Relaxed) as f64);
+            m.flows_total
+                .absolute(u.flows_total.load(Ordering::Relaxed));
+            m.max_flows
+                .absolute(u.dropped_max_flows.load(Ordering::Relaxed));
+            m.no_backend
+                .absolute(u.dropped_no_backend.load(Ordering::Relaxed));
+            m.send.absolute(u.dropped_send.load(Ordering::Relaxed));
+            m.truncated
+                .absolute(u.dropped_truncated.load(Ordering::Relaxed));
+            m.moved.absolute(u.moved.load(Ordering::Relaxed));
+        }
     }
 }
 

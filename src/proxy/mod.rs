@@ -23,3 +23,4 @@ pub mod proxy_protocol;
 pub mod sni;
 pub mod splice;
 pub mod stats;
+pub mod udp;

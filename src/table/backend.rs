@@ -93,6 +93,10 @@ pub struct BackendStats {
     pub connect_errors: [AtomicU64; 5],
     /// Connections closed by a drain timeout or shutdown.
     pub drain_closed: AtomicU64,
+    /// UDP datagrams from clients to this backend (their bytes are in `bytes_rx`).
+    pub datagrams_rx: AtomicU64,
+    /// UDP datagrams from this backend to clients (their bytes are in `bytes_tx`).
+    pub datagrams_tx: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -50,6 +50,8 @@ pub struct ServiceState {
     pub replays: AtomicU64,
     /// Connections that no backend took at first and waited for one (`queue_timeout`).
     pub queued: AtomicU64,
+    /// A UDP service's flows and dropped datagrams (zero for a TCP service).
+    pub udp: UdpStats,
     /// Seconds a connection lived; registered once, recorded per closed connection.
     pub conn_duration: metrics::Histogram,
     /// Seconds a successful connect took.
@@ -75,8 +77,31 @@ impl ServiceState {
             hedged_connects: AtomicU64::new(0),
             replays: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            udp: UdpStats::default(),
         }
     }
+}
+
+/// Counters of a `protocol = "udp"` service, kept by its listener tasks (atomics: the
+/// exporter reads them at scrape time).
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Set by the control plane while the service is a UDP one: its UDP series exist.
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// Flows open now.
+    pub flows: AtomicU64,
+    /// Flows opened.
+    pub flows_total: AtomicU64,
+    /// Datagrams that would have opened a flow past `max_flows`.
+    pub dropped_max_flows: AtomicU64,
+    /// Datagrams that would have opened a flow while no backend was usable.
+    pub dropped_no_backend: AtomicU64,
+    /// Datagrams a send could not take (socket buffer full, a local error) either way.
+    pub dropped_send: AtomicU64,
+    /// Datagrams longer than the 64 KiB receive buffer (cut short by the kernel).
+    pub dropped_truncated: AtomicU64,
+    /// Flows a backend refused (ICMP port unreachable) and that moved to another backend.
+    pub moved: AtomicU64,
 }
 
 /// One service in one table generation.

@@ -563,11 +563,11 @@ pub fn take_over(from: Predecessor) -> io::Result<Option<Takeover>> {
                     )));
                 }
                 received += fds.len();
-                let items: Vec<(SocketAddr, OwnedFd)> = keys
+                let items: Vec<(sockets::Kind, SocketAddr, OwnedFd)> = keys
                     .iter()
                     .zip(fds)
                     .filter_map(|(k, fd)| match sockets::parse_key(k) {
-                        Some((_, addr)) => Some((addr, fd)),
+                        Some((kind, addr)) => Some((kind, addr, fd)),
                         None => {
                             tracing::warn!(key = %k, "upgrade: a listener of a kind this version does not serve was closed");
                             None

@@ -19,6 +19,8 @@ pub enum Kind {
     Tcp,
     /// The admin API's.
     Admin,
+    /// A UDP service's socket.
+    Udp,
 }
 
 impl Kind {
@@ -26,6 +28,7 @@ impl Kind {
         match self {
             Kind::Tcp => "tcp",
             Kind::Admin => "admin",
+            Kind::Udp => "udp",
         }
     }
 }
@@ -41,6 +44,7 @@ pub fn parse_key(k: &str) -> Option<(Kind, SocketAddr)> {
     let kind = match kind {
         "tcp" => Kind::Tcp,
         "admin" => Kind::Admin,
+        "udp" => Kind::Udp,
         _ => return None,
     };
     Some((kind, addr.parse().ok()?))
@@ -56,7 +60,9 @@ struct Served {
 
 static SERVED: Mutex<Vec<Served>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-static INHERITED: Mutex<Vec<(SocketAddr, OwnedFd)>> = Mutex::new(Vec::new());
+/// Received from a predecessor, by whether they are UDP sockets (a TCP and a UDP listener
+/// may share an address) and address.
+static INHERITED: Mutex<Vec<(bool, SocketAddr, OwnedFd)>> = Mutex::new(Vec::new());
 /// Listeners taken from a predecessor (`meshd_inherited_listeners`).
 pub static INHERITED_TAKEN: AtomicU64 = AtomicU64::new(0);
 
@@ -91,8 +97,8 @@ pub fn served() -> io::Result<Vec<(String, OwnedFd)>> {
 }
 
 /// Keeps the listeners received from a predecessor until a bind asks for their address.
-pub fn inherit(items: Vec<(SocketAddr, OwnedFd)>) {
-    lock(&INHERITED).extend(items);
+pub fn inherit(items: Vec<(Kind, SocketAddr, OwnedFd)>) {
+    lock(&INHERITED).extend(items.into_iter().map(|(k, a, fd)| (k == Kind::Udp, a, fd)));
 }
 
 /// The inherited listener for `addr`, if there is one: checked to be a listening TCP
@@ -100,12 +106,36 @@ pub fn inherit(items: Vec<(SocketAddr, OwnedFd)>) {
 /// fails a check is closed and the error returned (the caller then binds, which fails
 /// while the predecessor holds the address: a clear error instead of a wrong socket).
 pub fn take(addr: SocketAddr, backlog: u32) -> Option<io::Result<std::net::TcpListener>> {
-    let fd = {
-        let mut pool = lock(&INHERITED);
-        let i = pool.iter().position(|(a, _)| *a == addr)?;
-        pool.swap_remove(i).1
-    };
+    let fd = claim(false, addr)?;
     Some(adopt(fd, addr, backlog))
+}
+
+fn claim(udp: bool, addr: SocketAddr) -> Option<OwnedFd> {
+    let mut pool = lock(&INHERITED);
+    let i = pool.iter().position(|(u, a, _)| *u == udp && *a == addr)?;
+    Some(pool.swap_remove(i).2)
+}
+
+/// The inherited UDP socket for `addr`, if there is one: checked to be a datagram socket
+/// bound to exactly `addr`, non-blocking (it keeps the options its first owner set,
+/// `IP_PKTINFO` among them). A descriptor that fails a check is closed and the error
+/// returned, as for [`take`].
+pub fn take_udp(addr: SocketAddr) -> Option<io::Result<std::net::UdpSocket>> {
+    let fd = claim(true, addr)?;
+    let adopt = || -> io::Result<std::net::UdpSocket> {
+        let s = socket2::Socket::from(fd);
+        let bad = |what: &str| io::Error::other(format!("inherited UDP socket for {addr}: {what}"));
+        if s.r#type()? != socket2::Type::DGRAM {
+            return Err(bad("not a datagram socket"));
+        }
+        if s.local_addr()?.as_socket() != Some(addr) {
+            return Err(bad("bound to another address"));
+        }
+        s.set_nonblocking(true)?;
+        INHERITED_TAKEN.fetch_add(1, Ordering::Relaxed);
+        Ok(s.into())
+    };
+    Some(adopt())
 }
 
 fn adopt(fd: OwnedFd, addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -150,7 +180,7 @@ fn adopt(fd: OwnedFd, addr: SocketAddr, backlog: u32) -> io::Result<std::net::Tc
 pub fn close_unclaimed() -> Vec<SocketAddr> {
     std::mem::take(&mut *lock(&INHERITED))
         .into_iter()
-        .map(|(a, _)| a)
+        .map(|(_, a, _)| a)
         .collect()
 }
 
@@ -169,7 +199,8 @@ mod tests {
         let a: SocketAddr = "[::1]:8080".parse().unwrap();
         assert_eq!(parse_key(&key(Kind::Tcp, a)), Some((Kind::Tcp, a)));
         assert_eq!(parse_key(&key(Kind::Admin, a)), Some((Kind::Admin, a)));
-        assert_eq!(parse_key("udp/127.0.0.1:53"), None);
+        assert_eq!(parse_key(&key(Kind::Udp, a)), Some((Kind::Udp, a)));
+        assert_eq!(parse_key("sctp/127.0.0.1:53"), None);
         assert_eq!(parse_key("tcp/nonsense"), None);
     }
 
@@ -181,7 +212,7 @@ mod tests {
         let _c = std::net::TcpStream::connect(addr).unwrap();
         let dup = l.as_fd().try_clone_to_owned().unwrap();
         drop(l);
-        inherit(vec![(addr, dup)]);
+        inherit(vec![(Kind::Tcp, addr, dup)]);
         let got = take(addr, 64).unwrap().unwrap();
         got.set_nonblocking(false).unwrap();
         assert!(got.accept().is_ok());
@@ -190,7 +221,11 @@ mod tests {
         // A descriptor bound elsewhere is refused.
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let want: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        inherit(vec![(want, other.as_fd().try_clone_to_owned().unwrap())]);
+        inherit(vec![(
+            Kind::Tcp,
+            want,
+            other.as_fd().try_clone_to_owned().unwrap(),
+        )]);
         assert!(take(want, 64).unwrap().is_err());
     }
 }

@@ -324,6 +324,7 @@ impl Manager {
             token: arc_swap::ArcSwapOption::from(Some(Arc::new(token.to_owned()))),
             ready: std::sync::atomic::AtomicBool::new(true),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            accepting: std::sync::atomic::AtomicBool::new(true),
             metrics: None,
             feed: Some(feed_rx),
             upgrades: Arc::new(crate::upgrade::Upgrades {
