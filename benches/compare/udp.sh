@@ -16,7 +16,8 @@
 #   OUT_DIR=bench-out  the raw dnsperf outputs and a udp.tsv table go there
 #
 # Needs dnsmasq, dnsperf, nginx and its stream module (Debian: dnsmasq-base, dnsperf,
-# nginx-light, libnginx-mod-stream); says which is missing and exits 1 otherwise. Every
+# nginx-light, libnginx-mod-stream); as root it installs what is missing (not with
+# NO_INSTALL=1), otherwise it says which is missing and exits 1. Every
 # process started here is stopped on every exit path; everything is bounded in time.
 set -euo pipefail
 
@@ -37,8 +38,20 @@ missing=()
 command -v dnsperf >/dev/null || missing+=(dnsperf)
 [[ -x "$NGINX" ]] || missing+=(nginx-light)
 [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || missing+=(libnginx-mod-stream)
+if (( ${#missing[@]} )) && [[ -z "${NO_INSTALL:-}" ]] && [[ $(id -u) -eq 0 ]]; then
+  echo "udp.sh: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+  missing=()
+  [[ -x "$(command -v dnsmasq || echo /usr/sbin/dnsmasq)" ]] || missing+=(dnsmasq-base)
+  command -v dnsperf >/dev/null || missing+=(dnsperf)
+  [[ -x "$(command -v nginx || echo /usr/sbin/nginx)" ]] || missing+=(nginx-light)
+  [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || missing+=(libnginx-mod-stream)
+  DNSMASQ="$(command -v dnsmasq || echo /usr/sbin/dnsmasq)"
+  NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+fi
 if (( ${#missing[@]} )); then
-  echo "udp.sh: missing: ${missing[*]} (apt-get install ${missing[*]})" >&2
+  echo "udp.sh: missing: ${missing[*]} (apt-get install ${missing[*]}; as root this script installs them unless NO_INSTALL=1)" >&2
   exit 1
 fi
 if [[ ! -x "$MESHD" ]]; then
