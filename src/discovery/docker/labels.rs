@@ -1,12 +1,12 @@
 //! `mesh.*` service labels -> mesh services.
 //!
 //! A Swarm service opts in with `mesh.publish=PUBLISHED:TARGET` (several pairs
-//! comma-separated: one mesh service per pair). The other labels override the `[defaults]`
-//! template:
+//! comma-separated: one mesh service per pair; `/udp` after a pair makes it a UDP service,
+//! `/tcp` is the default). The other labels override the `[defaults]` template:
 //!
 //! | label | value | default |
 //! | --- | --- | --- |
-//! | `mesh.publish` | `8080:80` or `8080:80,8443:443` | (required: the opt-in) |
+//! | `mesh.publish` | `8080:80`, `8080:80,8443:443`, `53:53/udp`, `53:53,53:53/udp` | (required: the opt-in) |
 //! | `mesh.balance` | `round_robin`, `least_conn`, `p2c`, `maglev` | `[defaults] balance` |
 //! | `mesh.health` | `none`, `tcp`, `http` | `[defaults.health] check` |
 //! | `mesh.health.path` | `/healthz` (needs `mesh.health=http`, or http as the default) | `[defaults.health] path` |
@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::config::limits::{self, BALANCES, CHECKS, MAX_NAME, PROXY_PROTOCOLS};
-use crate::config::{Balance, CheckKind, ProxyProtocol, ServiceConfig};
+use crate::config::{Balance, CheckKind, Protocol, ProxyProtocol, ServiceConfig};
 
 pub const PUBLISH: &str = "mesh.publish";
 pub const BALANCE: &str = "mesh.balance";
@@ -65,8 +65,9 @@ pub struct LabelError {
 /// A Swarm service's parsed `mesh.*` labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshLabels {
-    /// (published, target) pairs, in label order, published ports unique.
-    pub ports: Vec<(u16, u16)>,
+    /// (published, target, protocol), in label order; a published port appears once per
+    /// protocol.
+    pub ports: Vec<(u16, u16, Protocol)>,
     pub listen_ip: IpAddr,
     /// `mesh.network`: the network (name or ID) to reach the tasks on.
     pub network: Option<String>,
@@ -236,11 +237,11 @@ pub fn services(
     }
     let several = labels.ports.len() > 1;
     let mut out = Vec::with_capacity(labels.ports.len());
-    for &(published, target) in &labels.ports {
-        let name = if several {
-            format!("{service}-{published}")
-        } else {
-            service.to_owned()
+    for &(published, target, protocol) in &labels.ports {
+        let name = match (several, protocol) {
+            (false, _) => service.to_owned(),
+            (true, Protocol::Tcp) => format!("{service}-{published}"),
+            (true, Protocol::Udp) => format!("{service}-{published}-udp"),
         };
         if limits::service_name(&name).is_err() {
             return Err(err(
@@ -248,7 +249,10 @@ pub fn services(
                 labels
                     .ports
                     .iter()
-                    .map(|(p, t)| format!("{p}:{t}"))
+                    .map(|(p, t, proto)| match proto {
+                        Protocol::Tcp => format!("{p}:{t}"),
+                        Protocol::Udp => format!("{p}:{t}/udp"),
+                    })
                     .collect::<Vec<_>>()
                     .join(","),
                 format!(
@@ -260,27 +264,111 @@ pub fn services(
         let mut config = template.clone();
         config.name = name;
         config.listen = vec![SocketAddr::new(labels.listen_ip, published)];
+        if protocol == Protocol::Udp {
+            udp(&mut config, labels)
+                .map_err(|(label, problem)| err(label, labels_value(labels, label), problem))?;
+        }
         out.push(MeshService { config, target });
     }
     Ok(out)
 }
 
-fn parse_ports(s: &str) -> Result<Vec<(u16, u16)>, String> {
-    const EXPECTED: &str =
-        "expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443)";
+/// Turns a TCP template into the UDP service of a `/udp` pair: the health check is the
+/// label's (`none` or `tcp`) or none (`[defaults.health] check` is for TCP services, as
+/// in mesh.toml); PROXY protocol either way is TCP's. The error is (label, problem).
+fn udp(config: &mut ServiceConfig, labels: &MeshLabels) -> Result<(), (&'static str, String)> {
+    config.protocol = Protocol::Udp;
+    config.health.check = match labels.check {
+        None => CheckKind::None,
+        Some(k) if limits::UDP_CHECKS.contains(&k) => k,
+        Some(k) => {
+            return Err((
+                HEALTH,
+                format!(
+                    "health check {:?} cannot check a UDP service (a /udp port in mesh.publish): \
+                     use tcp or none",
+                    k.name()
+                ),
+            ))
+        }
+    };
+    if labels
+        .proxy_protocol
+        .is_some_and(|p| p != ProxyProtocol::Off)
+    {
+        return Err((
+            PROXY_PROTOCOL,
+            "PROXY protocol is for TCP: a /udp port in mesh.publish cannot send it".into(),
+        ));
+    }
+    config.proxy_protocol = ProxyProtocol::Off;
+    if labels.accept_proxy.as_ref().is_some_and(|a| !a.is_empty()) {
+        return Err((
+            ACCEPT_PROXY,
+            "PROXY protocol is for TCP: a /udp port in mesh.publish cannot accept it".into(),
+        ));
+    }
+    config.accept_proxy.clear();
+    Ok(())
+}
+
+/// How a label error shows the label's value (`MeshLabels` keeps parsed values).
+fn labels_value(labels: &MeshLabels, label: &str) -> String {
+    match label {
+        HEALTH => labels
+            .check
+            .map(|k| k.name().to_owned())
+            .unwrap_or_default(),
+        PROXY_PROTOCOL => labels
+            .proxy_protocol
+            .map(|p| format!("{p:?}").to_lowercase())
+            .unwrap_or_default(),
+        ACCEPT_PROXY => labels
+            .accept_proxy
+            .as_ref()
+            .map(|a| {
+                a.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+fn parse_ports(s: &str) -> Result<Vec<(u16, u16, Protocol)>, String> {
+    const EXPECTED: &str = "expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: \
+                            8080:80,8443:443; UDP: 53:53/udp)";
     let port = |p: &str| p.trim().parse::<u16>().ok().filter(|&p| p != 0);
-    let mut out: Vec<(u16, u16)> = Vec::new();
+    let mut out: Vec<(u16, u16, Protocol)> = Vec::new();
     for pair in s.split(',') {
+        let (pair, protocol) = match pair.trim().rsplit_once('/') {
+            None => (pair, Protocol::Tcp),
+            Some((p, proto)) => match proto.trim().to_ascii_lowercase().as_str() {
+                "tcp" => (p, Protocol::Tcp),
+                "udp" => (p, Protocol::Udp),
+                _ => {
+                    return Err(format!(
+                        "{:?} after a port pair: expected /tcp or /udp",
+                        proto.trim()
+                    ))
+                }
+            },
+        };
         let (published, target) = pair
             .split_once(':')
             .and_then(|(a, b)| Some((port(a)?, port(b)?)))
             .ok_or_else(|| EXPECTED.to_owned())?;
-        if out.iter().any(|(p, _)| *p == published) {
+        if out
+            .iter()
+            .any(|(p, _, proto)| *p == published && *proto == protocol)
+        {
             return Err(format!(
                 "published port {published} is listed twice: publish each port once"
             ));
         }
-        out.push((published, target));
+        out.push((published, target, protocol));
     }
     Ok(out)
 }
@@ -430,7 +518,7 @@ mod tests {
             ),
             (
                 &[("mesh.publish", "80:abc")],
-                r#"service "web": label mesh.publish="80:abc": expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443)"#,
+                r#"service "web": label mesh.publish="80:abc": expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443; UDP: 53:53/udp)"#,
             ),
             (
                 &[("mesh.publish", "8080")],
@@ -519,5 +607,87 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(services(&name, &m, &defaults()).is_ok());
+    }
+
+    #[test]
+    fn a_udp_pair_is_a_udp_service_beside_the_tcp_one_on_the_same_port() {
+        let mut d = defaults();
+        d.health.check = CheckKind::Http;
+        d.proxy_protocol = ProxyProtocol::V2;
+        let m = parse("dns", &labels(&[("mesh.publish", "53:53, 53:53/UDP")]))
+            .unwrap()
+            .unwrap();
+        let s = services("dns", &m, &d).unwrap();
+        let got: Vec<(&str, Protocol, CheckKind, ProxyProtocol)> = s
+            .iter()
+            .map(|s| {
+                (
+                    s.config.name.as_str(),
+                    s.config.protocol,
+                    s.config.health.check,
+                    s.config.proxy_protocol,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("dns-53", Protocol::Tcp, CheckKind::Http, ProxyProtocol::V2),
+                // [defaults.health] check and proxy_protocol are TCP's, as in mesh.toml.
+                (
+                    "dns-53-udp",
+                    Protocol::Udp,
+                    CheckKind::None,
+                    ProxyProtocol::Off
+                ),
+            ]
+        );
+        assert_eq!(s[1].target, 53);
+        assert_eq!(s[1].config.listen, vec!["0.0.0.0:53".parse().unwrap()]);
+
+        // One UDP pair keeps the Swarm name; a tcp check may be asked for.
+        let m = parse(
+            "dns",
+            &labels(&[("mesh.publish", "5353:53/udp"), ("mesh.health", "tcp")]),
+        )
+        .unwrap()
+        .unwrap();
+        let s = services("dns", &m, &d).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].config.name, "dns");
+        assert_eq!(s[0].config.protocol, Protocol::Udp);
+        assert_eq!(s[0].config.health.check, CheckKind::Tcp);
+    }
+
+    #[test]
+    fn udp_pairs_refuse_what_udp_cannot_do() {
+        for (pairs, want) in [
+            (
+                &[("mesh.publish", "53:53/sctp")][..],
+                r#"label mesh.publish="53:53/sctp": "sctp" after a port pair: expected /tcp or /udp"#,
+            ),
+            (
+                &[("mesh.publish", "53:53/udp,53:54/udp")][..],
+                "published port 53 is listed twice",
+            ),
+            (
+                &[("mesh.publish", "53:53/udp"), ("mesh.health", "http")][..],
+                r#"label mesh.health="http": health check "http" cannot check a UDP service"#,
+            ),
+            (
+                &[("mesh.publish", "53:53/udp"), ("mesh.proxy_protocol", "v1")][..],
+                "PROXY protocol is for TCP: a /udp port in mesh.publish cannot send it",
+            ),
+            (
+                &[
+                    ("mesh.publish", "53:53/udp"),
+                    ("mesh.accept_proxy", "10.0.0.0/8"),
+                ][..],
+                r#"label mesh.accept_proxy="10.0.0.0/8": PROXY protocol is for TCP"#,
+            ),
+        ] {
+            let e = err(pairs);
+            assert!(e.contains(want), "{pairs:?}: {e}");
+        }
     }
 }

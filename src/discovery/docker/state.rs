@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use super::api::{NetworkAttachment, Node, Service, Task};
 use super::labels::{self, LabelError};
-use crate::config::{defaults, BackendConfig, ServiceConfig, TaskAddress};
+use crate::config::{defaults, BackendConfig, Protocol, ServiceConfig, TaskAddress};
 
 /// How many retired task IDs are remembered (oldest forgotten first). Swarm keeps 5 old
 /// tasks per slot by default; this covers thousands of slots' worth of churn, far longer
@@ -268,7 +268,12 @@ impl Tracker {
                 let mut addrs: BTreeMap<SocketAddr, Arc<str>> = BTreeMap::new();
                 let mut unreachable = 0usize;
                 for r in &reach {
-                    match r.dial(self.address, m.target, overlay_is_a_guess) {
+                    match r.dial(
+                        self.address,
+                        m.target,
+                        m.config.protocol,
+                        overlay_is_a_guess,
+                    ) {
                         Some(a) => {
                             addrs
                                 .entry(a)
@@ -399,22 +404,34 @@ struct Reach<'t> {
 
 impl Reach<'_> {
     /// Where to dial the task's `target` port, per `[discovery.docker] address`.
-    fn dial(&self, mode: TaskAddress, target: u16, overlay_is_a_guess: bool) -> Option<SocketAddr> {
+    fn dial(
+        &self,
+        mode: TaskAddress,
+        target: u16,
+        protocol: Protocol,
+        overlay_is_a_guess: bool,
+    ) -> Option<SocketAddr> {
         let overlay = self.overlay.map(|ip| SocketAddr::new(ip, target));
+        let host = || self.host_port(target, protocol);
         match mode {
             TaskAddress::Overlay => overlay,
-            TaskAddress::HostPort => self.host_port(target),
-            TaskAddress::Auto if overlay_is_a_guess => self.host_port(target).or(overlay),
-            TaskAddress::Auto => overlay.or_else(|| self.host_port(target)),
+            TaskAddress::HostPort => host(),
+            TaskAddress::Auto if overlay_is_a_guess => host().or(overlay),
+            TaskAddress::Auto => overlay.or_else(host),
         }
     }
 
-    /// `NodeAddr:PublishedPort` of the task's host-mode TCP publish of `target`.
-    fn host_port(&self, target: u16) -> Option<SocketAddr> {
+    /// `NodeAddr:PublishedPort` of the task's host-mode publish of `target` over
+    /// `protocol` (a service may publish 53/tcp and 53/udp on different node ports).
+    fn host_port(&self, target: u16, protocol: Protocol) -> Option<SocketAddr> {
         let node = self.node?;
+        let want = match protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
         let p = self.task.status.port_status.ports.iter().find(|p| {
             p.publish_mode == "host"
-                && p.protocol.eq_ignore_ascii_case("tcp")
+                && p.protocol.eq_ignore_ascii_case(want)
                 && p.target_port == u32::from(target)
         })?;
         let port = u16::try_from(p.published_port).ok().filter(|&p| p != 0)?;
@@ -1074,7 +1091,7 @@ mod tests {
         assert_eq!(
             out.warnings,
             [
-                r#"service "web": label mesh.publish="80:abc": expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443); service skipped"#
+                r#"service "web": label mesh.publish="80:abc": expected PUBLISHED:TARGET ports, e.g. 8080:80 (several: 8080:80,8443:443; UDP: 53:53/udp); service skipped"#
             ]
         );
         // Unlabelled services are ignored.
