@@ -74,7 +74,9 @@ enum Cmd {
     Backend {
         #[arg(long)]
         listen: std::net::SocketAddr,
-        #[arg(long, default_value = "backend")]
+        /// The name it answers with (also from MESHD_BACKEND_NAME: a Swarm service can give
+        /// each task its own with `--env MESHD_BACKEND_NAME=t{{.Task.Slot}}`).
+        #[arg(long, env = "MESHD_BACKEND_NAME", default_value = "backend")]
         name: String,
         #[arg(long, value_enum, default_value = "http")]
         mode: BackendMode,

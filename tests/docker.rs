@@ -1829,3 +1829,149 @@ fn swarm_meshd_on_the_host_network_updates_itself_start_first() {
     );
     assert_eq!(started_at(admin), before, "meshd was not restarted");
 }
+
+/// One datagram to `to` from a fresh socket (a new flow); the answer, if any in 2 s.
+fn udp_ask(to: SocketAddr, q: &str) -> Option<String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.send_to(q.as_bytes(), to).ok()?;
+    let mut b = [0u8; 2048];
+    let (n, _) = s.recv_from(&mut b).ok()?;
+    Some(String::from_utf8_lossy(&b[..n]).into_owned())
+}
+
+/// `mesh.publish=5353:53,5353:53/udp` on a Swarm service: meshd makes a TCP and a UDP
+/// service of it; datagrams sent to meshd's published UDP port are answered by the tasks
+/// (`meshd backend --mode udp`, each named by its slot), spread over them; a task added by
+/// scaling gets flows.
+#[test]
+fn swarm_udp_label_publishes_a_udp_service() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut sw) = setup_with("meshudp", false) else {
+        return;
+    };
+    let svc = sw.svc.clone();
+    sw.created.services.push(svc.clone());
+    let net = sw.net.clone();
+    let tag = sw.tag.clone();
+    docker(
+        &[
+            "service",
+            "create",
+            "--quiet",
+            "--detach",
+            "--name",
+            &svc,
+            "--network",
+            &net,
+            "--endpoint-mode",
+            "dnsrr",
+            "--no-resolve-image",
+            "--replicas",
+            "2",
+            "--env",
+            "MESHD_BACKEND_NAME=u{{.Task.Slot}}",
+            "--label",
+            "mesh.publish=5353:53,5353:53/udp",
+            "--label",
+            "mesh.health=none",
+            &tag,
+            "backend",
+            "--listen",
+            "0.0.0.0:53",
+            "--mode",
+            "udp",
+        ],
+        T,
+    );
+
+    let dir = TempDir::new("docker-udp");
+    std::fs::write(dir.0.join("token"), "dockertest\n").expect("token");
+    std::fs::write(
+        dir.0.join("mesh.toml"),
+        format!(
+            "{MESHD_COMMON}\n[discovery.docker]\nendpoint = \"unix:///var/run/docker.sock\"\n\
+             poll_interval = \"500ms\"\n"
+        ),
+    )
+    .expect("config");
+    let (uport, admin_port) = (free_port(), free_port());
+    let target = SocketAddr::from(([127, 0, 0, 1], uport));
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let lb = format!("meshudp-lb-{}", std::process::id());
+    run_meshd(
+        &mut sw,
+        &lb,
+        &dir.0,
+        "mesh.toml",
+        true,
+        &[
+            format!("127.0.0.1:{uport}:5353/udp"),
+            format!("127.0.0.1:{admin_port}:9901"),
+        ],
+    );
+    let udp_svc = format!("{svc}-5353-udp");
+    let tcp_svc = format!("{svc}-5353");
+    let backends = |name: &str| {
+        service_json(admin, name)
+            .and_then(|s| s["backends"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    let ready = wait_until(Duration::from_secs(90).min(sw.budget_left()), || {
+        backends(&udp_svc) == 2
+    });
+    assert!(
+        ready,
+        "meshd has no UDP service {udp_svc} with 2 backends; services: {}\ntasks:\n{}\nlog:\n{}",
+        admin_json(admin).map(|v| v.to_string()).unwrap_or_default(),
+        docker_out(&["service", "ps", "--no-trunc", &svc], T).stdout,
+        tail(&container_logs(&lb), 40)
+    );
+    let udp = service_json(admin, &udp_svc).expect("the UDP service");
+    let tcp = service_json(admin, &tcp_svc).expect("the TCP service of the same port");
+    assert_eq!(udp["protocol"], "udp", "{udp}");
+    assert_eq!(tcp["protocol"], "tcp", "{tcp}");
+    println!(
+        "ready: {udp_svc} (udp) and {tcp_svc} (tcp) with 2 tasks each after {:.1}s",
+        sw.start.elapsed().as_secs_f64()
+    );
+
+    // Datagrams from 200 client sockets (200 flows): each answered by a task, both used.
+    let mut by_task: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut lost = 0;
+    for i in 0..200 {
+        let q = format!("q{i}");
+        match udp_ask(target, &q) {
+            Some(a) => {
+                let (who, echoed) = a.split_once(' ').unwrap_or(("?", ""));
+                assert_eq!(echoed, q, "answer {a:?} to {q:?}");
+                *by_task.entry(who.to_string()).or_default() += 1;
+            }
+            None => lost += 1,
+        }
+    }
+    println!("200 datagrams through meshd: lost {lost}, answered by {by_task:?}");
+    assert!(lost <= 2, "{lost} of 200 datagrams unanswered");
+    assert_eq!(
+        by_task.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["u1", "u2"],
+        "both tasks answer"
+    );
+
+    // Scaled to 3: the new task gets flows.
+    docker(&["service", "scale", "--detach", &format!("{svc}=3")], T);
+    let third = wait_until(Duration::from_secs(90).min(sw.budget_left()), || {
+        backends(&udp_svc) == 3
+            && (0..30)
+                .any(|i| udp_ask(target, &format!("s{i}")).is_some_and(|a| a.starts_with("u3 ")))
+    });
+    assert!(
+        third,
+        "the third task never answered; log:\n{}",
+        tail(&container_logs(&lb), 40)
+    );
+    println!(
+        "scaled to 3: u3 answers {:.1}s after start",
+        sw.start.elapsed().as_secs_f64()
+    );
+}

@@ -27,6 +27,9 @@ use tokio_util::task::TaskTracker;
 pub enum BackendMode {
     Http,
     Echo,
+    /// UDP: every datagram is answered with the backend's name, a space, and the
+    /// datagram (the Docker tests' UDP task).
+    Udp,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,9 @@ pub async fn run(opts: BackendOpts) -> anyhow::Result<()> {
             _ = int.recv() => return Ok(()),
         }
     }
+    if opts.mode == BackendMode::Udp {
+        return udp(&opts, term, int).await;
+    }
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|e| anyhow::anyhow!("backend: cannot listen on {}: {e}", opts.listen))?;
@@ -70,6 +76,7 @@ pub async fn run(opts: BackendOpts) -> anyhow::Result<()> {
             BackendMode::Echo => {
                 tracker.spawn(echo(sock));
             }
+            BackendMode::Udp => unreachable!("served by udp()"),
             BackendMode::Http => {
                 tracker.spawn(http_conn(
                     sock,
@@ -86,6 +93,34 @@ pub async fn run(opts: BackendOpts) -> anyhow::Result<()> {
     tracker.close();
     let _ = tokio::time::timeout(opts.grace, tracker.wait()).await;
     Ok(())
+}
+
+/// `--mode udp`: answers each datagram with `NAME ` and the datagram, until SIGTERM.
+async fn udp(
+    opts: &BackendOpts,
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    let sock = tokio::net::UdpSocket::bind(opts.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("backend: cannot bind UDP {}: {e}", opts.listen))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(64 * 1024 + opts.name.len() + 1);
+    loop {
+        let (n, from) = tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+        };
+        out.clear();
+        out.extend_from_slice(opts.name.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(&buf[..n]);
+        let _ = sock.send_to(&out, from).await;
+    }
 }
 
 async fn echo(mut sock: TcpStream) {

@@ -130,20 +130,32 @@ pub struct WireService {
     /// still reads every service that does not use it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept_proxy: Vec<String>,
-    #[serde(default = "wire_client_hello_timeout_ms")]
+    /// Like every key added after the first release, sent only when it is not the
+    /// default: a follower older than its manager (it refuses unknown keys) still reads
+    /// every service that does not use what it does not know.
+    #[serde(
+        default = "wire_client_hello_timeout_ms",
+        skip_serializing_if = "is_default_client_hello_timeout"
+    )]
     pub client_hello_timeout_ms: u64,
     pub backlog: u32,
     pub health: WireHealth,
     pub backends: Vec<WireBackend>,
     /// `tcp` or `udp`; the UDP keys below. Added with UDP services: absent from an older
     /// manager's feed (its services are all TCP), so defaulted.
-    #[serde(default = "wire_protocol")]
+    #[serde(default = "wire_protocol", skip_serializing_if = "is_tcp")]
     pub protocol: String,
-    #[serde(default = "wire_udp_idle_timeout_ms")]
+    #[serde(
+        default = "wire_udp_idle_timeout_ms",
+        skip_serializing_if = "is_default_udp_idle_timeout"
+    )]
     pub udp_idle_timeout_ms: u64,
-    #[serde(default = "wire_max_flows")]
+    #[serde(
+        default = "wire_max_flows",
+        skip_serializing_if = "is_default_max_flows"
+    )]
     pub max_flows: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub udp_responses: u32,
 }
 
@@ -203,6 +215,26 @@ fn wire_hedge_delay_ms() -> u64 {
 
 fn wire_queue_timeout_ms() -> u64 {
     ms(defaults::QUEUE_TIMEOUT)
+}
+
+fn is_default_client_hello_timeout(v: &u64) -> bool {
+    *v == wire_client_hello_timeout_ms()
+}
+
+fn is_tcp(v: &str) -> bool {
+    v == Protocol::Tcp.name()
+}
+
+fn is_default_udp_idle_timeout(v: &u64) -> bool {
+    *v == wire_udp_idle_timeout_ms()
+}
+
+fn is_default_max_flows(v: &u32) -> bool {
+    *v == wire_max_flows()
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 fn wire_client_hello_timeout_ms() -> u64 {
@@ -517,6 +549,30 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         let (back, warnings) = services_from_wire(services).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(back, vec![s]);
+    }
+
+    /// A service using nothing added since the first release is written with the first
+    /// release's keys only: a follower older than its manager (it refuses unknown keys)
+    /// reads it as before, so managers can be upgraded before workers.
+    #[test]
+    fn a_service_with_default_new_keys_is_written_as_an_older_follower_reads_it() {
+        let text = serde_json::to_string(&WireService::from_config(&service())).unwrap();
+        for key in [
+            "client_hello_timeout_ms",
+            "accept_proxy",
+            "protocol",
+            "udp_idle_timeout_ms",
+            "max_flows",
+            "udp_responses",
+        ] {
+            assert!(!text.contains(&format!("\"{key}\"")), "{key} on the wire: {text}");
+        }
+        let mut udp = service();
+        udp.protocol = crate::config::Protocol::Udp;
+        udp.udp.responses = 1;
+        let text = serde_json::to_string(&WireService::from_config(&udp)).unwrap();
+        assert!(text.contains(r#""protocol":"udp""#), "{text}");
+        assert!(text.contains(r#""udp_responses":1"#), "{text}");
     }
 
     #[test]
