@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # DNS over UDP, queries per second: a client (dnsperf) straight to a DNS server (direct),
 # through meshd (protocol = "udp", udp_responses = 1), and through nginx `stream` (`listen
-# ... udp`, proxy_responses 1), on loopback. See docs/BENCHMARKS.md, "UDP (DNS)".
+# ... udp`, proxy_responses 1), on loopback; with the CPU time per query of the process in
+# the middle (meshd, nginx with its workers; dnsmasq itself for direct), from /proc. See
+# docs/BENCHMARKS.md, "UDP (DNS)".
 #
 #   benches/compare/udp.sh                  # 3 rounds x 5 s per target; medians
 #   DUR=2 ROUNDS=1 benches/compare/udp.sh   # smoke run
@@ -137,6 +139,19 @@ stream {
 EOF
 "$NGINX" -c "$WORK/nginx.conf" -e "$WORK/nginx.log" &
 PIDS+=($!)
+NGINX_PID=$!
+MESHD_PID=${PIDS[1]}
+DNSMASQ_PID=${PIDS[0]}
+
+# CPU time (ms) of a process and its children (nginx's workers), from /proc.
+cpu_ms() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    [[ -r /proc/$p/stat ]] || continue
+    total=$((total + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
+  done
+  echo $((total * 1000 / $(getconf CLK_TCK)))
+}
 
 declare -A PORT=([direct]="$BACKEND_PORT" [meshd]="$MESHD_PORT" [nginx]="$NGINX_PORT")
 declare -A SERVER=([direct]=127.0.0.2 [meshd]=127.0.0.1 [nginx]=127.0.0.1)
@@ -151,28 +166,37 @@ for t in direct meshd nginx; do
   fi
 done
 
-declare -A QPS LOST LAT
+declare -A QPS LOST LAT CPU
+declare -A PROXY_PID=([direct]="$DNSMASQ_PID" [meshd]="$MESHD_PID" [nginx]="$NGINX_PID")
 for r in $(seq "$ROUNDS"); do
   for t in direct meshd nginx; do
     out="$OUT_DIR/udp-$t-$r.txt"
+    c0="$(cpu_ms "${PROXY_PID[$t]}")"
     timeout $((DUR + 30)) dnsperf -s "${SERVER[$t]}" -p "${PORT[$t]}" -d "$WORK/q.txt" \
       -c "$CLIENTS" -q "$OUTSTANDING" -l "$DUR" -t 2 > "$out" 2>&1 || true
+    c1="$(cpu_ms "${PROXY_PID[$t]}")"
     q="$(awk '/Queries per second:/ {print $4}' "$out")"
+    n="$(awk '/Queries completed:/ {print $3}' "$out")"
     lost="$(awk '/Queries lost:/ {print $3}' "$out")"
     lat="$(awk '/Average Latency/ {print $4}' "$out")"
+    # CPU per query of the process in the middle (dnsmasq itself for direct), in µs.
+    cpu="$(echo "($c1 - $c0) * 1000 / (${n:-0} + 0.000001)" | bc -l)"
     QPS[$t]+="${q:-0} "
     LOST[$t]+="${lost:-?} "
     LAT[$t]+="${lat:-0} "
-    echo "round $r $t: ${q:-?} q/s, lost ${lost:-?}, avg latency ${lat:-?} s" >&2
+    CPU[$t]+="$cpu "
+    printf 'round %s %s: %s q/s, lost %s, avg latency %s s, %.2f us CPU per query\n' \
+      "$r" "$t" "${q:-?}" "${lost:-?}" "${lat:-?}" "$cpu" >&2
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 {
-  printf 'target\tqueries_per_s\tavg_latency_ms\tlost_per_round\n'
+  printf 'target\tqueries_per_s\tavg_latency_ms\tcpu_us_per_query\tlost_per_round\n'
   for t in direct meshd nginx; do
     q="$(echo "${QPS[$t]}" | median)"
     l="$(echo "${LAT[$t]}" | median)"
-    printf '%s\t%.0f\t%.3f\t%s\n' "$t" "$q" "$(echo "$l * 1000" | bc -l)" "${LOST[$t]% }"
+    c="$(echo "${CPU[$t]}" | median)"
+    printf '%s\t%.0f\t%.3f\t%.2f\t%s\n' "$t" "$q" "$(echo "$l * 1000" | bc -l)" "$c" "${LOST[$t]% }"
   done
 } | tee "$OUT_DIR/udp.tsv"
