@@ -69,14 +69,34 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// A port free for TCP and UDP on every address used here (dnsmasq serves both).
+/// A port free for TCP and UDP on every address used here (dnsmasq serves both), taken
+/// below the kernel's ephemeral range: the many client sockets these tests open (each
+/// `bind(:0)` gets an ephemeral port) can then never take it between this pick and the
+/// bind by meshd or dnsmasq (a CI run lost a test to exactly that).
 fn free_udp_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_lo: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u32, ephemeral_lo.max(10_001));
+    // A different start per test process; then consecutive candidates.
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
     loop {
-        let p = free_port();
-        if [1u8, 2, 3]
-            .iter()
-            .all(|&last| UdpSocket::bind((Ipv4Addr::new(127, 0, 0, last), p)).is_ok())
-        {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = (lo + (seed.wrapping_add(k.wrapping_mul(7919))) % (hi - lo)) as u16;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.contains(&p) {
+            continue;
+        }
+        let free = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok()
+            && [1u8, 2, 3]
+                .iter()
+                .all(|&last| UdpSocket::bind((Ipv4Addr::new(127, 0, 0, last), p)).is_ok());
+        if free {
+            given.push(p);
             return p;
         }
     }
