@@ -565,7 +565,10 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
             "max_flows",
             "udp_responses",
         ] {
-            assert!(!text.contains(&format!("\"{key}\"")), "{key} on the wire: {text}");
+            assert!(
+                !text.contains(&format!("\"{key}\"")),
+                "{key} on the wire: {text}"
+            );
         }
         let mut udp = service();
         udp.protocol = crate::config::Protocol::Udp;

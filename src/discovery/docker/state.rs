@@ -249,6 +249,9 @@ impl Tracker {
                 for (owner, c) in &claimed {
                     let clash = if c.name == m.config.name {
                         Some(format!("the mesh service name {:?}", c.name))
+                    } else if c.protocol != m.config.protocol {
+                        // 53/tcp and 53/udp are different ports.
+                        None
                     } else {
                         c.listen
                             .iter()
@@ -1124,6 +1127,35 @@ mod tests {
             ]
         );
         assert!(created_key("2026-01-01T00:00:00.1Z") < created_key("2026-01-01T00:00:00.17Z"));
+    }
+
+    /// `53:53,53:53/udp`: the same published port over both protocols is two services,
+    /// not a clash (the real engine test found the clash).
+    #[test]
+    fn a_port_over_tcp_and_udp_makes_two_services() {
+        let d = defaults();
+        let mut s = snap(fixture!("services.json"), fixture!("tasks-steady.json"));
+        s.services[0]
+            .spec
+            .labels
+            .insert("mesh.publish".into(), "5353:80,5353:80/udp".into());
+        // (The fixture's mesh.health=http cannot check a UDP service: refused with it.)
+        s.services[0].spec.labels.remove("mesh.health");
+        s.services[0].spec.labels.remove("mesh.health.path");
+        let out = Tracker::default().observe(&s, &d, None);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let got: Vec<(&str, Protocol, usize)> = out
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.protocol, s.backends.len()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("meshfix-web-5353", Protocol::Tcp, 3),
+                ("meshfix-web-5353-udp", Protocol::Udp, 3)
+            ]
+        );
     }
 
     #[test]
