@@ -84,24 +84,20 @@ fn one_connection(listen: std::net::SocketAddr) {
     let _ = c.read_to_end(&mut rest);
 }
 
-#[test]
-fn allocations_per_connection_are_the_connections_own_state() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let backend = echo_server();
-    let listen = addr(free_port());
-    let admin = addr(free_port());
-    let dir = common::TempDir::new("alloc");
+/// meshd in this process, on a runtime whose threads count their allocations: `service`
+/// behind an admin API on `admin`, ready. The temp dir holds its mesh.toml.
+fn start_counted(
+    tag: &str,
+    admin: std::net::SocketAddr,
+    service: common::Svc,
+) -> (
+    common::TempDir,
+    tokio::runtime::Runtime,
+    meshd::app::Running,
+) {
+    let dir = common::TempDir::new(tag);
     let path = dir.0.join("mesh.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n{}",
-            common::Svc::new("svc", listen)
-                .backends(&[backend])
-                .set("balance = \"p2c\"")
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, format!("[admin]\nlisten = \"{admin}\"\n{service}")).unwrap();
     let cfg = meshd::config::Config::load(&path).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -116,6 +112,22 @@ fn allocations_per_connection_are_the_connections_own_state() {
     assert!(wait_until(Duration::from_secs(10), || {
         matches!(common::http_get(admin, "/readyz"), Some((200, _)))
     }));
+    (dir, rt, running)
+}
+
+#[test]
+fn allocations_per_connection_are_the_connections_own_state() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let backend = echo_server();
+    let listen = addr(free_port());
+    let admin = addr(free_port());
+    let (_dir, rt, running) = start_counted(
+        "alloc",
+        admin,
+        common::Svc::new("svc", listen)
+            .backends(&[backend])
+            .set("balance = \"p2c\""),
+    );
 
     // Warm up: pools, slabs and the timer wheel reach their working size.
     for _ in 0..2000 {
@@ -168,30 +180,13 @@ fn a_udp_datagram_on_an_existing_flow_allocates_nothing() {
     let backend = udp_echo_server();
     let listen = addr(free_port());
     let admin = addr(free_port());
-    let dir = common::TempDir::new("alloc-udp");
-    let path = dir.0.join("mesh.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[[service]]\nname = \"dns\"\nprotocol = \"udp\"\n\
-             listen = [\"{listen}\"]\nbackends = [\"{backend}\"]\n"
-        ),
-    )
-    .unwrap();
-    let cfg = meshd::config::Config::load(&path).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(|| COUNTED.with(|c| c.set(true)))
-        .build()
-        .unwrap();
-    let running = rt.block_on(async move {
-        let app = meshd::app::App::build(cfg, None).await.unwrap();
-        app.spawn().await.unwrap()
-    });
-    assert!(wait_until(Duration::from_secs(10), || {
-        matches!(common::http_get(admin, "/readyz"), Some((200, _)))
-    }));
+    let (_dir, rt, running) = start_counted(
+        "alloc-udp",
+        admin,
+        common::Svc::new("dns", listen)
+            .backends(&[backend])
+            .set("protocol = \"udp\""),
+    );
     let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     c.connect(listen).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();

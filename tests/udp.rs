@@ -188,13 +188,12 @@ fn ask(to: SocketAddr, id: u16) -> Option<Ipv4Addr> {
 }
 
 fn udp_service(name: &str, listen: SocketAddr, backends: &[SocketAddr], extra: &str) -> String {
-    let b: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\nprotocol = \"udp\"\nlisten = [\"{listen}\"]\n\
-         backends = [{}]\nbalance = \"round_robin\"\n{extra}\n\
-         [service.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n\n",
-        b.join(", ")
-    )
+    Svc::new(name, listen)
+        .backends(backends)
+        .set("protocol = \"udp\"\nbalance = \"round_robin\"")
+        .set(extra)
+        .health("check = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"")
+        .to_string()
 }
 
 fn fds(m: &Meshd) -> usize {
@@ -592,19 +591,7 @@ fn a_reload_adds_and_removes_a_udp_listener() {
 /// The inode of the UDP socket bound to `addr` (from /proc/net/udp): the same inode before
 /// and after an upgrade is the same socket, handed over, never re-bound.
 fn udp_inode(addr: SocketAddr) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/net/udp").ok()?;
-    let SocketAddr::V4(a) = addr else { return None };
-    let want = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(a.ip().octets()),
-        a.port()
-    );
-    text.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(1) == Some(&want.as_str()))
-            .then(|| f.get(9)?.parse().ok())
-            .flatten()
-    })
+    socket_inode("udp", addr, None)
 }
 
 #[test]

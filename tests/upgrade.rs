@@ -75,19 +75,7 @@ fn serving_pid(admin: SocketAddr) -> Option<u32> {
 /// The inode of the socket listening on `addr` (from /proc/net/tcp): the same inode
 /// before and after is the same socket, never re-bound.
 fn listen_inode(addr: SocketAddr) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let SocketAddr::V4(a) = addr else { return None };
-    let want = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(a.ip().octets()),
-        a.port()
-    );
-    text.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A"))
-            .then(|| f.get(9)?.parse().ok())
-            .flatten()
-    })
+    socket_inode("tcp", addr, Some("0A"))
 }
 
 /// `TcpExt: ListenOverflows` from /proc/net/netstat.

@@ -464,3 +464,22 @@ pub fn service_toml(
         .health(health)
         .to_string()
 }
+
+/// The inode of the socket bound to `addr` in `/proc/net/{table}` (`tcp` or `udp`; IPv4),
+/// in socket state `state` when given (`"0A"`: listening): the same inode before and after
+/// an upgrade is the same socket, handed over, never re-bound.
+pub fn socket_inode(table: &str, addr: SocketAddr, state: Option<&str>) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/net/{table}")).ok()?;
+    let SocketAddr::V4(a) = addr else { return None };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    );
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&want.as_str()) && state.is_none_or(|st| f.get(3) == Some(&st)))
+            .then(|| f.get(9)?.parse().ok())
+            .flatten()
+    })
+}
