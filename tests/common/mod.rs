@@ -277,8 +277,13 @@ impl Backend {
             }
             let addr = b.addr;
             let mut exited = || matches!(b.child.try_wait(), Ok(Some(_)));
+            // A connect that reaches itself (the kernel picked the very port as the
+            // client's source: TCP self-connect) proves nothing and holds the port the
+            // backend must bind: only a connection to another socket counts.
             let up = wait_until(Duration::from_secs(10), || {
-                exited() || TcpStream::connect(addr).is_ok()
+                exited()
+                    || TcpStream::connect(addr)
+                        .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
             });
             if exited() {
                 continue;
