@@ -72,6 +72,8 @@ enum Cmd {
     /// Run a demo backend server (used by `meshd demo`, the tests and the images).
     #[command(hide = true)]
     Backend {
+        /// Address to bind; port 0 lets the kernel choose. Once bound, one line
+        /// `listening on ADDR` goes to stdout.
         #[arg(long)]
         listen: std::net::SocketAddr,
         /// The name it answers with (also from MESHD_BACKEND_NAME: a Swarm service can give

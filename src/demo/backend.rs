@@ -59,6 +59,9 @@ pub async fn run(opts: BackendOpts) -> anyhow::Result<()> {
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|e| anyhow::anyhow!("backend: cannot listen on {}: {e}", opts.listen))?;
+    // One line on stdout once bound, like `python3 -m http.server`: with `--listen
+    // 127.0.0.1:0` a caller learns the port the kernel chose and that it is listening.
+    println!("listening on {}", listener.local_addr()?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let name: Arc<str> = opts.name.as_str().into();
@@ -104,6 +107,7 @@ async fn udp(
     let sock = tokio::net::UdpSocket::bind(opts.listen)
         .await
         .map_err(|e| anyhow::anyhow!("backend: cannot bind UDP {}: {e}", opts.listen))?;
+    println!("listening on {}/udp", sock.local_addr()?);
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(64 * 1024 + opts.name.len() + 1);
     loop {

@@ -265,33 +265,43 @@ impl Backend {
         Backend::start(name, "echo", &[])
     }
 
-    /// Starts a backend on a fresh port and waits until it accepts. A port from
-    /// `free_port()` can still be taken (as some connection's source port) before the
-    /// backend binds it; the backend then exits, and another port is tried.
+    /// Starts a backend on a port the kernel picks (`--listen 127.0.0.1:0`) and waits for
+    /// its "listening on ADDR" line: no port is picked here and raced for, and a connect
+    /// that succeeds proves nothing (another socket may hold the port). With
+    /// `--bind-delay` the backend is not listening yet, so it gets a port from
+    /// `free_port()` instead.
     pub fn start(name: &str, mode: &str, extra: &[&str]) -> Backend {
-        let delayed = extra.contains(&"--bind-delay");
-        for _ in 0..5 {
-            let mut b = Backend::spawn_on(free_port(), name, mode, extra);
-            if delayed {
-                return b;
-            }
-            let addr = b.addr;
-            let mut exited = || matches!(b.child.try_wait(), Ok(Some(_)));
-            // A connect that reaches itself (the kernel picked the very port as the
-            // client's source: TCP self-connect) proves nothing and holds the port the
-            // backend must bind: only a connection to another socket counts.
-            let up = wait_until(Duration::from_secs(10), || {
-                exited()
-                    || TcpStream::connect(addr)
-                        .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
-            });
-            if exited() {
-                continue;
-            }
-            assert!(up, "backend {name} did not start");
-            return b;
+        if extra.contains(&"--bind-delay") {
+            return Backend::spawn_on(free_port(), name, mode, extra);
         }
-        panic!("backend {name}: 5 ports in a row were taken before it could bind one");
+        let mut child = Backend::command(addr(0), name, mode, extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn backend");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(out);
+            let mut first = String::new();
+            let _ = std::io::BufRead::read_line(&mut lines, &mut first);
+            let _ = tx.send(first);
+            // Keep the pipe drained (and open) for the backend's life.
+            let _ = std::io::copy(&mut lines, &mut std::io::sink());
+        });
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("backend {name} did not start: first line {line:?}")
+            });
+        Backend {
+            child,
+            addr,
+            name: name.to_string(),
+        }
     }
 
     pub fn spawn_on(port: u16, name: &str, mode: &str, extra: &[&str]) -> Backend {
@@ -299,20 +309,7 @@ impl Backend {
     }
 
     pub fn spawn_on_addr(addr: SocketAddr, name: &str, mode: &str, extra: &[&str]) -> Backend {
-        let child = Command::new(BIN)
-            .args([
-                "backend",
-                "--listen",
-                &addr.to_string(),
-                "--name",
-                name,
-                "--mode",
-                mode,
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = Backend::command(addr, name, mode, extra)
             .spawn()
             .expect("spawn backend");
         Backend {
@@ -320,6 +317,24 @@ impl Backend {
             addr,
             name: name.to_string(),
         }
+    }
+
+    fn command(addr: SocketAddr, name: &str, mode: &str, extra: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args([
+            "backend",
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            name,
+            "--mode",
+            mode,
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        c
     }
 
     pub fn kill(&mut self) {
