@@ -278,7 +278,7 @@ impl Backend {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn backend");
-        let out = child.stdout.take().unwrap();
+        let out = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = std::io::BufReader::new(out);
@@ -394,7 +394,7 @@ pub fn who(addr: SocketAddr) -> Option<String> {
 }
 
 /// The one builder of `[[service]]` tables in the tests: `Svc::new("web", listen)`
-/// `.backends(&[a, b])`, `.weighted(a, 3)`, `.set("drain_timeout = \"1s\"")` (raw lines
+/// `.backends(&[a, b])`, `.weighted(a, 3)`, `.local(&[a])` (`local = true`), `.set("drain_timeout = \"1s\"")` (raw lines
 /// into the service), `.health("check = \"tcp\"")` (the `[service.health]` body; `check =
 /// "none"` unless set). `Display` writes the TOML.
 #[derive(Clone)]
@@ -402,6 +402,8 @@ pub struct Svc {
     name: String,
     listen: Vec<SocketAddr>,
     backends: Vec<(SocketAddr, Option<u32>)>,
+    /// Backends written with `local = true`.
+    locals: Vec<SocketAddr>,
     lines: Vec<String>,
     health: String,
 }
@@ -412,6 +414,7 @@ impl Svc {
             name: name.to_owned(),
             listen: vec![listen],
             backends: Vec::new(),
+            locals: Vec::new(),
             lines: Vec::new(),
             health: "check = \"none\"".to_owned(),
         }
@@ -430,6 +433,13 @@ impl Svc {
 
     pub fn weighted(mut self, addr: SocketAddr, weight: u32) -> Svc {
         self.backends.push((addr, Some(weight)));
+        self
+    }
+
+    /// Backends on this node (`local = true`, for `locality`).
+    pub fn local(mut self, addrs: &[SocketAddr]) -> Svc {
+        self.backends.extend(addrs.iter().map(|a| (*a, None)));
+        self.locals.extend(addrs);
         self
     }
 
@@ -454,9 +464,14 @@ impl std::fmt::Display for Svc {
         let backends: Vec<String> = self
             .backends
             .iter()
-            .map(|(a, w)| match w {
-                Some(w) => format!("{{ addr = \"{a}\", weight = {w} }}"),
-                None => format!("{{ addr = \"{a}\" }}"),
+            .map(|(a, w)| {
+                let weight = w.map(|w| format!(", weight = {w}")).unwrap_or_default();
+                let local = if self.locals.contains(a) {
+                    ", local = true"
+                } else {
+                    ""
+                };
+                format!("{{ addr = \"{a}\"{weight}{local} }}")
             })
             .collect();
         writeln!(f, "[[service]]\nname = \"{}\"", self.name)?;
