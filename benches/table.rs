@@ -37,6 +37,7 @@ fn candidates(n: usize) -> Vec<Candidate> {
             Candidate {
                 backend: Arc::new(Backend::new("web".into(), addr, Health::Up)),
                 weight: 100,
+                local: false,
             }
         })
         .collect()

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use meshd::config::{
     AdminConfig, BackendConfig, Balance, CheckKind, Config, ConfigError, DiscoveryConfig,
-    DnsDiscoveryConfig, DnsTarget, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat,
-    Protocol, ProxyProtocol, ServiceConfig, UdpConfig, UpgradeConfig,
+    DnsDiscoveryConfig, DnsTarget, DockerDiscoveryConfig, HealthConfig, Locality, LogConfig,
+    LogFormat, Protocol, ProxyProtocol, ServiceConfig, UdpConfig, UpgradeConfig,
 };
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -51,7 +51,7 @@ const ERRORS: &[(&str, &str)] = &[
     (
         "[[service]]\nname = \"web\"\nlistn = [\"0.0.0.0:8080\"]\n",
         "mesh.toml:3:1: unknown field `listn`, expected one of `name`, `listen`, `backends`, \
-         `dns`, `balance`, `connect_timeout`, `connect_retries`, `hedge_delay`, \
+         `dns`, `balance`, `locality`, `connect_timeout`, `connect_retries`, `hedge_delay`, \
          `queue_timeout`, `max_ejection_percent`, `retry_on_early_close`, `replay_buffer`, `idle_timeout`, \
          `drain_timeout`, `slow_start`, `half_close_timeout`, `max_connections`, \
          `proxy_protocol`, `accept_proxy`, `client_hello_timeout`, `backlog`, `health`, \
@@ -183,7 +183,7 @@ const ERRORS: &[(&str, &str)] = &[
     (
         "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
          backends = [\"127.0.0.1:9001\", { addr = \"127.0.0.1:9002\", wieght = 5 }]\n",
-        "mesh.toml:4:58: unknown field `wieght`, expected `addr` or `weight`",
+        "mesh.toml:4:58: unknown field `wieght`, expected one of `addr`, `weight`, `local`",
     ),
     (
         "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\n\
@@ -446,6 +446,10 @@ const ERRORS: &[(&str, &str)] = &[
          is set: set [admin] token_file, or listen on 127.0.0.1",
     ),
     (
+        "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\nbackends = [\"127.0.0.1:9001\"]\nlocality = \"nearest\"\n",
+        "mesh.toml:5:12: invalid locality \"nearest\": use one of \"any\", \"prefer_local\", \"local_only\"",
+    ),
+    (
         "[log]\nformat = \"xml\"\n",
         "mesh.toml:2:10: invalid log format \"xml\": use one of \"human\", \"json\"",
     ),
@@ -545,6 +549,7 @@ fn builtin_defaults() -> ServiceConfig {
         name: String::new(),
         listen: vec![],
         protocol: Protocol::Tcp,
+        locality: Locality::Any,
         udp: UdpConfig {
             idle_timeout: Duration::from_secs(30),
             max_flows: 65536,
@@ -715,6 +720,7 @@ fn design_example() {
                 protocol: Protocol::Tcp,
                 udp: builtin_defaults().udp,
                 balance: Balance::RoundRobin,
+                locality: Locality::Any,
                 connect_timeout: Duration::from_secs(1),
                 connect_retries: 2,
                 hedge_delay: Duration::from_millis(200),
@@ -736,11 +742,15 @@ fn design_example() {
                         addr: addr("127.0.0.1:9001"),
                         weight: 100,
                         id: None,
+                        node: None,
+                        local: false,
                     },
                     BackendConfig {
                         addr: addr("127.0.0.1:9002"),
                         weight: 50,
                         id: None,
+                        node: None,
+                        local: false,
                     },
                 ],
                 dns: None,

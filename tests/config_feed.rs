@@ -140,6 +140,10 @@ fn policy(r: &mut Rng, out: &mut String, protocol: Option<&str>) {
         let b = r.pick(&["round_robin", "least_conn", "p2c", "maglev", "random"]);
         out.push_str(&format!("balance = \"{b}\"\n"));
     }
+    if wanted(r, "locality") {
+        let l = r.pick(&["any", "prefer_local", "local_only", "nearest"]);
+        out.push_str(&format!("locality = \"{l}\"\n"));
+    }
     if wanted(r, "proxy_protocol") {
         let p = r.pick(&["off", "v1", "v2"]);
         out.push_str(&format!("proxy_protocol = \"{p}\"\n"));
@@ -221,8 +225,9 @@ fn config(r: &mut Rng) -> String {
     };
     t.push_str(&format!("listen = [{}]\n", listen.join(", ")));
     let w = r.value(&["0", "1", "100"], &["1000", "1001"]);
+    let local = r.pick(&["", ", local = true", ", local = false"]);
     t.push_str(&format!(
-        "backends = [{{ addr = \"10.0.0.1:80\", weight = {w} }}, \"10.0.0.2:80\"]\n"
+        "backends = [{{ addr = \"10.0.0.1:80\", weight = {w}{local} }}, \"10.0.0.2:80\"]\n"
     ));
     policy(r, &mut t, Some(protocol));
     health(r, &mut t, "service.health");
@@ -238,6 +243,8 @@ fn swarm_service(defaults: &ServiceConfig) -> ServiceConfig {
         addr: "10.0.1.5:80".parse().unwrap(),
         weight: 100,
         id: Some("0123456789abcdefghijklmno".into()),
+        node: Some("node0123456789abcdefghijk".into()),
+        local: false,
     }];
     s
 }
@@ -261,6 +268,14 @@ fn across_the_wire(s: &ServiceConfig) -> Result<ServiceConfig, String> {
 fn survives(s: &ServiceConfig) -> Result<(), String> {
     let mut want = s.clone();
     want.dns = None; // not on the wire: a Swarm service has none
+    for b in &mut want.backends {
+        // Each node says which tasks are its own; their node goes along only when the
+        // service's locality uses it.
+        b.local = false;
+        if want.locality == meshd::config::Locality::Any {
+            b.node = None;
+        }
+    }
     match across_the_wire(s) {
         Ok(got) if got == want => Ok(()),
         Ok(got) => Err(format!(

@@ -61,6 +61,8 @@ pub struct ServiceDto<'a> {
     /// `tcp` or `udp`.
     pub protocol: &'static str,
     pub balance: &'static str,
+    /// `any`, `prefer_local` or `local_only`.
+    pub locality: &'static str,
     pub active_connections: u64,
     pub max_connections: u32,
     pub healthy_backends: usize,
@@ -101,6 +103,8 @@ pub struct BackendDto<'a> {
     pub effective_weight: u32,
     pub source: &'static str,
     pub ejected: bool,
+    /// Runs on this node (what `locality` prefers).
+    pub local: bool,
     pub active_connections: u64,
     pub connections_total: u64,
     pub bytes_rx: u64,
@@ -144,6 +148,7 @@ fn service(s: &ServiceStatus, now: Instant) -> ServiceDto<'_> {
         listen: s.listeners.iter().map(|a| a.to_string()).collect(),
         protocol: s.config.protocol.name(),
         balance: s.config.balance.name(),
+        locality: s.config.locality.name(),
         active_connections: s.state.active.load(Relaxed),
         max_connections: s.config.max_connections,
         healthy_backends: s.eligible,
@@ -202,6 +207,7 @@ fn backend(b: &BackendStatus, now: Instant) -> BackendDto<'_> {
         effective_weight: b.effective_weight,
         source: b.sources,
         ejected: b.ejected,
+        local: b.local,
         active_connections: be.active(),
         connections_total: be.stats.connections.load(Relaxed),
         bytes_rx: be.stats.bytes_rx.load(Relaxed),

@@ -18,7 +18,9 @@ use toml::Spanned;
 
 use super::duration::parse_duration;
 use super::limits;
-use super::{Balance, CheckKind, DnsTarget, LogFormat, Protocol, ProxyProtocol, TaskAddress};
+use super::{
+    Balance, CheckKind, DnsTarget, Locality, LogFormat, Protocol, ProxyProtocol, TaskAddress,
+};
 
 /// An optional key whose string value has its own syntax.
 pub type Key<T> = Option<Spanned<Parsed<T>>>;
@@ -78,6 +80,7 @@ pub struct Log {
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub balance: Key<Balance>,
+    pub locality: Key<Locality>,
     pub connect_timeout: Key<Duration>,
     pub connect_retries: Int,
     pub hedge_delay: Key<Duration>,
@@ -125,6 +128,7 @@ pub struct Service {
     pub dns: Key<DnsTarget>,
 
     pub balance: Key<Balance>,
+    pub locality: Key<Locality>,
     pub connect_timeout: Key<Duration>,
     pub connect_retries: Int,
     pub hedge_delay: Key<Duration>,
@@ -154,6 +158,7 @@ impl Service {
     pub fn policy(&self) -> Policy {
         Policy {
             balance: self.balance.clone(),
+            locality: self.locality.clone(),
             connect_timeout: self.connect_timeout.clone(),
             connect_retries: self.connect_retries.clone(),
             hedge_delay: self.hedge_delay.clone(),
@@ -184,6 +189,8 @@ impl Service {
 pub struct Backend {
     pub addr: Spanned<Parsed<SocketAddr>>,
     pub weight: Option<Weight>,
+    /// Runs on this node (what `locality` prefers).
+    pub local: Option<bool>,
 }
 
 /// `[discovery]`
@@ -283,6 +290,13 @@ impl FromValue for Balance {
     const EXPECTING: &'static str = r#"one of "round_robin", "least_conn", "p2c", "maglev""#;
     fn from_value(s: &str) -> Result<Self, String> {
         keyword("balance", s, &limits::BALANCES)
+    }
+}
+
+impl FromValue for Locality {
+    const EXPECTING: &'static str = r#"one of "any", "prefer_local", "local_only""#;
+    fn from_value(s: &str) -> Result<Self, String> {
+        keyword("locality", s, &limits::LOCALITIES)
     }
 }
 
@@ -502,6 +516,7 @@ fn backend_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Backend>, D::Erro
                 BackendRaw::Addr(a) => Backend {
                     addr: Spanned::new(span, a),
                     weight: None,
+                    local: None,
                 },
                 BackendRaw::Table(t) => t,
             }

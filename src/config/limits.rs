@@ -13,7 +13,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::duration::format_duration;
-use super::{defaults, Balance, CheckKind, LogFormat, Protocol, ProxyProtocol};
+use super::{defaults, Balance, CheckKind, Locality, LogFormat, Protocol, ProxyProtocol};
 
 /// The longest duration any key accepts: 366 days.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -334,6 +334,12 @@ pub const PROXY_PROTOCOLS: [(&str, ProxyProtocol); 3] = [
     ("v1", ProxyProtocol::V1),
     ("v2", ProxyProtocol::V2),
 ];
+/// The keywords of `locality`.
+pub const LOCALITIES: [(&str, Locality); 3] = [
+    ("any", Locality::Any),
+    ("prefer_local", Locality::PreferLocal),
+    ("local_only", Locality::LocalOnly),
+];
 /// The keywords of `protocol`.
 pub const PROTOCOLS: [(&str, Protocol); 2] = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 /// The health checks a UDP service may use (its backends' TCP port, or none).
@@ -370,6 +376,12 @@ impl ProxyProtocol {
     }
 }
 
+impl Locality {
+    pub fn name(self) -> &'static str {
+        name_of(&LOCALITIES, self)
+    }
+}
+
 impl Protocol {
     pub fn name(self) -> &'static str {
         name_of(&PROTOCOLS, self)
@@ -393,6 +405,9 @@ mod tests {
             assert_eq!(v.name(), k);
         }
         for (k, v) in PROTOCOLS {
+            assert_eq!(v.name(), k);
+        }
+        for (k, v) in LOCALITIES {
             assert_eq!(v.name(), k);
         }
         assert_eq!(keyword(&CHECKS, "udp"), None);

@@ -172,6 +172,20 @@ impl Default for UdpConfig {
     }
 }
 
+/// `locality`: which backends a service's connections go to, by node (DESIGN.md
+/// "Locality").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Locality {
+    /// Every healthy backend, wherever it runs (Swarm's own mesh).
+    #[default]
+    Any,
+    /// This node's healthy backends, unless fewer than half of this node's backends of the
+    /// service are healthy (or none is): then every healthy backend.
+    PreferLocal,
+    /// Only this node's backends; with none healthy, a connection is refused.
+    LocalOnly,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocol {
     Off,
@@ -207,6 +221,12 @@ pub struct BackendConfig {
     /// the new task must not inherit the old one's health, ejection or back-off). `None`
     /// for `mesh.toml`, static and DNS backends: their address is their identity.
     pub id: Option<std::sync::Arc<str>>,
+    /// The Swarm node the task runs on (Docker discovery), carried to followers so each
+    /// node can tell its own tasks; `None` for other backends.
+    pub node: Option<std::sync::Arc<str>>,
+    /// Runs on this node (`local = true` in `mesh.toml`, or a task on this meshd's Swarm
+    /// node): what `locality` prefers.
+    pub local: bool,
 }
 
 /// One service: its published ports, its policy, its static backends.
@@ -220,6 +240,8 @@ pub struct ServiceConfig {
     /// `udp_idle_timeout`, `max_flows`, `udp_responses` (used by UDP services only).
     pub udp: UdpConfig,
     pub balance: Balance,
+    /// `locality`: this node's backends first, only, or no preference.
+    pub locality: Locality,
     pub connect_timeout: Duration,
     pub connect_retries: u32,
     /// Start a second connect to another backend after this long without an answer; zero

@@ -19,8 +19,8 @@ use super::file::{self, FileConfig};
 use super::limits::{self, DurationKey, IntKey};
 use super::{
     defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
-    DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, LogConfig, LogFormat, Protocol,
-    ProxyProtocol, ServiceConfig, TaskAddress, UdpConfig, UpgradeConfig,
+    DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, Locality, LogConfig, LogFormat,
+    Protocol, ProxyProtocol, ServiceConfig, TaskAddress, UdpConfig, UpgradeConfig,
 };
 
 /// A configuration that cannot be used. `Display` is one line: `FILE:LINE:COL: message`
@@ -162,6 +162,7 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         protocol: Protocol::Tcp,
         udp: d.udp,
         balance: d.balance,
+        locality: d.locality,
         connect_timeout: d.connect_timeout,
         connect_retries: d.connect_retries,
         hedge_delay: d.hedge_delay,
@@ -438,6 +439,8 @@ fn service<'f>(
             addr,
             weight: b.weight.map_or(defaults::WEIGHT, |w| w.0),
             id: None,
+            node: None,
+            local: b.local.unwrap_or(false),
         });
     }
     let dns = s.dns.as_ref().map(|d| d.get_ref().0.clone());
@@ -450,6 +453,7 @@ fn service<'f>(
 
     let Resolved {
         balance,
+        locality,
         connect_timeout,
         connect_retries,
         hedge_delay,
@@ -475,6 +479,7 @@ fn service<'f>(
         protocol,
         udp,
         balance,
+        locality,
         connect_timeout,
         connect_retries,
         hedge_delay,
@@ -501,6 +506,7 @@ fn service<'f>(
 #[derive(Debug, PartialEq)]
 struct Resolved {
     balance: Balance,
+    locality: Locality,
     connect_timeout: Duration,
     connect_retries: u32,
     hedge_delay: Duration,
@@ -676,6 +682,7 @@ fn resolve(cx: &Cx, own: &file::Policy, def: &file::Policy) -> Result<Resolved, 
 
     Ok(Resolved {
         balance: value(pick(&own.balance, &def.balance), Balance::P2c),
+        locality: value(pick(&own.locality, &def.locality), Locality::Any),
         connect_timeout: duration(
             cx,
             &limits::CONNECT_TIMEOUT,
@@ -935,6 +942,7 @@ mod tests {
             p,
             Resolved {
                 balance: Balance::P2c,
+                locality: Locality::Any,
                 connect_timeout: defaults::CONNECT_TIMEOUT,
                 connect_retries: defaults::CONNECT_RETRIES,
                 hedge_delay: defaults::HEDGE_DELAY,

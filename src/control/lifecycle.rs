@@ -44,9 +44,29 @@ impl From<crate::discovery::Provider> for Source {
     }
 }
 
-/// An endpoint one source gives one service: address, weight, and identity (a Swarm task
-/// ID; `None` where the address is the identity: mesh.toml, DNS).
-pub type Endpoint = (SocketAddr, u32, Option<Arc<str>>);
+/// An endpoint one source gives one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Its identity: a Swarm task ID; `None` where the address is the identity (mesh.toml,
+    /// DNS).
+    pub id: Option<Arc<str>>,
+    /// It runs on this node (what `locality` prefers).
+    pub local: bool,
+}
+
+impl Endpoint {
+    /// An endpoint known by its address alone, not on this node (DNS, tests).
+    pub fn at(addr: SocketAddr, weight: u32) -> Endpoint {
+        Endpoint {
+            addr,
+            weight,
+            id: None,
+            local: false,
+        }
+    }
+}
 /// Endpoints one source gives one service.
 pub type Endpoints = Vec<Endpoint>;
 
@@ -104,6 +124,8 @@ pub struct BackendEntry {
     pub weight_override: Option<u32>,
     /// `Source` bits: which sources list it. 0: it drains.
     pub sources: u8,
+    /// `Source` bits: which sources say it runs on this node (for `locality`).
+    pub local_sources: u8,
     /// Drained by an operator: being listed again does not bring it back, only an enable.
     pub operator_drained: bool,
     /// When it became healthy: the start of its slow-start ramp.
@@ -147,6 +169,7 @@ impl BackendEntry {
             weight,
             weight_override: None,
             sources,
+            local_sources: 0,
             operator_drained: false,
             up_since: trusted.then_some(now),
             drain: None,
@@ -198,6 +221,7 @@ impl BackendEntry {
         ));
         self.id = Some(id);
         self.sources = bit;
+        self.local_sources = 0;
         self.weight_override = None;
         self.operator_drained = false;
         self.up_since = trusted.then_some(now);
@@ -205,6 +229,23 @@ impl BackendEntry {
         self.last_pass = Arc::new(AtomicU64::new(0));
         self.ejected_at = None;
         self.ejected_until = None;
+    }
+
+    /// Some source says it runs on this node.
+    pub fn is_local(&self) -> bool {
+        self.local_sources != 0
+    }
+
+    /// Records whether source `bit` says it runs on this node; true if that changed
+    /// whether it is local.
+    fn set_local(&mut self, bit: u8, local: bool) -> bool {
+        let was = self.is_local();
+        if local {
+            self.local_sources |= bit;
+        } else {
+            self.local_sources &= !bit;
+        }
+        was != self.is_local()
     }
 
     /// The weight it gets at `now`: the operator's override or its configured weight,
@@ -249,10 +290,13 @@ pub fn set_source(
     let mut fx = Effects::default();
     // Looked up by address: a set of n endpoints costs O(n), not O(n²) (10,000 backends
     // took ~10^8 comparisons on every reload).
-    let wanted_addrs: HashSet<SocketAddr> = wanted.iter().map(|(a, _, _)| *a).collect();
+    let wanted_addrs: HashSet<SocketAddr> = wanted.iter().map(|e| e.addr).collect();
     for b in backends.iter_mut() {
         if b.sources & bit != 0 && !wanted_addrs.contains(&b.backend.addr) {
             b.sources &= !bit;
+            if b.set_local(bit, false) {
+                fx.dirty = true;
+            }
             if b.sources == 0 && b.backend.state() == State::Active {
                 b.start_drain(cfg.drain_timeout, now);
                 fx.dirty = true;
@@ -270,7 +314,13 @@ pub fn set_source(
             by_addr.entry(b.backend.addr).or_insert(i);
         }
     }
-    for (addr, weight, id) in wanted {
+    for Endpoint {
+        addr,
+        weight,
+        id,
+        local,
+    } in wanted
+    {
         let (addr, weight) = (*addr, *weight);
         if let Some(&i) = by_addr.get(&addr) {
             let b = &mut backends[i];
@@ -289,6 +339,7 @@ pub fn set_source(
                         );
                         b.renew(cfg, id.clone(), bit, now);
                         b.weight = weight;
+                        let _ = b.set_local(bit, *local);
                         fx.start_checkers.push(i);
                         fx.dirty = true;
                         continue;
@@ -298,6 +349,9 @@ pub fn set_source(
                 }
             }
             b.sources |= bit;
+            if b.set_local(bit, *local) {
+                fx.dirty = true;
+            }
             if b.weight != weight {
                 b.weight = weight;
                 fx.dirty = true;
@@ -315,7 +369,8 @@ pub fn set_source(
             }
             continue;
         }
-        let e = BackendEntry::new(service, addr, weight, id.clone(), bit, cfg, now);
+        let mut e = BackendEntry::new(service, addr, weight, id.clone(), bit, cfg, now);
+        let _ = e.set_local(bit, *local);
         tracing::info!(
             service = &**service,
             backend = &*e.backend.addr_label,

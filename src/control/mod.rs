@@ -545,7 +545,7 @@ impl Control {
             let endpoints = set
                 .endpoints
                 .into_iter()
-                .map(|(a, w)| (a, w, None))
+                .map(|(a, w)| Endpoint::at(a, w))
                 .collect();
             self.endpoints.push(((source, set.service), endpoints));
         }
@@ -882,6 +882,8 @@ mod tests {
                     addr: a.parse().unwrap(),
                     weight: 100,
                     id: Some((*t)?.into()),
+                    node: None,
+                    local: false,
                 })
             })
             .collect();

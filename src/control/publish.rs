@@ -168,6 +168,7 @@ impl Control {
                         .map(|(b, &w)| Candidate {
                             backend: b.backend.clone(),
                             weight: w,
+                            local: b.is_local(),
                         })
                         .collect();
                     ServiceTable::prepare(
@@ -208,6 +209,7 @@ impl Control {
                             .map(|u| u + s.config.slow_start)
                             .filter(|t| *t > now),
                         ejected: b.backend.is_ejected(),
+                        local: b.is_local(),
                     })
                     .collect(),
                 eligible: 0,

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
-use super::lifecycle::{Endpoints, Source};
+use super::lifecycle::{Endpoint, Endpoints, Source};
 use super::ControlError;
 use crate::config::{BackendConfig, Config, Protocol, ServiceConfig};
 
@@ -24,7 +24,12 @@ pub type Desired = (ServiceConfig, Vec<(Source, Endpoints)>);
 pub fn endpoints_of(backends: &[BackendConfig]) -> Endpoints {
     backends
         .iter()
-        .map(|b| (b.addr, b.weight, b.id.clone()))
+        .map(|b| Endpoint {
+            addr: b.addr,
+            weight: b.weight,
+            id: b.id.clone(),
+            local: b.local,
+        })
         .collect()
 }
 
@@ -273,7 +278,7 @@ backends = ["127.0.0.1:53"]
         assert_eq!(d.matched, [None, None]);
         assert!(d.remove.is_empty() && d.close.is_empty());
         assert_eq!(want[0].1[0].0, Source::Static);
-        assert_eq!(want[0].1[0].1, [(addr("127.0.0.1:9001"), 100, None)]);
+        assert_eq!(want[0].1[0].1, [Endpoint::at(addr("127.0.0.1:9001"), 100)]);
     }
 
     #[test]
@@ -348,7 +353,7 @@ backends = [{ addr = "127.0.0.1:9002" }]
         only.name = "only-swarm".into();
         let dns = [(
             (Source::Dns, "api".to_string()),
-            vec![(addr("10.0.0.9:80"), 5, None)],
+            vec![Endpoint::at(addr("10.0.0.9:80"), 5)],
         )];
         let want = desired(&cfg, &dns, &[(Source::Docker, vec![swarm, only])]);
         let names: Vec<&str> = want.iter().map(|(s, _)| s.name.as_str()).collect();
@@ -357,11 +362,11 @@ backends = [{ addr = "127.0.0.1:9002" }]
         assert_eq!(want[0].0.listen, cfg.services[0].listen);
         assert_eq!(
             want[0].1[2],
-            (Source::Docker, vec![(addr("10.0.0.7:80"), 100, None)])
+            (Source::Docker, vec![Endpoint::at(addr("10.0.0.7:80"), 100)])
         );
         assert_eq!(
             want[1].1[1],
-            (Source::Dns, vec![(addr("10.0.0.9:80"), 5, None)])
+            (Source::Dns, vec![Endpoint::at(addr("10.0.0.9:80"), 5)])
         );
         assert_eq!(want[2].1.len(), 1);
     }
@@ -391,12 +396,12 @@ backends = [{ addr = "127.0.0.1:9002" }]
         // s7 comes from the first provider that published it.
         assert_eq!(
             want[2].1,
-            vec![(Source::Dns, vec![(addr("10.0.0.4:80"), 100, None)])]
+            vec![(Source::Dns, vec![Endpoint::at(addr("10.0.0.4:80"), 100)])]
         );
         // The configured web takes Docker's endpoints for its name.
         assert_eq!(
             want[0].1[2],
-            (Source::Docker, vec![(addr("10.0.0.3:80"), 100, None)])
+            (Source::Docker, vec![Endpoint::at(addr("10.0.0.3:80"), 100)])
         );
     }
 }

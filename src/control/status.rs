@@ -58,6 +58,8 @@ pub struct BackendStatus {
     /// Ends of the slow-start ramp, while ramping.
     pub slow_start_until: Option<Instant>,
     pub ejected: bool,
+    /// It runs on this node (for the service's `locality`).
+    pub local: bool,
 }
 
 pub type StatusHandle = Arc<ArcSwap<Status>>;

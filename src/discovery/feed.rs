@@ -32,9 +32,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::limits::{
-    self, DurationKey, IntKey, BALANCES, CHECKS, PROTOCOLS, PROXY_PROTOCOLS, UDP_CHECKS,
+    self, DurationKey, IntKey, BALANCES, CHECKS, LOCALITIES, PROTOCOLS, PROXY_PROTOCOLS, UDP_CHECKS,
 };
-use crate::config::{defaults, BackendConfig, HealthConfig, Protocol, ServiceConfig, UdpConfig};
+use crate::config::{
+    defaults, BackendConfig, HealthConfig, Locality, Protocol, ServiceConfig, UdpConfig,
+};
 
 /// How often a manager tells a follower it is alive (with whether its engine answers).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -157,6 +159,10 @@ pub struct WireService {
     pub max_flows: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub udp_responses: u32,
+    /// `any`, `prefer_local` or `local_only`; with anything but `any`, each backend carries
+    /// its Swarm node so that every follower tells its own node's tasks.
+    #[serde(default = "wire_locality", skip_serializing_if = "is_any")]
+    pub locality: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +185,9 @@ pub struct WireBackend {
     /// from the stopped one whose address it reuses. Absent from older managers' lines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The Swarm node ID of the task; sent only for a service whose `locality` uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], v: T) -> String {
@@ -219,6 +228,14 @@ fn wire_queue_timeout_ms() -> u64 {
 
 fn is_default_client_hello_timeout(v: &u64) -> bool {
     *v == wire_client_hello_timeout_ms()
+}
+
+fn is_any(v: &str) -> bool {
+    v == Locality::Any.name()
+}
+
+fn wire_locality() -> String {
+    Locality::Any.name().to_owned()
 }
 
 fn is_tcp(v: &str) -> bool {
@@ -304,8 +321,14 @@ impl WireService {
                     addr: b.addr,
                     weight: b.weight,
                     id: b.id.as_deref().map(str::to_owned),
+                    node: b
+                        .node
+                        .as_deref()
+                        .filter(|_| s.locality != Locality::Any)
+                        .map(str::to_owned),
                 })
                 .collect(),
+            locality: name_of(&LOCALITIES, s.locality),
             protocol: name_of(&PROTOCOLS, s.protocol),
             udp_idle_timeout_ms: ms(s.udp.idle_timeout),
             max_flows: s.udp.max_flows,
@@ -341,6 +364,18 @@ impl WireService {
         if let Some(b) = self
             .backends
             .iter()
+            .find(|b| b.node.as_deref().is_some_and(|n| !id_ok(n)))
+        {
+            return Err(err(format!(
+                "backend {} node {:?} is not usable (1 to {MAX_WIRE_ID} printable ASCII characters)",
+                b.addr,
+                b.node.as_deref().unwrap_or_default()
+            )));
+        }
+        let locality = keyword(&LOCALITIES, "locality", &self.locality).map_err(err)?;
+        if let Some(b) = self
+            .backends
+            .iter()
             .find(|b| b.id.as_deref().is_some_and(|id| !id_ok(id)))
         {
             return Err(err(format!(
@@ -358,6 +393,7 @@ impl WireService {
             )));
         }
         Ok(ServiceConfig {
+            locality,
             protocol,
             udp: UdpConfig {
                 idle_timeout: duration(&limits::UDP_IDLE_TIMEOUT, self.udp_idle_timeout_ms)
@@ -406,6 +442,8 @@ impl WireService {
                     addr: b.addr,
                     weight: b.weight,
                     id: b.id.as_deref().map(Arc::from),
+                    node: b.node.as_deref().map(Arc::from),
+                    local: false,
                 })
                 .collect(),
             dns: None,
@@ -637,6 +675,40 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         let mut w = back;
         w.backends[1].id = Some("x".repeat(MAX_WIRE_ID));
         assert!(w.into_config().is_ok());
+    }
+
+    #[test]
+    fn task_nodes_cross_the_wire_only_for_a_service_that_uses_locality() {
+        let mut s = service();
+        s.backends = vec![BackendConfig {
+            addr: "10.0.1.5:80".parse().unwrap(),
+            weight: 100,
+            id: Some("task1".into()),
+            node: Some("node1".into()),
+            local: true,
+        }];
+        // `any`: no node on the wire (an older follower reads the line as before).
+        let w = WireService::from_config(&s);
+        assert_eq!(w.backends[0].node, None);
+        let line = serde_json::to_string(&w).unwrap();
+        assert!(
+            !line.contains("node") && !line.contains("locality"),
+            "{line}"
+        );
+
+        s.locality = Locality::PreferLocal;
+        let back = WireService::from_config(&s).into_config().unwrap();
+        assert_eq!(back.locality, Locality::PreferLocal);
+        assert_eq!(back.backends[0].node.as_deref(), Some("node1"));
+        // Which tasks are local is each follower's own call.
+        assert!(!back.backends[0].local);
+
+        let mut w = WireService::from_config(&s);
+        w.locality = "nearest".into();
+        assert!(w.into_config().is_err());
+        let mut w = WireService::from_config(&s);
+        w.backends[0].node = Some("bad node\n".into());
+        assert!(w.into_config().is_err());
     }
 
     #[test]

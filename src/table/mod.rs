@@ -19,7 +19,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::balance::Selector;
-use crate::config::ServiceConfig;
+use crate::config::{Locality, ServiceConfig};
 pub use backend::{Backend, ConnectError, Health, State};
 
 /// Per-service state that outlives table generations: identity is the service name.
@@ -125,6 +125,10 @@ pub struct ServiceTable {
 /// Panic routing's order of preference (see [`ServiceTable::panic_candidate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PanicClass {
+    /// Usable but left out of the eligible set: another node's backend under
+    /// `prefer_local` (it takes what this node's backends could not), or one that became
+    /// healthy after the table was built.
+    Usable,
     /// Active and healthy, but ejected by passive outlier detection.
     Ejected,
     /// Active, but failing (or not yet passing) health checks.
@@ -134,21 +138,21 @@ pub enum PanicClass {
 }
 
 impl PanicClass {
-    pub const ALL: [PanicClass; 3] = [
+    pub const ALL: [PanicClass; 4] = [
+        PanicClass::Usable,
         PanicClass::Ejected,
         PanicClass::Unhealthy,
         PanicClass::Draining,
     ];
 
-    /// The class `b` is in now; `None` for a usable backend (not a panic candidate) and a
-    /// gone one (never tried).
+    /// The class `b` is in now; `None` for a gone one (never tried).
     pub fn of(b: &Backend) -> Option<PanicClass> {
         match b.state() {
             State::Gone => None,
             State::Draining => Some(PanicClass::Draining),
             State::Active if b.health() != Health::Up => Some(PanicClass::Unhealthy),
             State::Active if b.is_ejected() => Some(PanicClass::Ejected),
-            State::Active => None,
+            State::Active => Some(PanicClass::Usable),
         }
     }
 }
@@ -159,6 +163,8 @@ impl PanicClass {
 pub struct Candidate {
     pub backend: Arc<Backend>,
     pub weight: u32,
+    /// It runs on this node (for the service's `locality`).
+    pub local: bool,
 }
 
 /// What passive outlier detection did with a backend that failed too many connects in a
@@ -234,7 +240,7 @@ impl ServiceTable {
         config: Arc<ServiceConfig>,
         candidates: &[Candidate],
     ) -> ServiceTable {
-        let (backends, weights, fallback) = eligible(candidates);
+        let (backends, weights, fallback) = eligible(config.locality, candidates);
         ServiceTable::assemble(state, config, backends, weights, None, fallback)
     }
 
@@ -275,7 +281,7 @@ impl ServiceTable {
         candidates: &[Candidate],
         previous: Option<&Arc<ServiceTable>>,
     ) -> Prepared {
-        let (backends, weights, fallback) = eligible(candidates);
+        let (backends, weights, fallback) = eligible(config.locality, candidates);
         let selector = previous
             .filter(|p| {
                 p.selector.algorithm() == config.balance
@@ -388,9 +394,18 @@ impl ServiceTable {
     /// eligible backend is left; O(n), atomics only.
     pub fn panic_candidate(&self, skip: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.backends.len() + self.fallback.len();
+        let eligible = self.backends.len();
         PanicClass::ALL.into_iter().find_map(|class| {
             (0..n).find(|&k| {
-                !skip(k) && self.listed(k).and_then(|b| PanicClass::of(b)) == Some(class)
+                // A usable eligible backend is the selector's to pick, not panic routing's.
+                let first = if class == PanicClass::Usable {
+                    eligible
+                } else {
+                    0
+                };
+                k >= first
+                    && !skip(k)
+                    && self.listed(k).and_then(|b| PanicClass::of(b)) == Some(class)
             })
         })
     }
@@ -407,13 +422,45 @@ type Split = (Vec<Arc<Backend>>, Box<[u32]>, Vec<Arc<Backend>>);
 /// The candidates that may take connections (active, healthy, weighted) and their weights;
 /// and the rest that panic routing may try (every other one not gone, except an active one
 /// an operator weighted 0).
-fn eligible(candidates: &[Candidate]) -> Split {
+///
+/// `locality` narrows the first set to this node's candidates: always with `local_only`
+/// (the others are left out entirely, even from panic routing), and with `prefer_local`
+/// while at least one of this node's active candidates is healthy and no fewer than half
+/// of them are (the others then wait in the fallback, tried first when every local one
+/// fails; otherwise every candidate is eligible). O(n), decided each time the table is
+/// built (a health change rebuilds it), never per connection.
+fn eligible(locality: Locality, candidates: &[Candidate]) -> Split {
+    let takes = |c: &Candidate| {
+        c.weight > 0 && c.backend.state() == State::Active && c.backend.health() == Health::Up
+    };
+    let local_only = match locality {
+        Locality::Any => false,
+        Locality::LocalOnly => true,
+        Locality::PreferLocal => {
+            let (mut listed, mut healthy) = (0usize, 0usize);
+            for c in candidates.iter().filter(|c| c.local) {
+                if c.backend.state() == State::Active {
+                    listed += 1;
+                    healthy += usize::from(takes(c));
+                }
+            }
+            healthy > 0 && healthy * 2 >= listed
+        }
+    };
     let mut backends = Vec::with_capacity(candidates.len());
     let mut weights = Vec::with_capacity(candidates.len());
     let mut fallback = Vec::new();
     for c in candidates {
         let state = c.backend.state();
-        if c.weight > 0 && state == State::Active && c.backend.health() == Health::Up {
+        if local_only && !c.local {
+            if locality == Locality::PreferLocal
+                && (state == State::Draining || (state == State::Active && c.weight > 0))
+            {
+                fallback.push(c.backend.clone());
+            }
+            continue;
+        }
+        if takes(c) {
             backends.push(c.backend.clone());
             weights.push(c.weight);
         } else if state == State::Draining || (state == State::Active && c.weight > 0) {
@@ -505,6 +552,7 @@ mod tests {
                     Health::Up,
                 )),
                 weight,
+                local: false,
             })
             .collect()
     }
@@ -551,6 +599,90 @@ mod tests {
             ServiceTable::prepare(state.clone(), config(Balance::P2c), &cands, Some(&first))
                 .needs_build()
         );
+    }
+
+    /// Ports of the backends a `locality` table makes eligible, and of its fallback.
+    fn by_locality(locality: Locality, cands: &[Candidate]) -> (Vec<u16>, Vec<u16>) {
+        let mut cfg = (*config(Balance::RoundRobin)).clone();
+        cfg.locality = locality;
+        let state = Arc::new(ServiceState::new("web".into(), 0));
+        let t = ServiceTable::build(state, Arc::new(cfg), cands);
+        let ports = |v: &[Arc<Backend>]| v.iter().map(|b| b.addr.port() - 9000).collect();
+        (ports(&t.backends), ports(&t.fallback))
+    }
+
+    #[test]
+    fn locality_narrows_the_eligible_set_to_this_nodes_backends() {
+        // 0, 1, 2 run here; 3, 4 elsewhere.
+        let mut cands = candidates(&[100; 5]);
+        for c in &mut cands[..3] {
+            c.local = true;
+        }
+        let all = (vec![0, 1, 2, 3, 4], vec![]);
+        assert_eq!(by_locality(Locality::Any, &cands), all);
+        // Every local one healthy: only they; the others wait as the spill-over.
+        assert_eq!(
+            by_locality(Locality::PreferLocal, &cands),
+            (vec![0, 1, 2], vec![3, 4])
+        );
+        assert_eq!(
+            by_locality(Locality::LocalOnly, &cands),
+            (vec![0, 1, 2], vec![])
+        );
+
+        // One of three local ones down: 2 of 3 healthy is at least half, still local.
+        cands[0].backend.set_health(Health::Down);
+        assert_eq!(
+            by_locality(Locality::PreferLocal, &cands),
+            (vec![1, 2], vec![0, 3, 4])
+        );
+        // Two of three down: fewer than half: every healthy one, wherever it runs.
+        cands[1].backend.set_health(Health::Down);
+        assert_eq!(
+            by_locality(Locality::PreferLocal, &cands),
+            (vec![2, 3, 4], vec![0, 1])
+        );
+        // local_only never leaves the node, whatever is healthy elsewhere.
+        assert_eq!(
+            by_locality(Locality::LocalOnly, &cands),
+            (vec![2], vec![0, 1])
+        );
+        cands[2].backend.set_health(Health::Down);
+        assert_eq!(
+            by_locality(Locality::PreferLocal, &cands),
+            (vec![3, 4], vec![0, 1, 2])
+        );
+        assert_eq!(
+            by_locality(Locality::LocalOnly, &cands),
+            (vec![], vec![0, 1, 2])
+        );
+
+        // A draining local task does not count among this node's tasks: one local task,
+        // healthy, is all of them.
+        cands[0].backend.set_state(State::Draining);
+        cands[1].backend.set_state(State::Draining);
+        cands[2].backend.set_health(Health::Up);
+        assert_eq!(
+            by_locality(Locality::PreferLocal, &cands),
+            (vec![2], vec![0, 1, 3, 4])
+        );
+    }
+
+    #[test]
+    fn under_prefer_local_panic_routing_tries_a_usable_remote_backend_first() {
+        let mut cands = candidates(&[100; 3]);
+        cands[0].local = true;
+        cands[2].backend.set_health(Health::Down);
+        let mut cfg = (*config(Balance::RoundRobin)).clone();
+        cfg.locality = Locality::PreferLocal;
+        let state = Arc::new(ServiceState::new("web".into(), 0));
+        let t = ServiceTable::build(state, Arc::new(cfg), &cands);
+        assert_eq!(t.backends.len(), 1);
+        // The local one failed: the healthy remote one (1) before the unhealthy one (2).
+        let k = t.panic_candidate(|k| k == 0).unwrap();
+        assert_eq!(t.listed(k).unwrap().addr.port(), 9001);
+        let k2 = t.panic_candidate(|k| k == 0 || t.listed(k).unwrap().addr.port() == 9001);
+        assert_eq!(t.listed(k2.unwrap()).unwrap().addr.port(), 9002);
     }
 
     #[test]

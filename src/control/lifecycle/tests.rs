@@ -26,7 +26,7 @@ fn addr(i: u8) -> SocketAddr {
 }
 
 fn endpoints(list: &[u8]) -> Endpoints {
-    list.iter().map(|&i| (addr(i), 100, None)).collect()
+    list.iter().map(|&i| Endpoint::at(addr(i), 100)).collect()
 }
 
 /// A service's backend list after `source` listed `list` at `now`.

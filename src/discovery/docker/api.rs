@@ -37,6 +37,23 @@ pub struct Version {
     pub min_api_version: String,
 }
 
+/// `GET /info`, only what meshd uses: which Swarm node this engine is (workers answer
+/// too).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct Info {
+    #[serde(deserialize_with = "nullable")]
+    pub swarm: InfoSwarm,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct InfoSwarm {
+    /// Empty when the engine is in no swarm.
+    #[serde(rename = "NodeID", deserialize_with = "nullable")]
+    pub node_id: String,
+}
+
 /// One element of `GET /services`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, rename_all = "PascalCase")]

@@ -14,6 +14,7 @@
 //! | `mesh.network` | the name or ID of the network to reach the tasks on | the one meshd shares with them |
 //! | `mesh.listen` | the IP to listen on, e.g. `0.0.0.0`, `::`, `10.1.2.3` | `0.0.0.0` |
 //! | `mesh.accept_proxy` | CIDRs, comma-separated, e.g. `10.0.0.0/8,192.168.1.10/32`: these sources must send a PROXY header | `[defaults] accept_proxy` |
+//! | `mesh.locality` | `any`, `prefer_local`, `local_only`: this node's tasks first, or only | `[defaults] locality` |
 //! | `mesh.retry_early_close` | `true`, `false`: replay a connection whose task closes before answering | `[defaults] retry_on_early_close` |
 //!
 //! Invariant: pure functions, no I/O. A label that does not parse is one [`LabelError`]
@@ -24,8 +25,8 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::config::limits::{self, BALANCES, CHECKS, MAX_NAME, PROXY_PROTOCOLS};
-use crate::config::{Balance, CheckKind, Protocol, ProxyProtocol, ServiceConfig};
+use crate::config::limits::{self, BALANCES, CHECKS, LOCALITIES, MAX_NAME, PROXY_PROTOCOLS};
+use crate::config::{Balance, CheckKind, Locality, Protocol, ProxyProtocol, ServiceConfig};
 
 pub const PUBLISH: &str = "mesh.publish";
 pub const BALANCE: &str = "mesh.balance";
@@ -36,8 +37,9 @@ pub const NETWORK: &str = "mesh.network";
 pub const LISTEN: &str = "mesh.listen";
 pub const RETRY_EARLY_CLOSE: &str = "mesh.retry_early_close";
 pub const ACCEPT_PROXY: &str = "mesh.accept_proxy";
+pub const LOCALITY: &str = "mesh.locality";
 
-const KNOWN: [&str; 9] = [
+const KNOWN: [&str; 10] = [
     PUBLISH,
     BALANCE,
     HEALTH,
@@ -47,6 +49,7 @@ const KNOWN: [&str; 9] = [
     LISTEN,
     RETRY_EARLY_CLOSE,
     ACCEPT_PROXY,
+    LOCALITY,
 ];
 
 /// A label that cannot be used. `Display`: `service "web": label mesh.publish="80:abc":
@@ -80,6 +83,8 @@ pub struct MeshLabels {
     pub retry_early_close: Option<bool>,
     /// `mesh.accept_proxy`: the sources whose PROXY header is read.
     pub accept_proxy: Option<Vec<ipnet::IpNet>>,
+    /// `mesh.locality`: this node's tasks first (`prefer_local`) or only (`local_only`).
+    pub locality: Option<Locality>,
     /// Unknown `mesh.*` labels, each as a one-line warning.
     pub warnings: Vec<String>,
 }
@@ -123,6 +128,7 @@ pub fn parse(
     let check = keyword(labels, HEALTH, &CHECKS).map_err(|(v, p)| err(HEALTH, &v, p))?;
     let proxy_protocol = keyword(labels, PROXY_PROTOCOL, &PROXY_PROTOCOLS)
         .map_err(|(v, p)| err(PROXY_PROTOCOL, &v, p))?;
+    let locality = keyword(labels, LOCALITY, &LOCALITIES).map_err(|(v, p)| err(LOCALITY, &v, p))?;
     let retry_early_close = keyword(labels, RETRY_EARLY_CLOSE, &BOOLS)
         .map_err(|(v, p)| err(RETRY_EARLY_CLOSE, &v, p))?;
     let accept_proxy = match labels.get(ACCEPT_PROXY) {
@@ -189,6 +195,7 @@ pub fn parse(
         proxy_protocol,
         retry_early_close,
         accept_proxy,
+        locality,
         warnings,
     }))
 }
@@ -221,6 +228,9 @@ pub fn services(
     }
     if let Some(r) = labels.retry_early_close {
         template.retry_on_early_close = r;
+    }
+    if let Some(l) = labels.locality {
+        template.locality = l;
     }
     if let Some(a) = &labels.accept_proxy {
         template.accept_proxy = a.clone();
@@ -459,6 +469,7 @@ mod tests {
                 ("mesh.network", "front"),
                 ("mesh.retry_early_close", "true"),
                 ("mesh.accept_proxy", "10.0.0.0/8, 127.0.0.1"),
+                ("mesh.locality", "prefer_local"),
                 ("mesh.colour", "blue"),
                 ("com.example.other", "x"),
             ]),
@@ -477,6 +488,7 @@ mod tests {
         assert_eq!(s[0].config.health.check, CheckKind::Http);
         assert_eq!(s[0].config.health.path, "/ready");
         assert_eq!(s[0].config.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(s[1].config.locality, Locality::PreferLocal);
         assert!(s[0].config.retry_on_early_close && s[1].config.retry_on_early_close);
         let want: Vec<ipnet::IpNet> = vec![
             "10.0.0.0/8".parse().unwrap(),
@@ -539,6 +551,10 @@ mod tests {
             (
                 &[("mesh.publish", "80:80"), ("mesh.balance", "random")],
                 r#"label mesh.balance="random": expected one of round_robin, least_conn, p2c, maglev"#,
+            ),
+            (
+                &[("mesh.publish", "80:80"), ("mesh.locality", "local")],
+                r#"label mesh.locality="local": expected one of any, prefer_local, local_only"#,
             ),
             (
                 &[("mesh.publish", "80:80"), ("mesh.health", "grpc")],

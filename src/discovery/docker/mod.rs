@@ -151,6 +151,9 @@ struct Provider {
     feed: Arc<FeedTx>,
     /// The engine has answered a whole poll at least once.
     ever_ok: bool,
+    /// The Swarm node of the engine meshd reads (`GET /info`): its tasks are local for a
+    /// service's `locality`. `None` until known (then nothing is local).
+    node: Option<Arc<str>>,
 }
 
 /// meshd's own container and the networks it is attached to.
@@ -205,6 +208,7 @@ impl Provider {
             last: None,
             feed,
             ever_ok: false,
+            node: None,
         }
     }
 
@@ -317,6 +321,7 @@ impl Provider {
                 api = self.client.api_version().unwrap_or(""),
                 "docker discovery: connected"
             );
+            self.learn_node().await;
             if self.events.is_none() {
                 self.events = Some(tokio::spawn(watch_events(
                     self.client.clone(),
@@ -374,13 +379,34 @@ impl Provider {
         routed
     }
 
+    /// Asks the local engine which Swarm node it is (`GET /info`, answered on workers too),
+    /// and logs it when that changes. A failure leaves the last answer.
+    async fn learn_node(&mut self) {
+        let id = match self.client.get::<api::Info>("/info").await {
+            Ok(info) => info.swarm.node_id,
+            Err(e) => {
+                tracing::debug!("docker discovery: GET /info: {e}");
+                return;
+            }
+        };
+        let node = (!id.is_empty()).then(|| Arc::<str>::from(id));
+        if node != self.node {
+            match &node {
+                Some(n) => tracing::info!(node = &**n, "docker discovery: this is Swarm node {n}"),
+                None => tracing::info!("docker discovery: the local engine is in no swarm"),
+            }
+            self.node = node;
+        }
+    }
+
     /// Turns `snap` into mesh services, publishes them for followers and sends them to the
     /// control plane when they changed; `fresh`: `snap` was just read from the engine.
     /// True while an opted-in service is updating or a task is stopping.
     async fn apply(&mut self, snap: &Snapshot, fresh: bool) -> bool {
-        let desired = self
+        let mut desired = self
             .tracker
             .observe(snap, &self.defaults, self.own.networks.as_ref());
+        mark_local(&mut desired.services, self.node.as_deref());
         self.report(&desired);
         let fast = !desired.updating.is_empty() || desired.stopping > 0;
         self.feed.send_if_modified(|f| {
@@ -523,7 +549,11 @@ impl Provider {
 
     /// Applies one state read from manager `addr`; false once the control plane is gone.
     async fn followed(&mut self, addr: &str, got_state: &mut bool, st: follow::State) -> bool {
-        let follow::State { services, warnings } = st;
+        let follow::State {
+            mut services,
+            warnings,
+        } = st;
+        mark_local(&mut services, self.node.as_deref());
         for w in &warnings {
             if !self.warnings.contains(w) {
                 tracing::warn!("docker discovery: manager {addr}: service left out: {w}");
@@ -696,6 +726,15 @@ async fn engine_probe(mut client: Client, commands: UpdateTx) {
 /// Whether the engine at `client` answers for the swarm (`/nodes`: 503 on a worker).
 async fn engine_answers(client: &mut Client) -> bool {
     client.negotiate().await.is_ok() && client.get::<Vec<api::Node>>("/nodes").await.is_ok()
+}
+
+/// Marks the backends that run on Swarm node `node` (this meshd's) as local.
+fn mark_local(services: &mut [ServiceConfig], node: Option<&str>) {
+    for s in services {
+        for b in &mut s.backends {
+            b.local = node.is_some_and(|n| b.node.as_deref() == Some(n));
+        }
+    }
 }
 
 /// Where a follower starts in the managers list: spread over the list, so that not every

@@ -268,7 +268,8 @@ impl Tracker {
                 }
                 // Address -> the task that holds it. Two running tasks never share an
                 // address; should a lagging answer show it, the first one listed keeps it.
-                let mut addrs: BTreeMap<SocketAddr, Arc<str>> = BTreeMap::new();
+                // (task ID, node ID) by address.
+                let mut addrs: BTreeMap<SocketAddr, (Arc<str>, Arc<str>)> = BTreeMap::new();
                 let mut unreachable = 0usize;
                 for r in &reach {
                     match r.dial(
@@ -278,9 +279,12 @@ impl Tracker {
                         overlay_is_a_guess,
                     ) {
                         Some(a) => {
-                            addrs
-                                .entry(a)
-                                .or_insert_with(|| Arc::from(r.task.id.as_str()));
+                            addrs.entry(a).or_insert_with(|| {
+                                (
+                                    Arc::from(r.task.id.as_str()),
+                                    Arc::from(r.task.node_id.as_str()),
+                                )
+                            });
                         }
                         None => unreachable += 1,
                     }
@@ -298,10 +302,14 @@ impl Tracker {
                 let mut config = m.config;
                 config.backends = addrs
                     .into_iter()
-                    .map(|(addr, id)| BackendConfig {
+                    .map(|(addr, (id, node))| BackendConfig {
                         addr,
                         weight: defaults::WEIGHT,
                         id: Some(id),
+                        // Which of them are this node's is for each meshd to say (the
+                        // provider marks them before the control plane sees them).
+                        node: Some(node),
+                        local: false,
                     })
                     .collect();
                 claimed.push((name.clone(), config));

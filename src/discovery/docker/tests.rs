@@ -602,3 +602,22 @@ async fn a_task_container_stopping_drains_at_once_even_while_polls_fail() {
     }
     provider.abort();
 }
+
+#[test]
+fn a_task_is_local_when_its_node_is_this_engines_node() {
+    let mut s = Config::parse(
+        std::path::Path::new("t.toml"),
+        "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\nbackends = [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\"]\n",
+    )
+    .unwrap()
+    .services;
+    for (b, node) in s[0].backends.iter_mut().zip(["n1", "n2", "n1"]) {
+        b.node = Some(node.into());
+    }
+    mark_local(&mut s, Some("n1"));
+    let local: Vec<bool> = s[0].backends.iter().map(|b| b.local).collect();
+    assert_eq!(local, [true, false, true]);
+    // The engine is in no swarm (or /info failed): nothing is local.
+    mark_local(&mut s, None);
+    assert!(s[0].backends.iter().all(|b| !b.local));
+}
