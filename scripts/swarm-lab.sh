@@ -1,0 +1,415 @@
+#!/usr/bin/env bash
+# A real multi-node Docker Swarm on one machine, to try meshd across nodes (issue #17).
+#
+#   scripts/swarm-lab.sh up [--managers 3] [--image TAG]   # 3 nodes: this engine + 2 more
+#   scripts/swarm-lab.sh status
+#   scripts/swarm-lab.sh demo         # meshd on every node, a labelled service on every node,
+#                                     # a client on a worker's meshd reaches every node
+#   scripts/swarm-lab.sh down         # removes everything `up` and `demo` created
+#
+# Node 1 is this machine's Docker engine (the swarm's first manager). Nodes 2 and 3 are
+# extra dockerd processes, each in its own network namespace (and UTS namespace, for its
+# own hostname), joined to a bridge in the root namespace:
+#
+#   root ns: bridge meshlab0 10.213.0.1/24  <- node 1 advertises this address
+#              |-- veth mlab-n2 <-> netns meshlab-node2: eth0 10.213.0.2/24, dockerd
+#              `-- veth mlab-n3 <-> netns meshlab-node3: eth0 10.213.0.3/24, dockerd
+#
+# Each extra dockerd has its own config file (this machine's /etc/docker/daemon.json sets
+# data-root, which two daemons cannot share), data root (/var/lib/meshd-lab/NODE), exec
+# root and socket (/run/meshd-lab/NODE.sock), the storage driver of this machine's engine,
+# and its own iptables rules and docker0 (in its own namespace, they touch nothing of the
+# machine's engine). Images come from this engine by `docker save | docker load` (no
+# registry). Needs root, iproute2, nsenter/unshare (util-linux), iptables.
+#
+# Env: MESHD_LAB_NET (default 10.213.0: the /24 used), MESHD_LAB_IMAGE (default meshd:lab,
+# built with deploy/build-image.sh when missing).
+set -euo pipefail
+
+NET=${MESHD_LAB_NET:-10.213.0}
+BRIDGE=meshlab0
+RUN=/run/meshd-lab
+DATA=/var/lib/meshd-lab
+STATE=$RUN/state
+IMAGE=${MESHD_LAB_IMAGE:-meshd:lab}
+NODES=3
+MANAGERS=1
+# demo: the published port and meshd's admin port (on every node's host network)
+PORT=${MESHD_LAB_PORT:-18080}
+ADMIN=${MESHD_LAB_ADMIN:-19901}
+PREFIX=meshlab
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+log() { printf 'swarm-lab: %s\n' "$*"; }
+die() { printf 'swarm-lab: %s\n' "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+node_ns() { echo "meshlab-node$1"; }
+node_sock() { echo "$RUN/node$1.sock"; }
+node_addr() { echo "$NET.$1"; }
+# docker on node N (1 = this machine's engine)
+dk() {
+  local n=$1; shift
+  if [ "$n" = 1 ]; then docker "$@"; else docker -H "unix://$(node_sock "$n")" "$@"; fi
+}
+# runs a command in node N's network namespace
+in_node() {
+  local n=$1; shift
+  if [ "$n" = 1 ]; then "$@"; else nsenter --net="/run/netns/$(node_ns "$n")" -- "$@"; fi
+}
+
+state_get() { [ -f "$STATE" ] && sed -n "s/^$1=//p" "$STATE" | tail -1; }
+state_set() { mkdir -p "$RUN"; echo "$1=$2" >>"$STATE"; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "needs root (network namespaces, a second dockerd)"; }
+
+# === up ===
+
+check_free() {
+  command -v nsenter >/dev/null && command -v unshare >/dev/null || die "needs nsenter and unshare (util-linux)"
+  command -v dockerd >/dev/null || die "no dockerd on PATH"
+  docker info >/dev/null 2>&1 || die "this machine's Docker engine does not answer (docker info)"
+  local st
+  st=$(docker info -f '{{.Swarm.LocalNodeState}}')
+  [ "$st" = inactive ] || die "this machine's engine is already in a swarm ($st); the lab makes its own: leave it first (docker swarm leave --force) or use that one"
+  if ip -4 -o addr show | awk '{print $4}' | grep -q "^$NET\." || ip -4 route show | grep -q "^$NET\."; then
+    die "$NET.0/24 is in use on this machine (ip addr/ip route); set MESHD_LAB_NET to a free /24 prefix, e.g. MESHD_LAB_NET=10.214.0"
+  fi
+  ip link show "$BRIDGE" >/dev/null 2>&1 && die "a link $BRIDGE exists already: a lab left over? run: $0 down"
+  local n
+  for n in $(seq 2 "$NODES"); do
+    [ -e "/run/netns/$(node_ns "$n")" ] && die "netns $(node_ns "$n") exists already: run: $0 down"
+  done
+  return 0
+}
+
+make_network() {
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$(node_addr 1)/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  # Docker's FORWARD policy is DROP, and with br_netfilter bridged frames go through it:
+  # without this, nodes 2 and 3 cannot reach each other (node 1 is the bridge itself).
+  iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment meshd-lab -j ACCEPT
+  state_set iptables 1
+  local n ns
+  for n in $(seq 2 "$NODES"); do
+    ns=$(node_ns "$n")
+    ip netns add "$ns"
+    ip link add "mlab-n$n" type veth peer name eth0 netns "$ns"
+    ip link set "mlab-n$n" master "$BRIDGE" up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$(node_addr "$n")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" route add default via "$(node_addr 1)"
+  done
+}
+
+start_engine() {
+  local n=$1 ns dir driver
+  ns=$(node_ns "$n")
+  dir=$RUN/node$n
+  driver=$(docker info -f '{{.Driver}}')
+  mkdir -p "$dir" "$DATA/node$n"
+  # Its own config file: the machine's daemon.json names a data-root, and dockerd refuses a
+  # flag and a config key for the same setting. The MTU of the machine's engine, if set.
+  local mtu
+  mtu=$(sed -n 's/.*"mtu": *\([0-9]*\).*/\1/p' /etc/docker/daemon.json 2>/dev/null || true)
+  if [ -n "$mtu" ]; then echo "{\"mtu\": $mtu}" >"$dir/daemon.json"; else echo '{}' >"$dir/daemon.json"; fi
+  # nsenter --net, not `ip netns exec`: the latter remounts /sys for the namespace, which
+  # hides the cgroup mounts (dockerd: "Devices cgroup isn't mounted"). unshare --uts gives
+  # the node its own hostname (docker node ls, {{.Node.Hostname}}).
+  nsenter --net="/run/netns/$ns" -- unshare --uts -- sh -c '
+    hostname "$1"; shift
+    exec "$@"' sh "lab-node$n" \
+    dockerd --config-file "$dir/daemon.json" \
+      --data-root "$DATA/node$n" --exec-root "$dir/exec" \
+      -H "unix://$(node_sock "$n")" --pidfile "$dir/dockerd.pid" \
+      --storage-driver "$driver" \
+    >"$dir/dockerd.log" 2>&1 </dev/null &
+  local pid=$!
+  local end=$((SECONDS + 60))
+  until dk "$n" info >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$dir/dockerd.log" >&2; die "dockerd of node $n exited (log above: $dir/dockerd.log)"; }
+    [ $SECONDS -lt $end ] || { tail -20 "$dir/dockerd.log" >&2; die "dockerd of node $n does not answer after 60s"; }
+    sleep 0.2
+  done
+}
+
+load_image() {
+  local img=$1 n
+  for n in $(seq 2 "$NODES"); do
+    docker save "$img" | dk "$n" load -q >/dev/null
+  done
+}
+
+rss_kib() { ps -o rss= -p "$1" 2>/dev/null | tr -d ' '; }
+
+engine_line() {
+  local n=$1 pid cpid role
+  if [ "$n" = 1 ]; then
+    pid=$(pgrep -x dockerd | head -1 || true)
+    echo "node 1  $(hostname) (this machine's engine)  $(node_addr 1)  unix:///var/run/docker.sock  manager  dockerd pid ${pid:-?}"
+    return
+  fi
+  pid=$(cat "$RUN/node$n/dockerd.pid" 2>/dev/null || true)
+  cpid=$(pgrep -P "${pid:-0}" -x containerd 2>/dev/null | head -1 || true)
+  role=$(dk "$n" info -f '{{.Swarm.ControlAvailable}}' 2>/dev/null || echo '?')
+  [ "$role" = true ] && role=manager || { [ "$role" = false ] && role=worker; }
+  echo "node $n  lab-node$n  $(node_addr "$n")  unix://$(node_sock "$n")  $role  dockerd pid ${pid:-?} RSS $(( $(rss_kib "${pid:-0}" || echo 0) / 1024 )) MiB, its containerd RSS $(( $(rss_kib "${cpid:-0}" || echo 0) / 1024 )) MiB"
+}
+
+cmd_up() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --managers) MANAGERS=$2; shift 2 ;;
+      --image) IMAGE=$2; shift 2 ;;
+      *) die "up: unknown argument $1 (up [--managers 1|3] [--image TAG])" ;;
+    esac
+  done
+  case $MANAGERS in 1 | 3) ;; *) die "--managers: 1 or 3" ;; esac
+  need_root
+  if [ -f "$STATE" ]; then
+    log "already up (state in $STATE); \`$0 down\` first to start again"
+    cmd_status
+    exit 0
+  fi
+  check_free
+  local t0 t
+  t0=$(now)
+  # From here on, a failure tears down what was made.
+  trap 'rc=$?; if [ $rc -ne 0 ]; then log "up failed (exit $rc): tearing down"; cmd_down || true; fi' EXIT
+  state_set managers "$MANAGERS"
+  state_set nodes "$NODES"
+  docker network inspect docker_gwbridge >/dev/null 2>&1 && state_set gwbridge_before 1
+
+  if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
+    log "image $IMAGE missing: building it (deploy/build-image.sh $IMAGE)"
+    t=$(now)
+    "$here/deploy/build-image.sh" "$IMAGE"
+    state_set built_image "$IMAGE"
+    log "image built in $(since "$t")s (not counted in the start time)"
+    t0=$(now)
+  fi
+  state_set image "$IMAGE"
+
+  t=$(now); make_network; log "network: bridge $BRIDGE $(node_addr 1)/24, $((NODES - 1)) namespaces ($(since "$t")s)"
+  local n
+  t=$(now)
+  for n in $(seq 2 "$NODES"); do start_engine "$n" & done
+  local fail=0
+  for n in $(seq 2 "$NODES"); do wait -n || fail=1; done
+  [ $fail = 0 ] || die "an engine did not start"
+  log "engines: $((NODES - 1)) dockerd started ($(since "$t")s)"
+
+  t=$(now)
+  docker swarm init --advertise-addr "$(node_addr 1)" >/dev/null
+  state_set swarm 1
+  local wtok mtok
+  wtok=$(docker swarm join-token -q worker)
+  mtok=$(docker swarm join-token -q manager)
+  for n in $(seq 2 "$NODES"); do
+    local tok=$wtok
+    [ "$MANAGERS" = 3 ] && tok=$mtok
+    dk "$n" swarm join --token "$tok" --advertise-addr "$(node_addr "$n")" "$(node_addr 1):2377" >/dev/null
+  done
+  log "swarm: initialised on $(node_addr 1), $((NODES - 1)) joined as $([ "$MANAGERS" = 3 ] && echo managers || echo workers) ($(since "$t")s)"
+
+  t=$(now); load_image "$IMAGE"; log "image $IMAGE loaded on nodes 2-$NODES ($(since "$t")s)"
+  # every node Ready
+  local end=$((SECONDS + 60))
+  until [ "$(docker node ls --format '{{.Status}}' | grep -c '^Ready$')" = "$NODES" ]; do
+    [ $SECONDS -lt $end ] || die "not every node is Ready after 60s: $(docker node ls)"
+    sleep 0.5
+  done
+  trap - EXIT
+  log "up in $(since "$t0")s: $NODES nodes Ready ($MANAGERS manager(s))"
+  for n in $(seq 2 "$NODES"); do engine_line "$n"; done
+  log "use: docker -H unix://$(node_sock 2) ... ; next: $0 demo ; $0 status ; $0 down"
+}
+
+# === status ===
+
+cmd_status() {
+  if [ ! -f "$STATE" ]; then
+    log "not up (no $STATE)"
+    return 1
+  fi
+  NODES=$(state_get nodes)
+  docker node ls
+  echo
+  local n
+  for n in $(seq 1 "$NODES"); do engine_line "$n"; done
+  if docker service ls -q -f "name=${PREFIX}_" | grep -q .; then
+    echo
+    docker service ls -f "name=${PREFIX}_"
+  fi
+}
+
+# === demo ===
+
+cmd_demo() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  NODES=$(state_get nodes)
+  MANAGERS=$(state_get managers)
+  IMAGE=$(state_get image)
+  local n
+  for n in 1 $(seq 2 "$NODES"); do
+    in_node "$n" sh -c "! (ss -Hltn 'sport = :$PORT'; ss -Hltn 'sport = :$ADMIN') | grep -q ." ||
+      docker service ls -q -f "name=${PREFIX}_meshd" | grep -q . ||
+      die "port $PORT or $ADMIN is in use on node $n; set MESHD_LAB_PORT/MESHD_LAB_ADMIN"
+  done
+  local t0
+  t0=$(now)
+  # Each node's meshd reads its own node's engine: the bind source is templated by node ID,
+  # and /run/meshd-lab/engines/<node ID>.sock points at that node's socket (all nodes
+  # share this machine's filesystem, so /var/run/docker.sock would be node 1's everywhere).
+  mkdir -p "$RUN/engines"
+  for n in $(seq 1 "$NODES"); do
+    local id sock=/var/run/docker.sock
+    id=$(dk "$n" info -f '{{.Swarm.NodeID}}')
+    [ "$n" = 1 ] || sock=$(node_sock "$n")
+    ln -sfn "$sock" "$RUN/engines/$id.sock"
+  done
+  local managers="" m
+  for m in $(seq 1 "$MANAGERS"); do managers+="${managers:+, }\"$(node_addr "$m"):$ADMIN\""; done
+  if ! docker secret inspect ${PREFIX}_token >/dev/null 2>&1; then
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' | docker secret create ${PREFIX}_token - >/dev/null
+  fi
+  if ! docker config inspect ${PREFIX}_toml >/dev/null 2>&1; then
+    docker config create ${PREFIX}_toml - >/dev/null <<EOF
+[admin]
+listen = "0.0.0.0:$ADMIN"
+token_file = "/run/secrets/meshd_token"
+
+[defaults.health]
+interval = "1s"
+
+[discovery.docker]
+endpoint = "unix:///var/run/docker.sock"
+poll_interval = "500ms"
+address = "host_port"
+managers = [$managers]
+token_file = "/run/secrets/meshd_token"
+EOF
+  fi
+  if ! docker service inspect ${PREFIX}_meshd >/dev/null 2>&1; then
+    # deploy/stack.yml's meshd, minus the upgrade socket (/run/meshd would be one directory
+    # shared by every lab node) and with the per-node engine socket.
+    docker service create --quiet --detach --name ${PREFIX}_meshd --mode global \
+      --network host --no-resolve-image \
+      --mount "type=bind,source=$RUN/engines/{{.Node.ID}}.sock,target=/var/run/docker.sock,readonly" \
+      --config source=${PREFIX}_toml,target=/etc/meshd/mesh.toml \
+      --secret source=${PREFIX}_token,target=meshd_token \
+      --restart-condition on-failure --stop-grace-period 20s \
+      "$IMAGE" --config /etc/meshd/mesh.toml >/dev/null
+  fi
+  if ! docker service inspect ${PREFIX}_web >/dev/null 2>&1; then
+    # 2 tasks per node, each named by slot and node; host-mode port chosen by Docker.
+    docker service create --quiet --detach --name ${PREFIX}_web \
+      --replicas $((2 * NODES)) --replicas-max-per-node 2 --no-resolve-image \
+      --endpoint-mode dnsrr --publish mode=host,target=80 \
+      --env 'MESHD_BACKEND_NAME=web{{.Task.Slot}}@{{.Node.Hostname}}' \
+      --label mesh.publish=$PORT:80 --label mesh.health=http --label mesh.health.path=/healthz \
+      --stop-grace-period 5s \
+      "$IMAGE" backend --listen 0.0.0.0:80 --mode http >/dev/null
+  fi
+  log "services ${PREFIX}_meshd (global, host network) and ${PREFIX}_web ($((2 * NODES)) tasks, mesh.publish=$PORT:80) created"
+
+  # The client: on the host, sending to the last node's address (a worker unless
+  # --managers 3): that node's meshd routes to tasks on every node.
+  local target end seen nodes_seen
+  target=$(node_addr "$NODES")
+  end=$((SECONDS + 120))
+  log "waiting (at most 120s) until $target:$PORT answers from every node"
+  while :; do
+    seen=$(for _ in $(seq 1 $((6 * NODES))); do curl -s -m 2 "http://$target:$PORT/" 2>/dev/null; echo; done | grep -o '@lab-node[0-9]*\|@[^ ]*' | sort -u | tr '\n' ' ' || true)
+    nodes_seen=$(echo "$seen" | wc -w)
+    [ "$nodes_seen" -ge "$NODES" ] && break
+    [ $SECONDS -lt $end ] || { docker service ps ${PREFIX}_web ${PREFIX}_meshd --no-trunc | head -30; die "after 120s only [$seen] answered on $target:$PORT"; }
+    sleep 1
+  done
+  log "ready after $(since "$t0")s: node $NODES's meshd ($target:$PORT) answers from $seen"
+  demo_count "$target"
+  log "node $NODES's meshd log (discovery):"
+  local cid
+  cid=$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_meshd" | head -1)
+  [ -n "$cid" ] && dk "$NODES" logs "$cid" 2>&1 | grep 'docker discovery' | head -8
+  return 0
+}
+
+# 300 requests, a connection each, from the host to node N's meshd: answers by task.
+demo_count() {
+  local target=$1 total=300
+  log "$total requests (a connection each) to $target:$PORT:"
+  local i out fail=0
+  out=$(for i in $(seq 1 $total); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; echo; done)
+  fail=$(echo "$out" | grep -c FAILED || true)
+  echo "$out" | grep -v '^$' | grep -v FAILED | sort | uniq -c | sed 's/^/  /'
+  log "failed: $fail of $total"
+}
+
+# === down ===
+
+cmd_down() {
+  need_root
+  local nodes managers
+  nodes=$(state_get nodes); nodes=${nodes:-3}
+  managers=$(state_get managers); managers=${managers:-1}
+  local n s
+  # The lab's services, secrets and configs (node 1 is a manager while the swarm exists).
+  if [ "$(state_get swarm)" = 1 ]; then
+    for s in ${PREFIX}_web ${PREFIX}_meshd; do docker service rm "$s" >/dev/null 2>&1 || true; done
+    docker secret rm ${PREFIX}_token >/dev/null 2>&1 || true
+    docker config rm ${PREFIX}_toml >/dev/null 2>&1 || true
+  fi
+  # Leave the swarm on the extra engines first, then stop them.
+  for n in $(seq 2 "$nodes"); do
+    [ -S "$(node_sock "$n")" ] && timeout 20 docker -H "unix://$(node_sock "$n")" swarm leave --force >/dev/null 2>&1 || true
+  done
+  for n in $(seq 2 "$nodes"); do
+    local pid
+    pid=$(cat "$RUN/node$n/dockerd.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      local end=$((SECONDS + 30))
+      while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; done
+      kill -0 "$pid" 2>/dev/null && { log "dockerd of node $n still runs after 30s: SIGKILL"; kill -KILL "$pid"; }
+    fi
+  done
+  if [ "$(state_get swarm)" = 1 ]; then
+    docker swarm leave --force >/dev/null 2>&1 || true
+    if [ "$(state_get gwbridge_before)" != 1 ]; then
+      local end=$((SECONDS + 20))
+      while docker network inspect docker_gwbridge >/dev/null 2>&1 && [ $SECONDS -lt $end ]; do
+        docker network rm docker_gwbridge >/dev/null 2>&1 || sleep 0.5
+      done
+    fi
+  fi
+  # Mounts the extra engines left (overlay mounts, netns bind mounts), deepest first.
+  local m
+  for m in $(awk -v a="$RUN/" -v b="$DATA/" 'index($2, a) == 1 || index($2, b) == 1 { print $2 }' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
+  for n in $(seq 2 "$nodes"); do
+    ip netns del "$(node_ns "$n")" 2>/dev/null || true
+    ip link del "mlab-n$n" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  while iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment meshd-lab -j ACCEPT 2>/dev/null; do :; done
+  local img
+  img=$(state_get built_image)
+  [ -n "$img" ] && docker rmi -f "$img" >/dev/null 2>&1 || true
+  rm -rf "$DATA" "$RUN"
+  log "down: lab removed$([ "$(docker info -f '{{.Swarm.LocalNodeState}}' 2>/dev/null)" = inactive ] && echo '; this engine is not in a swarm')"
+}
+
+case ${1:-} in
+  up) shift; cmd_up "$@" ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  demo) cmd_demo ;;
+  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | down" >&2; exit 2 ;;
+esac
