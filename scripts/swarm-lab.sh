@@ -351,6 +351,13 @@ demo_count() {
   fail=$(echo "$out" | grep -c FAILED || true)
   echo "$out" | grep -v '^$' | grep -v FAILED | sort | uniq -c | sed 's/^/  /'
   log "failed: $fail of $total"
+  # A short bounded load, if ab is there: 20 clients, a connection per request, <= 20 s.
+  if command -v ab >/dev/null; then
+    log "ab -n 5000 -c 20 -s 5 (a connection per request, at most 20 s) to $target:$PORT:"
+    timeout 20 ab -q -n 5000 -c 20 -s 5 "http://$target:$PORT/" 2>&1 |
+      grep -E '^(Complete requests|Failed requests|   \(Connect|Non-2xx|Requests per second|Time per request:.*\(mean\))' | sed 's/^/  /' || true
+    log "(ab counts an answer whose length differs from the first one's as failed: \"Length\" above is the task names' lengths, not errors)"
+  fi
 }
 
 # === down ===
