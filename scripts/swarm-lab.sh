@@ -152,7 +152,7 @@ engine_line() {
   local n=$1 pid cpid role
   if [ "$n" = 1 ]; then
     pid=$(pgrep -x dockerd | head -1 || true)
-    echo "node 1  $(hostname) (this machine's engine)  $(node_addr 1)  unix:///var/run/docker.sock  manager  dockerd pid ${pid:-?}"
+    echo "node 1  $(hostname) (this machine's engine)  $(node_addr 1)  unix:///var/run/docker.sock  manager  dockerd pid ${pid:-?} RSS $(( $(rss_kib "${pid:-0}" || echo 0) / 1024 )) MiB"
     return
   fi
   pid=$(cat "$RUN/node$n/dockerd.pid" 2>/dev/null || true)
