@@ -5,6 +5,8 @@
 #   scripts/swarm-lab.sh status
 #   scripts/swarm-lab.sh demo         # meshd on every node, a labelled service on every node,
 #                                     # a client on a worker's meshd reaches every node
+#   scripts/swarm-lab.sh update       # a rolling update of the demo app under ab, through
+#                                     # the worker's meshd (bounded: 90 s of load at most)
 #   scripts/swarm-lab.sh down         # removes everything `up` and `demo` created
 #
 # Node 1 is this machine's Docker engine (the swarm's first manager). Nodes 2 and 3 are
@@ -360,6 +362,46 @@ demo_count() {
   fi
 }
 
+# === update: a rolling update of the demo app under load, through a worker's meshd ===
+
+cmd_update() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  docker service inspect ${PREFIX}_web >/dev/null 2>&1 || die "no demo: run $0 demo first"
+  command -v ab >/dev/null || die "needs ab (apache2-utils)"
+  NODES=$(state_get nodes)
+  local target ver abpid t0 out
+  target=$(node_addr "$NODES")
+  # v2, v3, ... : the next version after the one the tasks answer with now
+  ver=$(docker service inspect ${PREFIX}_web -f '{{range .Spec.TaskTemplate.ContainerSpec.Env}}{{.}} {{end}}' | sed -n 's/.*MESHD_BACKEND_NAME=v\([0-9]*\)-.*/\1/p')
+  ver=$(( ${ver:-1} + 1 ))
+  out=$RUN/ab-update.txt
+  log "ab -c 10 -r (a connection per request, at most 90 s) to $target:$PORT while ${PREFIX}_web is updated to v$ver (stop-first, one task at a time)"
+  timeout 100 ab -q -r -t 90 -n 10000000 -c 10 -s 5 "http://$target:$PORT/" >"$out" 2>&1 &
+  abpid=$!
+  sleep 3
+  t0=$(now)
+  # stop-first: with 2 tasks per node at most (--replicas-max-per-node), a start-first
+  # update cannot place its new task ("no suitable node (max replicas per node limit
+  # exceed)") and never ends.
+  if ! timeout 120 docker service update --quiet --detach=false --update-order stop-first \
+    --update-parallelism 1 --update-delay 1s \
+    --env-add "MESHD_BACKEND_NAME=v$ver-web{{.Task.Slot}}@{{.Node.Hostname}}" ${PREFIX}_web >/dev/null; then
+    kill -INT "$abpid" 2>/dev/null || true
+    docker service ps ${PREFIX}_web | head -20
+    die "the update did not complete within 120s"
+  fi
+  log "update done in $(since "$t0")s; 3 s more load"
+  sleep 3
+  kill -INT "$abpid" 2>/dev/null || true
+  wait "$abpid" 2>/dev/null || true
+  grep -E '^(Complete requests|Failed requests|   \(Connect|Non-2xx|Requests per second)' "$out" | sed 's/^/  /' || true
+  log "(Connect/Receive/Exceptions are errors; Length is only the names' lengths)"
+  log "answers now:"
+  local i
+  for i in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; done | sort | uniq -c | sed 's/^/  /'
+}
+
 # === down ===
 
 cmd_down() {
@@ -420,5 +462,6 @@ case ${1:-} in
   down) cmd_down ;;
   status) cmd_status ;;
   demo) cmd_demo ;;
-  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | down" >&2; exit 2 ;;
+  update) cmd_update ;;
+  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | down" >&2; exit 2 ;;
 esac
