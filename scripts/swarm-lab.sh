@@ -70,7 +70,8 @@ need_root() { [ "$(id -u)" = 0 ] || die "needs root (network namespaces, a secon
 # === up ===
 
 check_free() {
-  command -v nsenter >/dev/null && command -v unshare >/dev/null || die "needs nsenter and unshare (util-linux)"
+  command -v nsenter >/dev/null && command -v unshare >/dev/null && command -v setsid >/dev/null ||
+    die "needs nsenter, unshare and setsid (util-linux)"
   command -v dockerd >/dev/null || die "no dockerd on PATH"
   docker info >/dev/null 2>&1 || die "this machine's Docker engine does not answer (docker info)"
   local st
@@ -94,7 +95,6 @@ make_network() {
   # Docker's FORWARD policy is DROP, and with br_netfilter bridged frames go through it:
   # without this, nodes 2 and 3 cannot reach each other (node 1 is the bridge itself).
   iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment meshd-lab -j ACCEPT
-  state_set iptables 1
   local n ns
   for n in $(seq 2 "$NODES"); do
     ns=$(node_ns "$n")
@@ -124,7 +124,8 @@ start_engine() {
   # nsenter --net, not `ip netns exec`: the latter remounts /sys for the namespace, which
   # hides the cgroup mounts (dockerd: "Devices cgroup isn't mounted"). unshare --uts gives
   # the node its own hostname (docker node ls, {{.Node.Hostname}}).
-  nsenter --net="/run/netns/$ns" -- unshare --uts -- sh -c '
+  # setsid: its own session, so that closing the terminal `up` ran in does not stop it.
+  setsid nsenter --net="/run/netns/$ns" -- unshare --uts -- sh -c '
     hostname "$1"; shift
     exec "$@"' sh "lab-node$n" \
     dockerd --config-file "$dir/daemon.json" \
