@@ -7,6 +7,7 @@
 #                                     # a client on a worker's meshd reaches every node
 #   scripts/swarm-lab.sh update       # a rolling update of the demo app under ab, through
 #                                     # the worker's meshd (bounded: 90 s of load at most)
+#   scripts/swarm-lab.sh overlay      # checks container-to-container traffic over VXLAN
 #   scripts/swarm-lab.sh down         # removes everything `up` and `demo` created
 #
 # Node 1 is this machine's Docker engine (the swarm's first manager). Nodes 2 and 3 are
@@ -403,6 +404,50 @@ cmd_update() {
   for i in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; done | sort | uniq -c | sed 's/^/  /'
 }
 
+# === overlay: task-to-task traffic over VXLAN between the nodes ===
+
+# A meshd on node 1 with a static config, on an attachable overlay network, proxies to
+# `meshd backend` containers on the other nodes at their overlay addresses; removed again.
+cmd_overlay() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  NODES=$(state_get nodes)
+  IMAGE=$(state_get image)
+  local n ips="" ip want="" port=${MESHD_LAB_OVERLAY_PORT:-18181}
+  trap overlay_clean EXIT
+  docker network create -d overlay --attachable ${PREFIX}_ov >/dev/null
+  for n in $(seq 2 "$NODES"); do
+    dk "$n" run -d --name ${PREFIX}-ov$n --network ${PREFIX}_ov "$IMAGE" \
+      backend --listen 0.0.0.0:80 --mode http --name "overlay-on-lab-node$n" >/dev/null
+    ip=$(dk "$n" inspect -f "{{(index .NetworkSettings.Networks \"${PREFIX}_ov\").IPAddress}}" ${PREFIX}-ov$n)
+    ips+="${ips:+, }{ addr = \"$ip:80\" }"
+    want+="overlay-on-lab-node$n $ip  "
+  done
+  mkdir -p "$RUN/overlay"
+  printf '[[service]]\nname = "ov"\nlisten = ["0.0.0.0:80"]\nbackends = [ %s ]\n' "$ips" >"$RUN/overlay/mesh.toml"
+  docker run -d --name ${PREFIX}-ovproxy --network ${PREFIX}_ov -p "127.0.0.1:$port:80" \
+    -v "$RUN/overlay/mesh.toml:/mesh.toml:ro" "$IMAGE" --config /mesh.toml >/dev/null
+  log "overlay ${PREFIX}_ov: meshd on node 1 -> $want"
+  local end=$((SECONDS + 30)) seen
+  while :; do
+    seen=$(for _ in $(seq 1 $((4 * NODES))); do curl -s -m 2 "http://127.0.0.1:$port/" || true; done | sort -u | tr '\n' ' ')
+    [ "$(echo "$seen" | wc -w)" -ge $((NODES - 1)) ] && break
+    [ $SECONDS -lt $end ] || die "over the overlay, after 30s only [$seen] answered"
+    sleep 0.5
+  done
+  log "overlay works: answers from $seen"
+}
+
+overlay_clean() {
+  local n
+  docker rm -f ${PREFIX}-ovproxy >/dev/null 2>&1 || true
+  for n in $(seq 2 "$NODES"); do dk "$n" rm -f ${PREFIX}-ov$n >/dev/null 2>&1 || true; done
+  local end=$((SECONDS + 20))
+  while docker network inspect ${PREFIX}_ov >/dev/null 2>&1 && [ $SECONDS -lt $end ]; do
+    docker network rm ${PREFIX}_ov >/dev/null 2>&1 || sleep 0.5
+  done
+}
+
 # === down ===
 
 cmd_down() {
@@ -416,6 +461,7 @@ cmd_down() {
     for s in ${PREFIX}_web ${PREFIX}_meshd; do docker service rm "$s" >/dev/null 2>&1 || true; done
     docker secret rm ${PREFIX}_token >/dev/null 2>&1 || true
     docker config rm ${PREFIX}_toml >/dev/null 2>&1 || true
+    NODES=$nodes overlay_clean
   fi
   # Leave the swarm on the extra engines first, then stop them.
   for n in $(seq 2 "$nodes"); do
@@ -464,5 +510,6 @@ case ${1:-} in
   status) cmd_status ;;
   demo) cmd_demo ;;
   update) cmd_update ;;
-  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | down" >&2; exit 2 ;;
+  overlay) cmd_overlay ;;
+  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | overlay | down" >&2; exit 2 ;;
 esac
