@@ -7,6 +7,8 @@
 #                                     # a client on a worker's meshd reaches every node
 #   scripts/swarm-lab.sh update       # a rolling update of the demo app under ab, through
 #                                     # the worker's meshd (bounded: 90 s of load at most)
+#   scripts/swarm-lab.sh partition    # node 2 cut off (link down) and back, under ab through
+#                                     # node 3's meshd (bounded: 100 s of load at most)
 #   scripts/swarm-lab.sh overlay      # checks container-to-container traffic over VXLAN
 #   scripts/swarm-lab.sh down         # removes everything `up` and `demo` created
 #
@@ -404,6 +406,56 @@ cmd_update() {
   for i in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; done | sort | uniq -c | sed 's/^/  /'
 }
 
+# === partition: node 2 cut off and back, under load through the last node's meshd ===
+
+cmd_partition() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  docker service inspect ${PREFIX}_web >/dev/null 2>&1 || die "no demo: run $0 demo first"
+  command -v ab >/dev/null || die "needs ab (apache2-utils)"
+  NODES=$(state_get nodes)
+  local cut=2 target abpid t0 out end host
+  target=$(node_addr "$NODES")
+  host=lab-node$cut
+  out=$RUN/ab-partition.txt
+  # the link comes back whatever happens
+  trap 'ip -n "$(node_ns '"$cut"')" link set eth0 up 2>/dev/null || true' EXIT
+  log "ab -c 10 -r (a connection per request, at most 100 s) to $target:$PORT; node $cut ($host) cut off, then back"
+  timeout 110 ab -q -r -t 100 -n 10000000 -c 10 -s 5 "http://$target:$PORT/" >"$out" 2>&1 &
+  abpid=$!
+  sleep 3
+  t0=$(now)
+  ip -n "$(node_ns "$cut")" link set eth0 down
+  log "node $cut: link down"
+  end=$((SECONDS + 60))
+  until docker node ls --format '{{.Hostname}} {{.Status}}' | grep -q "^$host Down$"; do
+    [ $SECONDS -lt $end ] || { kill -INT "$abpid" 2>/dev/null; die "Swarm did not mark $host Down within 60s"; }
+    sleep 0.2
+  done
+  log "Swarm: $host Down after $(since "$t0")s; its tasks: $(docker service ps ${PREFIX}_web -f desired-state=running --format '{{.Node}}' | sort | uniq -c | awk '{printf "%s%s:%s", (NR>1?" ":""), ($2==""?"pending":$2), $1}')"
+  sleep 10
+  t0=$(now)
+  ip -n "$(node_ns "$cut")" link set eth0 up
+  log "node $cut: link up again"
+  end=$((SECONDS + 90))
+  until [ "$(docker service ps ${PREFIX}_web -f desired-state=running --format '{{.Node}} {{.CurrentState}}' | grep -c "^$host Running")" -ge 2 ]; do
+    [ $SECONDS -lt $end ] || { kill -INT "$abpid" 2>/dev/null; die "no task running on $host again within 90s"; }
+    sleep 0.2
+  done
+  log "tasks running on $host again after $(since "$t0")s; 5 s more load"
+  sleep 5
+  kill -INT "$abpid" 2>/dev/null || true
+  wait "$abpid" 2>/dev/null || true
+  grep -E '^(Complete requests|   \(Connect|Non-2xx|Requests per second| +(99|100)%)' "$out" | sed 's/^/  /' || true
+  log "(Connect/Receive/Exceptions are errors; Length is only the names' lengths; 99% and 100%: the slowest requests, in ms)"
+  local cid
+  cid=$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_meshd" | head -1)
+  log "node $NODES's meshd log:"
+  [ -n "$cid" ] && dk "$NODES" logs "$cid" 2>&1 | grep -E 'backend (up|down)|endpoint\(s\)' | tail -8 | cut -c1-200
+  trap - EXIT
+  return 0
+}
+
 # === overlay: task-to-task traffic over VXLAN between the nodes ===
 
 # A meshd on node 1 with a static config, on an attachable overlay network, proxies to
@@ -511,5 +563,6 @@ case ${1:-} in
   demo) cmd_demo ;;
   update) cmd_update ;;
   overlay) cmd_overlay ;;
-  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | overlay | down" >&2; exit 2 ;;
+  partition) cmd_partition ;;
+  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | partition | overlay | down" >&2; exit 2 ;;
 esac
