@@ -280,6 +280,8 @@ cmd_demo() {
     id=$(dk "$n" info -f '{{.Swarm.NodeID}}')
     [ "$n" = 1 ] || sock=$(node_sock "$n")
     ln -sfn "$sock" "$RUN/engines/$id.sock"
+    # deploy/stack.yml's /run/meshd (the upgrade socket), one directory per node
+    mkdir -p "$RUN/upgrade/$id"
   done
   local managers="" m
   for m in $(seq 1 "$MANAGERS"); do managers+="${managers:+, }\"$(node_addr "$m"):$ADMIN\""; done
@@ -291,6 +293,9 @@ cmd_demo() {
 [admin]
 listen = "0.0.0.0:$ADMIN"
 token_file = "/run/secrets/meshd_token"
+
+[upgrade]
+socket = "/run/meshd/upgrade.sock"
 
 [defaults.health]
 interval = "1s"
@@ -304,14 +309,16 @@ token_file = "/run/secrets/meshd_token"
 EOF
   fi
   if ! docker service inspect ${PREFIX}_meshd >/dev/null 2>&1; then
-    # deploy/stack.yml's meshd, minus the upgrade socket (/run/meshd would be one directory
-    # shared by every lab node) and with the per-node engine socket.
+    # deploy/stack.yml's meshd, with the node's own engine socket and upgrade directory
+    # (/var/run/docker.sock and /run/meshd would be the same for every lab node).
     docker service create --quiet --detach --name ${PREFIX}_meshd --mode global \
       --network host --no-resolve-image \
       --mount "type=bind,source=$RUN/engines/{{.Node.ID}}.sock,target=/var/run/docker.sock,readonly" \
+      --mount "type=bind,source=$RUN/upgrade/{{.Node.ID}},target=/run/meshd" \
       --config source=${PREFIX}_toml,target=/etc/meshd/mesh.toml \
       --secret source=${PREFIX}_token,target=meshd_token \
-      --restart-condition on-failure --stop-grace-period 20s \
+      --restart-condition on-failure --restart-delay 1s --stop-grace-period 35s \
+      --update-order start-first --update-parallelism 1 --update-delay 10s --update-failure-action rollback \
       "$IMAGE" --config /etc/meshd/mesh.toml >/dev/null
   fi
   if ! docker service inspect ${PREFIX}_web >/dev/null 2>&1; then
