@@ -28,7 +28,8 @@
 # registry). Needs root, iproute2, nsenter/unshare (util-linux), iptables.
 #
 # Env: MESHD_LAB_NET (default 10.213.0: the /24 used), MESHD_LAB_IMAGE (default meshd:lab,
-# built with deploy/build-image.sh when missing).
+# built with deploy/build-image.sh when missing), MESHD_LAB_PORT (18080: the demo's
+# published port) and MESHD_LAB_ADMIN (19901: meshd's admin port), on every node.
 set -euo pipefail
 
 NET=${MESHD_LAB_NET:-10.213.0}
@@ -65,7 +66,8 @@ in_node() {
   if [ "$n" = 1 ]; then "$@"; else nsenter --net="/run/netns/$(node_ns "$n")" -- "$@"; fi
 }
 
-state_get() { [ -f "$STATE" ] && sed -n "s/^$1=//p" "$STATE" | tail -1; }
+# (always status 0: `x=$(state_get k)` must not stop the script under set -e)
+state_get() { if [ -f "$STATE" ]; then sed -n "s/^$1=//p" "$STATE" | tail -1; fi; }
 state_set() { mkdir -p "$RUN"; echo "$1=$2" >>"$STATE"; }
 
 need_root() { [ "$(id -u)" = 0 ] || die "needs root (network namespaces, a second dockerd)"; }
