@@ -82,7 +82,9 @@ check_free() {
   local st
   st=$(docker info -f '{{.Swarm.LocalNodeState}}')
   [ "$st" = inactive ] || die "this machine's engine is already in a swarm ($st); the lab makes its own: leave it first (docker swarm leave --force) or use that one"
-  if ip -4 -o addr show | awk '{print $4}' | grep -q "^$NET\." || ip -4 route show | grep -q "^$NET\."; then
+  # a route covering the /24 (other than the default route) or inside it, or an address in it
+  if { ip -4 route show match "$NET.0/24"; ip -4 route show root "$NET.0/24"; } | grep -qv '^default' ||
+    ip -4 -o addr show | awk '{print $4}' | grep -q "^$NET\."; then
     die "$NET.0/24 is in use on this machine (ip addr/ip route); set MESHD_LAB_NET to a free /24 prefix, e.g. MESHD_LAB_NET=10.214.0"
   fi
   ip link show "$BRIDGE" >/dev/null 2>&1 && die "a link $BRIDGE exists already: a lab left over? run: $0 down"
