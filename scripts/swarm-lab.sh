@@ -75,8 +75,9 @@ need_root() { [ "$(id -u)" = 0 ] || die "needs root (network namespaces, a secon
 # === up ===
 
 check_free() {
-  command -v nsenter >/dev/null && command -v unshare >/dev/null && command -v setsid >/dev/null ||
+  if ! command -v nsenter >/dev/null || ! command -v unshare >/dev/null || ! command -v setsid >/dev/null; then
     die "needs nsenter, unshare and setsid (util-linux)"
+  fi
   command -v dockerd >/dev/null || die "no dockerd on PATH"
   docker info >/dev/null 2>&1 || die "this machine's Docker engine does not answer (docker info)"
   local st
@@ -132,6 +133,7 @@ start_engine() {
   # hides the cgroup mounts (dockerd: "Devices cgroup isn't mounted"). unshare --uts gives
   # the node its own hostname (docker node ls, {{.Node.Hostname}}).
   # setsid: its own session, so that closing the terminal `up` ran in does not stop it.
+  # shellcheck disable=SC2016 # $1 and $@ are the inner shell's
   setsid nsenter --net="/run/netns/$ns" -- unshare --uts -- sh -c '
     hostname "$1"; shift
     exec "$@"' sh "lab-node$n" \
@@ -168,8 +170,17 @@ engine_line() {
   pid=$(cat "$RUN/node$n/dockerd.pid" 2>/dev/null || true)
   cpid=$(pgrep -P "${pid:-0}" -x containerd 2>/dev/null | head -1 || true)
   role=$(dk "$n" info -f '{{.Swarm.ControlAvailable}}' 2>/dev/null || echo '?')
-  [ "$role" = true ] && role=manager || { [ "$role" = false ] && role=worker; }
+  case $role in true) role=manager ;; false) role=worker ;; esac
   echo "node $n  lab-node$n  $(node_addr "$n")  unix://$(node_sock "$n")  $role  dockerd pid ${pid:-?} RSS $(( $(rss_kib "${pid:-0}" || echo 0) / 1024 )) MiB, its containerd RSS $(( $(rss_kib "${cpid:-0}" || echo 0) / 1024 )) MiB"
+}
+
+# the EXIT trap of `up` until it succeeds
+up_failed() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    log "up failed (exit $rc): tearing down"
+    cmd_down || true
+  fi
 }
 
 cmd_up() {
@@ -191,7 +202,7 @@ cmd_up() {
   local t0 t
   t0=$(now)
   # From here on, a failure tears down what was made.
-  trap 'rc=$?; if [ $rc -ne 0 ]; then log "up failed (exit $rc): tearing down"; cmd_down || true; fi' EXIT
+  trap up_failed EXIT
   state_set managers "$MANAGERS"
   state_set nodes "$NODES"
   docker network inspect docker_gwbridge >/dev/null 2>&1 && state_set gwbridge_before 1
@@ -331,7 +342,7 @@ EOF
       --replicas $((2 * NODES)) --replicas-max-per-node 2 --no-resolve-image \
       --endpoint-mode dnsrr --publish mode=host,target=80 \
       --env 'MESHD_BACKEND_NAME=web{{.Task.Slot}}@{{.Node.Hostname}}' \
-      --label mesh.publish=$PORT:80 --label mesh.health=http --label mesh.health.path=/healthz \
+      --label "mesh.publish=$PORT:80" --label mesh.health=http --label mesh.health.path=/healthz \
       --stop-grace-period 5s \
       "$IMAGE" backend --listen 0.0.0.0:80 --mode http >/dev/null
   fi
@@ -363,8 +374,8 @@ EOF
 demo_count() {
   local target=$1 total=300
   log "$total requests (a connection each) to $target:$PORT:"
-  local i out fail=0
-  out=$(for i in $(seq 1 $total); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; echo; done)
+  local out fail=0
+  out=$(for _ in $(seq 1 $total); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; echo; done)
   fail=$(echo "$out" | grep -c FAILED || true)
   echo "$out" | grep -v '^$' | grep -v FAILED | sort | uniq -c | sed 's/^/  /'
   log "failed: $fail of $total"
@@ -413,8 +424,7 @@ cmd_update() {
   grep -E '^(Complete requests|Failed requests|   \(Connect|Non-2xx|Requests per second)' "$out" | sed 's/^/  /' || true
   log "(Connect/Receive/Exceptions are errors; Length is only the names' lengths)"
   log "answers now:"
-  local i
-  for i in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; done | sort | uniq -c | sed 's/^/  /'
+  for _ in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; done | sort | uniq -c | sed 's/^/  /'
 }
 
 # === partition: node 2 cut off and back, under load through the last node's meshd ===
@@ -480,9 +490,9 @@ cmd_overlay() {
   trap overlay_clean EXIT
   docker network create -d overlay --attachable ${PREFIX}_ov >/dev/null
   for n in $(seq 2 "$NODES"); do
-    dk "$n" run -d --name ${PREFIX}-ov$n --network ${PREFIX}_ov "$IMAGE" \
+    dk "$n" run -d --name "${PREFIX}-ov$n" --network ${PREFIX}_ov "$IMAGE" \
       backend --listen 0.0.0.0:80 --mode http --name "overlay-on-lab-node$n" >/dev/null
-    ip=$(dk "$n" inspect -f "{{(index .NetworkSettings.Networks \"${PREFIX}_ov\").IPAddress}}" ${PREFIX}-ov$n)
+    ip=$(dk "$n" inspect -f "{{(index .NetworkSettings.Networks \"${PREFIX}_ov\").IPAddress}}" "${PREFIX}-ov$n")
     ips+="${ips:+, }{ addr = \"$ip:80\" }"
     want+="overlay-on-lab-node$n $ip  "
   done
@@ -504,7 +514,7 @@ cmd_overlay() {
 overlay_clean() {
   local n
   docker rm -f ${PREFIX}-ovproxy >/dev/null 2>&1 || true
-  for n in $(seq 2 "$NODES"); do dk "$n" rm -f ${PREFIX}-ov$n >/dev/null 2>&1 || true; done
+  for n in $(seq 2 "$NODES"); do dk "$n" rm -f "${PREFIX}-ov$n" >/dev/null 2>&1 || true; done
   local end=$((SECONDS + 20))
   while docker network inspect ${PREFIX}_ov >/dev/null 2>&1 && [ $SECONDS -lt $end ]; do
     docker network rm ${PREFIX}_ov >/dev/null 2>&1 || sleep 0.5
@@ -528,7 +538,9 @@ cmd_down() {
   fi
   # Leave the swarm on the extra engines first, then stop them.
   for n in $(seq 2 "$nodes"); do
-    [ -S "$(node_sock "$n")" ] && timeout 20 docker -H "unix://$(node_sock "$n")" swarm leave --force >/dev/null 2>&1 || true
+    if [ -S "$(node_sock "$n")" ]; then
+      timeout 20 docker -H "unix://$(node_sock "$n")" swarm leave --force >/dev/null 2>&1 || true
+    fi
   done
   for n in $(seq 2 "$nodes"); do
     local pid
@@ -551,9 +563,9 @@ cmd_down() {
   fi
   # Mounts the extra engines left (overlay mounts, netns bind mounts), deepest first.
   local m
-  for m in $(awk -v a="$RUN/" -v b="$DATA/" 'index($2, a) == 1 || index($2, b) == 1 { print $2 }' /proc/mounts | sort -r); do
+  while read -r m; do
     umount -l "$m" 2>/dev/null || true
-  done
+  done < <(awk -v a="$RUN/" -v b="$DATA/" 'index($2, a) == 1 || index($2, b) == 1 { print $2 }' /proc/mounts | sort -r)
   for n in $(seq 2 "$nodes"); do
     ip netns del "$(node_ns "$n")" 2>/dev/null || true
     ip link del "mlab-n$n" 2>/dev/null || true
@@ -562,7 +574,7 @@ cmd_down() {
   while iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment meshd-lab -j ACCEPT 2>/dev/null; do :; done
   local img
   img=$(state_get built_image)
-  [ -n "$img" ] && docker rmi -f "$img" >/dev/null 2>&1 || true
+  if [ -n "$img" ]; then docker rmi -f "$img" >/dev/null 2>&1 || true; fi
   rm -rf "$DATA" "$RUN"
   log "down: lab removed$([ "$(docker info -f '{{.Swarm.LocalNodeState}}' 2>/dev/null)" = inactive ] && echo '; this engine is not in a swarm')"
 }
