@@ -1,0 +1,591 @@
+#!/usr/bin/env bash
+# A real multi-node Docker Swarm on one machine, to try meshd across nodes (issue #17).
+#
+#   scripts/swarm-lab.sh up [--managers 3] [--image TAG]   # 3 nodes: this engine + 2 more
+#   scripts/swarm-lab.sh status
+#   scripts/swarm-lab.sh demo         # meshd on every node, a labelled service on every node,
+#                                     # a client on a worker's meshd reaches every node
+#   scripts/swarm-lab.sh update       # a rolling update of the demo app under ab, through
+#                                     # the worker's meshd (bounded: 90 s of load at most)
+#   scripts/swarm-lab.sh partition    # node 2 cut off (link down) and back, under ab through
+#                                     # node 3's meshd (bounded: 100 s of load at most)
+#   scripts/swarm-lab.sh overlay      # checks container-to-container traffic over VXLAN
+#   scripts/swarm-lab.sh down         # removes everything `up` and `demo` created
+#
+# Node 1 is this machine's Docker engine (the swarm's first manager). Nodes 2 and 3 are
+# extra dockerd processes, each in its own network namespace (and UTS namespace, for its
+# own hostname), joined to a bridge in the root namespace:
+#
+#   root ns: bridge meshlab0 10.213.0.1/24  <- node 1 advertises this address
+#              |-- veth mlab-n2 <-> netns meshlab-node2: eth0 10.213.0.2/24, dockerd
+#              `-- veth mlab-n3 <-> netns meshlab-node3: eth0 10.213.0.3/24, dockerd
+#
+# Each extra dockerd has its own config file (this machine's /etc/docker/daemon.json sets
+# data-root, which two daemons cannot share), data root (/var/lib/meshd-lab/NODE), exec
+# root and socket (/run/meshd-lab/NODE.sock), the storage driver of this machine's engine,
+# and its own iptables rules and docker0 (in its own namespace, they touch nothing of the
+# machine's engine). Images come from this engine by `docker save | docker load` (no
+# registry). Needs root, iproute2, nsenter/unshare (util-linux), iptables.
+#
+# Env: MESHD_LAB_NET (default 10.213.0: the /24 used), MESHD_LAB_IMAGE (default meshd:lab,
+# built with deploy/build-image.sh when missing), MESHD_LAB_PORT (18080: the demo's
+# published port) and MESHD_LAB_ADMIN (19901: meshd's admin port), on every node.
+set -euo pipefail
+
+NET=${MESHD_LAB_NET:-10.213.0}
+BRIDGE=meshlab0
+RUN=/run/meshd-lab
+DATA=/var/lib/meshd-lab
+STATE=$RUN/state
+IMAGE=${MESHD_LAB_IMAGE:-meshd:lab}
+NODES=3
+MANAGERS=1
+# demo: the published port and meshd's admin port (on every node's host network)
+PORT=${MESHD_LAB_PORT:-18080}
+ADMIN=${MESHD_LAB_ADMIN:-19901}
+PREFIX=meshlab
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+log() { printf 'swarm-lab: %s\n' "$*"; }
+die() { printf 'swarm-lab: %s\n' "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+node_ns() { echo "meshlab-node$1"; }
+node_sock() { echo "$RUN/node$1.sock"; }
+node_addr() { echo "$NET.$1"; }
+# docker on node N (1 = this machine's engine)
+dk() {
+  local n=$1; shift
+  if [ "$n" = 1 ]; then docker "$@"; else docker -H "unix://$(node_sock "$n")" "$@"; fi
+}
+# runs a command in node N's network namespace
+in_node() {
+  local n=$1; shift
+  if [ "$n" = 1 ]; then "$@"; else nsenter --net="/run/netns/$(node_ns "$n")" -- "$@"; fi
+}
+
+# (always status 0: `x=$(state_get k)` must not stop the script under set -e)
+state_get() { if [ -f "$STATE" ]; then sed -n "s/^$1=//p" "$STATE" | tail -1; fi; }
+state_set() { mkdir -p "$RUN"; echo "$1=$2" >>"$STATE"; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "needs root (network namespaces, a second dockerd)"; }
+
+# === up ===
+
+check_free() {
+  if ! command -v nsenter >/dev/null || ! command -v unshare >/dev/null || ! command -v setsid >/dev/null; then
+    die "needs nsenter, unshare and setsid (util-linux)"
+  fi
+  command -v dockerd >/dev/null || die "no dockerd on PATH"
+  docker info >/dev/null 2>&1 || die "this machine's Docker engine does not answer (docker info)"
+  local st
+  st=$(docker info -f '{{.Swarm.LocalNodeState}}')
+  [ "$st" = inactive ] || die "this machine's engine is already in a swarm ($st); the lab makes its own: leave it first (docker swarm leave --force) or use that one"
+  # a route covering the /24 (other than the default route) or inside it, or an address in it
+  if { ip -4 route show match "$NET.0/24"; ip -4 route show root "$NET.0/24"; } | grep -qv '^default' ||
+    ip -4 -o addr show | awk '{print $4}' | grep -q "^$NET\."; then
+    die "$NET.0/24 is in use on this machine (ip addr/ip route); set MESHD_LAB_NET to a free /24 prefix, e.g. MESHD_LAB_NET=10.214.0"
+  fi
+  ip link show "$BRIDGE" >/dev/null 2>&1 && die "a link $BRIDGE exists already: a lab left over? run: $0 down"
+  local n
+  for n in $(seq 2 "$NODES"); do
+    [ -e "/run/netns/$(node_ns "$n")" ] && die "netns $(node_ns "$n") exists already: run: $0 down"
+  done
+  return 0
+}
+
+make_network() {
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$(node_addr 1)/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  # Docker's FORWARD policy is DROP, and with br_netfilter bridged frames go through it:
+  # without this, nodes 2 and 3 cannot reach each other (node 1 is the bridge itself).
+  iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment meshd-lab -j ACCEPT
+  local n ns
+  for n in $(seq 2 "$NODES"); do
+    ns=$(node_ns "$n")
+    ip netns add "$ns"
+    ip link add "mlab-n$n" type veth peer name eth0 netns "$ns"
+    ip link set "mlab-n$n" master "$BRIDGE" up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$(node_addr "$n")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    # No default route on purpose: the swarm agent tries to pull a task's image before it
+    # uses the local copy, and with a route to nowhere that waits for the DNS timeout
+    # (10 s per task start); without one the lookup fails at once.
+  done
+}
+
+start_engine() {
+  local n=$1 ns dir driver
+  ns=$(node_ns "$n")
+  dir=$RUN/node$n
+  driver=$(docker info -f '{{.Driver}}')
+  mkdir -p "$dir" "$DATA/node$n"
+  # Its own config file: the machine's daemon.json names a data-root, and dockerd refuses a
+  # flag and a config key for the same setting. The MTU of the machine's engine, if set.
+  local mtu
+  mtu=$(sed -n 's/.*"mtu": *\([0-9]*\).*/\1/p' /etc/docker/daemon.json 2>/dev/null || true)
+  if [ -n "$mtu" ]; then echo "{\"mtu\": $mtu}" >"$dir/daemon.json"; else echo '{}' >"$dir/daemon.json"; fi
+  # nsenter --net, not `ip netns exec`: the latter remounts /sys for the namespace, which
+  # hides the cgroup mounts (dockerd: "Devices cgroup isn't mounted"). unshare --uts gives
+  # the node its own hostname (docker node ls, {{.Node.Hostname}}).
+  # setsid: its own session, so that closing the terminal `up` ran in does not stop it.
+  # shellcheck disable=SC2016 # $1 and $@ are the inner shell's
+  setsid nsenter --net="/run/netns/$ns" -- unshare --uts -- sh -c '
+    hostname "$1"; shift
+    exec "$@"' sh "lab-node$n" \
+    dockerd --config-file "$dir/daemon.json" \
+      --data-root "$DATA/node$n" --exec-root "$dir/exec" \
+      -H "unix://$(node_sock "$n")" --pidfile "$dir/dockerd.pid" \
+      --storage-driver "$driver" \
+    >"$dir/dockerd.log" 2>&1 </dev/null &
+  local pid=$!
+  local end=$((SECONDS + 60))
+  until dk "$n" info >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$dir/dockerd.log" >&2; die "dockerd of node $n exited (log above: $dir/dockerd.log)"; }
+    [ $SECONDS -lt $end ] || { tail -20 "$dir/dockerd.log" >&2; die "dockerd of node $n does not answer after 60s"; }
+    sleep 0.2
+  done
+}
+
+load_image() {
+  local img=$1 n
+  for n in $(seq 2 "$NODES"); do
+    docker save "$img" | dk "$n" load -q >/dev/null
+  done
+}
+
+rss_kib() { ps -o rss= -p "$1" 2>/dev/null | tr -d ' '; }
+
+engine_line() {
+  local n=$1 pid cpid role
+  if [ "$n" = 1 ]; then
+    pid=$(pgrep -x dockerd | head -1 || true)
+    echo "node 1  $(hostname) (this machine's engine)  $(node_addr 1)  unix:///var/run/docker.sock  manager  dockerd pid ${pid:-?} RSS $(( $(rss_kib "${pid:-0}" || echo 0) / 1024 )) MiB"
+    return
+  fi
+  pid=$(cat "$RUN/node$n/dockerd.pid" 2>/dev/null || true)
+  cpid=$(pgrep -P "${pid:-0}" -x containerd 2>/dev/null | head -1 || true)
+  role=$(dk "$n" info -f '{{.Swarm.ControlAvailable}}' 2>/dev/null || echo '?')
+  case $role in true) role=manager ;; false) role=worker ;; esac
+  echo "node $n  lab-node$n  $(node_addr "$n")  unix://$(node_sock "$n")  $role  dockerd pid ${pid:-?} RSS $(( $(rss_kib "${pid:-0}" || echo 0) / 1024 )) MiB, its containerd RSS $(( $(rss_kib "${cpid:-0}" || echo 0) / 1024 )) MiB"
+}
+
+# the EXIT trap of `up` until it succeeds
+up_failed() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    log "up failed (exit $rc): tearing down"
+    cmd_down || true
+  fi
+}
+
+cmd_up() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --managers) MANAGERS=$2; shift 2 ;;
+      --image) IMAGE=$2; shift 2 ;;
+      *) die "up: unknown argument $1 (up [--managers 1|3] [--image TAG])" ;;
+    esac
+  done
+  case $MANAGERS in 1 | 3) ;; *) die "--managers: 1 or 3" ;; esac
+  need_root
+  if [ -f "$STATE" ]; then
+    log "already up (state in $STATE); \`$0 down\` first to start again"
+    cmd_status
+    exit 0
+  fi
+  check_free
+  local t0 t
+  t0=$(now)
+  # From here on, a failure tears down what was made.
+  trap up_failed EXIT
+  state_set managers "$MANAGERS"
+  state_set nodes "$NODES"
+  docker network inspect docker_gwbridge >/dev/null 2>&1 && state_set gwbridge_before 1
+
+  if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
+    log "image $IMAGE missing: building it (deploy/build-image.sh $IMAGE)"
+    t=$(now)
+    "$here/deploy/build-image.sh" "$IMAGE"
+    state_set built_image "$IMAGE"
+    log "image built in $(since "$t")s (not counted in the start time)"
+    t0=$(now)
+  fi
+  state_set image "$IMAGE"
+
+  t=$(now); make_network; log "network: bridge $BRIDGE $(node_addr 1)/24, $((NODES - 1)) namespaces ($(since "$t")s)"
+  local n
+  t=$(now)
+  for n in $(seq 2 "$NODES"); do start_engine "$n" & done
+  local fail=0
+  for n in $(seq 2 "$NODES"); do wait -n || fail=1; done
+  [ $fail = 0 ] || die "an engine did not start"
+  log "engines: $((NODES - 1)) dockerd started ($(since "$t")s)"
+
+  t=$(now)
+  docker swarm init --advertise-addr "$(node_addr 1)" >/dev/null
+  state_set swarm 1
+  local wtok mtok
+  wtok=$(docker swarm join-token -q worker)
+  mtok=$(docker swarm join-token -q manager)
+  for n in $(seq 2 "$NODES"); do
+    local tok=$wtok
+    [ "$MANAGERS" = 3 ] && tok=$mtok
+    dk "$n" swarm join --token "$tok" --advertise-addr "$(node_addr "$n")" "$(node_addr 1):2377" >/dev/null
+  done
+  log "swarm: initialised on $(node_addr 1), $((NODES - 1)) joined as $([ "$MANAGERS" = 3 ] && echo managers || echo workers) ($(since "$t")s)"
+
+  t=$(now); load_image "$IMAGE"; log "image $IMAGE loaded on nodes 2-$NODES ($(since "$t")s)"
+  # every node Ready
+  local end=$((SECONDS + 60))
+  until [ "$(docker node ls --format '{{.Status}}' | grep -c '^Ready$')" = "$NODES" ]; do
+    [ $SECONDS -lt $end ] || die "not every node is Ready after 60s: $(docker node ls)"
+    sleep 0.5
+  done
+  trap - EXIT
+  log "up in $(since "$t0")s: $NODES nodes Ready ($MANAGERS manager(s))"
+  for n in $(seq 2 "$NODES"); do engine_line "$n"; done
+  log "use: docker -H unix://$(node_sock 2) ... ; next: $0 demo ; $0 status ; $0 down"
+}
+
+# === status ===
+
+cmd_status() {
+  if [ ! -f "$STATE" ]; then
+    log "not up (no $STATE)"
+    return 1
+  fi
+  NODES=$(state_get nodes)
+  docker node ls
+  echo
+  local n
+  for n in $(seq 1 "$NODES"); do engine_line "$n"; done
+  if docker service ls -q -f "name=${PREFIX}_" | grep -q .; then
+    echo
+    docker service ls -f "name=${PREFIX}_"
+  fi
+}
+
+# === demo ===
+
+cmd_demo() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  NODES=$(state_get nodes)
+  MANAGERS=$(state_get managers)
+  IMAGE=$(state_get image)
+  local n
+  for n in 1 $(seq 2 "$NODES"); do
+    in_node "$n" sh -c "! (ss -Hltn 'sport = :$PORT'; ss -Hltn 'sport = :$ADMIN') | grep -q ." ||
+      docker service ls -q -f "name=${PREFIX}_meshd" | grep -q . ||
+      die "port $PORT or $ADMIN is in use on node $n; set MESHD_LAB_PORT/MESHD_LAB_ADMIN"
+  done
+  local t0
+  t0=$(now)
+  # Each node's meshd reads its own node's engine: the bind source is templated by node ID,
+  # and /run/meshd-lab/engines/<node ID>.sock points at that node's socket (all nodes
+  # share this machine's filesystem, so /var/run/docker.sock would be node 1's everywhere).
+  mkdir -p "$RUN/engines"
+  for n in $(seq 1 "$NODES"); do
+    local id sock=/var/run/docker.sock
+    id=$(dk "$n" info -f '{{.Swarm.NodeID}}')
+    [ "$n" = 1 ] || sock=$(node_sock "$n")
+    ln -sfn "$sock" "$RUN/engines/$id.sock"
+    # deploy/stack.yml's /run/meshd (the upgrade socket), one directory per node
+    mkdir -p "$RUN/upgrade/$id"
+  done
+  local managers="" m
+  for m in $(seq 1 "$MANAGERS"); do managers+="${managers:+, }\"$(node_addr "$m"):$ADMIN\""; done
+  if ! docker secret inspect ${PREFIX}_token >/dev/null 2>&1; then
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' | docker secret create ${PREFIX}_token - >/dev/null
+  fi
+  if ! docker config inspect ${PREFIX}_toml >/dev/null 2>&1; then
+    docker config create ${PREFIX}_toml - >/dev/null <<EOF
+[admin]
+listen = "0.0.0.0:$ADMIN"
+token_file = "/run/secrets/meshd_token"
+
+[upgrade]
+socket = "/run/meshd/upgrade.sock"
+
+[defaults.health]
+interval = "1s"
+
+[discovery.docker]
+endpoint = "unix:///var/run/docker.sock"
+poll_interval = "500ms"
+address = "host_port"
+managers = [$managers]
+token_file = "/run/secrets/meshd_token"
+EOF
+  fi
+  if ! docker service inspect ${PREFIX}_meshd >/dev/null 2>&1; then
+    # deploy/stack.yml's meshd, with the node's own engine socket and upgrade directory
+    # (/var/run/docker.sock and /run/meshd would be the same for every lab node).
+    docker service create --quiet --detach --name ${PREFIX}_meshd --mode global \
+      --network host --no-resolve-image \
+      --mount "type=bind,source=$RUN/engines/{{.Node.ID}}.sock,target=/var/run/docker.sock,readonly" \
+      --mount "type=bind,source=$RUN/upgrade/{{.Node.ID}},target=/run/meshd" \
+      --config source=${PREFIX}_toml,target=/etc/meshd/mesh.toml \
+      --secret source=${PREFIX}_token,target=meshd_token \
+      --restart-condition on-failure --restart-delay 1s --stop-grace-period 35s \
+      --update-order start-first --update-parallelism 1 --update-delay 10s --update-failure-action rollback \
+      "$IMAGE" --config /etc/meshd/mesh.toml >/dev/null
+  fi
+  if ! docker service inspect ${PREFIX}_web >/dev/null 2>&1; then
+    # 2 tasks per node, each named by slot and node; host-mode port chosen by Docker.
+    docker service create --quiet --detach --name ${PREFIX}_web \
+      --replicas $((2 * NODES)) --replicas-max-per-node 2 --no-resolve-image \
+      --endpoint-mode dnsrr --publish mode=host,target=80 \
+      --env 'MESHD_BACKEND_NAME=web{{.Task.Slot}}@{{.Node.Hostname}}' \
+      --label "mesh.publish=$PORT:80" --label mesh.health=http --label mesh.health.path=/healthz \
+      --stop-grace-period 5s \
+      "$IMAGE" backend --listen 0.0.0.0:80 --mode http >/dev/null
+  fi
+  log "services ${PREFIX}_meshd (global, host network) and ${PREFIX}_web ($((2 * NODES)) tasks, mesh.publish=$PORT:80) created"
+
+  # The client: on the host, sending to the last node's address (a worker unless
+  # --managers 3): that node's meshd routes to tasks on every node.
+  local target end seen tasks_seen want=$((2 * NODES))
+  target=$(node_addr "$NODES")
+  end=$((SECONDS + 120))
+  log "waiting (at most 120s) until $target:$PORT answers from all $want tasks"
+  while :; do
+    seen=$(for _ in $(seq 1 $((8 * want))); do curl -s -m 2 "http://$target:$PORT/" 2>/dev/null || true; done | sort -u | tr '\n' ' ')
+    tasks_seen=$(echo "$seen" | wc -w)
+    [ "$tasks_seen" -ge "$want" ] && break
+    [ $SECONDS -lt $end ] || { docker service ps ${PREFIX}_web ${PREFIX}_meshd | head -30; die "after 120s only [$seen] answered on $target:$PORT"; }
+    sleep 1
+  done
+  log "ready after $(since "$t0")s: node $NODES's meshd ($target:$PORT) answers from $seen"
+  demo_count "$target"
+  log "node $NODES's meshd log (discovery):"
+  local cid
+  cid=$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_meshd" | head -1)
+  [ -n "$cid" ] && dk "$NODES" logs "$cid" 2>&1 | grep 'docker discovery' | head -8
+  return 0
+}
+
+# 300 requests, a connection each, from the host to node N's meshd: answers by task.
+demo_count() {
+  local target=$1 total=300
+  log "$total requests (a connection each) to $target:$PORT:"
+  local out fail=0
+  out=$(for _ in $(seq 1 $total); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; echo; done)
+  fail=$(echo "$out" | grep -c FAILED || true)
+  echo "$out" | grep -v '^$' | grep -v FAILED | sort | uniq -c | sed 's/^/  /'
+  log "failed: $fail of $total"
+  # A short bounded load, if ab is there: 20 clients, a connection per request, <= 20 s.
+  if command -v ab >/dev/null; then
+    log "ab -n 5000 -c 20 -s 5 (a connection per request, at most 20 s) to $target:$PORT:"
+    timeout 20 ab -q -n 5000 -c 20 -s 5 "http://$target:$PORT/" 2>&1 |
+      grep -E '^(Complete requests|Failed requests|   \(Connect|Non-2xx|Requests per second|Time per request:.*\(mean\))' | sed 's/^/  /' || true
+    log "(ab counts an answer whose length differs from the first one's as failed: \"Length\" above is the task names' lengths, not errors)"
+  fi
+}
+
+# === update: a rolling update of the demo app under load, through a worker's meshd ===
+
+cmd_update() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  docker service inspect ${PREFIX}_web >/dev/null 2>&1 || die "no demo: run $0 demo first"
+  command -v ab >/dev/null || die "needs ab (apache2-utils)"
+  NODES=$(state_get nodes)
+  local target ver abpid t0 out
+  target=$(node_addr "$NODES")
+  # v2, v3, ... : the next version after the one the tasks answer with now
+  ver=$(docker service inspect ${PREFIX}_web -f '{{range .Spec.TaskTemplate.ContainerSpec.Env}}{{.}} {{end}}' | sed -n 's/.*MESHD_BACKEND_NAME=v\([0-9]*\)-.*/\1/p')
+  ver=$(( ${ver:-1} + 1 ))
+  out=$RUN/ab-update.txt
+  log "ab -c 10 -r (a connection per request, at most 90 s) to $target:$PORT while ${PREFIX}_web is updated to v$ver (stop-first, one task at a time)"
+  timeout 100 ab -q -r -t 90 -n 10000000 -c 10 -s 5 "http://$target:$PORT/" >"$out" 2>&1 &
+  abpid=$!
+  sleep 3
+  t0=$(now)
+  # stop-first: with 2 tasks per node at most (--replicas-max-per-node), a start-first
+  # update cannot place its new task ("no suitable node (max replicas per node limit
+  # exceed)") and never ends.
+  if ! timeout 120 docker service update --quiet --detach=false --update-order stop-first \
+    --update-parallelism 1 --update-delay 1s \
+    --env-add "MESHD_BACKEND_NAME=v$ver-web{{.Task.Slot}}@{{.Node.Hostname}}" ${PREFIX}_web >/dev/null; then
+    kill -INT "$abpid" 2>/dev/null || true
+    docker service ps ${PREFIX}_web | head -20
+    die "the update did not complete within 120s"
+  fi
+  log "update done in $(since "$t0")s; 3 s more load"
+  sleep 3
+  kill -INT "$abpid" 2>/dev/null || true
+  wait "$abpid" 2>/dev/null || true
+  grep -E '^(Complete requests|Failed requests|   \(Connect|Non-2xx|Requests per second)' "$out" | sed 's/^/  /' || true
+  log "(Connect/Receive/Exceptions are errors; Length is only the names' lengths)"
+  log "answers now:"
+  for _ in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; done | sort | uniq -c | sed 's/^/  /'
+}
+
+# === partition: node 2 cut off and back, under load through the last node's meshd ===
+
+cmd_partition() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  docker service inspect ${PREFIX}_web >/dev/null 2>&1 || die "no demo: run $0 demo first"
+  command -v ab >/dev/null || die "needs ab (apache2-utils)"
+  NODES=$(state_get nodes)
+  local cut=2 target abpid t0 out end host
+  target=$(node_addr "$NODES")
+  host=lab-node$cut
+  out=$RUN/ab-partition.txt
+  # the link comes back whatever happens
+  trap 'ip -n "$(node_ns '"$cut"')" link set eth0 up 2>/dev/null || true' EXIT
+  log "ab -c 10 -r (a connection per request, at most 100 s) to $target:$PORT; node $cut ($host) cut off, then back"
+  timeout 110 ab -q -r -t 100 -n 10000000 -c 10 -s 5 "http://$target:$PORT/" >"$out" 2>&1 &
+  abpid=$!
+  sleep 3
+  t0=$(now)
+  ip -n "$(node_ns "$cut")" link set eth0 down
+  log "node $cut: link down"
+  end=$((SECONDS + 60))
+  until docker node ls --format '{{.Hostname}} {{.Status}}' | grep -q "^$host Down$"; do
+    [ $SECONDS -lt $end ] || { kill -INT "$abpid" 2>/dev/null; die "Swarm did not mark $host Down within 60s"; }
+    sleep 0.2
+  done
+  log "Swarm: $host Down after $(since "$t0")s; its tasks: $(docker service ps ${PREFIX}_web -f desired-state=running --format '{{.Node}}' | sort | uniq -c | awk '{printf "%s%s:%s", (NR>1?" ":""), ($2==""?"pending":$2), $1}')"
+  sleep 10
+  t0=$(now)
+  ip -n "$(node_ns "$cut")" link set eth0 up
+  log "node $cut: link up again"
+  end=$((SECONDS + 90))
+  until [ "$(docker service ps ${PREFIX}_web -f desired-state=running --format '{{.Node}} {{.CurrentState}}' | grep -c "^$host Running")" -ge 2 ]; do
+    [ $SECONDS -lt $end ] || { kill -INT "$abpid" 2>/dev/null; die "no task running on $host again within 90s"; }
+    sleep 0.2
+  done
+  log "tasks running on $host again after $(since "$t0")s; 5 s more load"
+  sleep 5
+  kill -INT "$abpid" 2>/dev/null || true
+  wait "$abpid" 2>/dev/null || true
+  grep -E '^(Complete requests|   \(Connect|Non-2xx|Requests per second| +(99|100)%)' "$out" | sed 's/^/  /' || true
+  log "(Connect/Receive/Exceptions are errors; Length is only the names' lengths; 99% and 100%: the slowest requests, in ms)"
+  local cid
+  cid=$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_meshd" | head -1)
+  log "node $NODES's meshd log:"
+  [ -n "$cid" ] && dk "$NODES" logs "$cid" 2>&1 | grep -E 'backend (up|down)|endpoint\(s\)' | tail -8 | cut -c1-200
+  trap - EXIT
+  return 0
+}
+
+# === overlay: task-to-task traffic over VXLAN between the nodes ===
+
+# A meshd on node 1 with a static config, on an attachable overlay network, proxies to
+# `meshd backend` containers on the other nodes at their overlay addresses; removed again.
+cmd_overlay() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  NODES=$(state_get nodes)
+  IMAGE=$(state_get image)
+  local n ips="" ip want="" port=${MESHD_LAB_OVERLAY_PORT:-18181}
+  trap overlay_clean EXIT
+  docker network create -d overlay --attachable ${PREFIX}_ov >/dev/null
+  for n in $(seq 2 "$NODES"); do
+    dk "$n" run -d --name "${PREFIX}-ov$n" --network ${PREFIX}_ov "$IMAGE" \
+      backend --listen 0.0.0.0:80 --mode http --name "overlay-on-lab-node$n" >/dev/null
+    ip=$(dk "$n" inspect -f "{{(index .NetworkSettings.Networks \"${PREFIX}_ov\").IPAddress}}" "${PREFIX}-ov$n")
+    ips+="${ips:+, }{ addr = \"$ip:80\" }"
+    want+="overlay-on-lab-node$n $ip  "
+  done
+  mkdir -p "$RUN/overlay"
+  printf '[[service]]\nname = "ov"\nlisten = ["0.0.0.0:80"]\nbackends = [ %s ]\n' "$ips" >"$RUN/overlay/mesh.toml"
+  docker run -d --name ${PREFIX}-ovproxy --network ${PREFIX}_ov -p "127.0.0.1:$port:80" \
+    -v "$RUN/overlay/mesh.toml:/mesh.toml:ro" "$IMAGE" --config /mesh.toml >/dev/null
+  log "overlay ${PREFIX}_ov: meshd on node 1 -> $want"
+  local end=$((SECONDS + 30)) seen
+  while :; do
+    seen=$(for _ in $(seq 1 $((4 * NODES))); do curl -s -m 2 "http://127.0.0.1:$port/" || true; done | sort -u | tr '\n' ' ')
+    [ "$(echo "$seen" | wc -w)" -ge $((NODES - 1)) ] && break
+    [ $SECONDS -lt $end ] || die "over the overlay, after 30s only [$seen] answered"
+    sleep 0.5
+  done
+  log "overlay works: answers from $seen"
+}
+
+overlay_clean() {
+  local n
+  docker rm -f ${PREFIX}-ovproxy >/dev/null 2>&1 || true
+  for n in $(seq 2 "$NODES"); do dk "$n" rm -f "${PREFIX}-ov$n" >/dev/null 2>&1 || true; done
+  local end=$((SECONDS + 20))
+  while docker network inspect ${PREFIX}_ov >/dev/null 2>&1 && [ $SECONDS -lt $end ]; do
+    docker network rm ${PREFIX}_ov >/dev/null 2>&1 || sleep 0.5
+  done
+}
+
+# === down ===
+
+cmd_down() {
+  need_root
+  local nodes managers
+  nodes=$(state_get nodes); nodes=${nodes:-3}
+  managers=$(state_get managers); managers=${managers:-1}
+  local n s
+  # The lab's services, secrets and configs (node 1 is a manager while the swarm exists).
+  if [ "$(state_get swarm)" = 1 ]; then
+    for s in ${PREFIX}_web ${PREFIX}_meshd; do docker service rm "$s" >/dev/null 2>&1 || true; done
+    docker secret rm ${PREFIX}_token >/dev/null 2>&1 || true
+    docker config rm ${PREFIX}_toml >/dev/null 2>&1 || true
+    NODES=$nodes overlay_clean
+  fi
+  # Leave the swarm on the extra engines first, then stop them.
+  for n in $(seq 2 "$nodes"); do
+    if [ -S "$(node_sock "$n")" ]; then
+      timeout 20 docker -H "unix://$(node_sock "$n")" swarm leave --force >/dev/null 2>&1 || true
+    fi
+  done
+  for n in $(seq 2 "$nodes"); do
+    local pid
+    pid=$(cat "$RUN/node$n/dockerd.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      local end=$((SECONDS + 30))
+      while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; done
+      kill -0 "$pid" 2>/dev/null && { log "dockerd of node $n still runs after 30s: SIGKILL"; kill -KILL "$pid"; }
+    fi
+  done
+  if [ "$(state_get swarm)" = 1 ]; then
+    docker swarm leave --force >/dev/null 2>&1 || true
+    if [ "$(state_get gwbridge_before)" != 1 ]; then
+      local end=$((SECONDS + 20))
+      while docker network inspect docker_gwbridge >/dev/null 2>&1 && [ $SECONDS -lt $end ]; do
+        docker network rm docker_gwbridge >/dev/null 2>&1 || sleep 0.5
+      done
+    fi
+  fi
+  # Mounts the extra engines left (overlay mounts, netns bind mounts), deepest first.
+  local m
+  while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done < <(awk -v a="$RUN/" -v b="$DATA/" 'index($2, a) == 1 || index($2, b) == 1 { print $2 }' /proc/mounts | sort -r)
+  for n in $(seq 2 "$nodes"); do
+    ip netns del "$(node_ns "$n")" 2>/dev/null || true
+    ip link del "mlab-n$n" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  while iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment meshd-lab -j ACCEPT 2>/dev/null; do :; done
+  local img
+  img=$(state_get built_image)
+  if [ -n "$img" ]; then docker rmi -f "$img" >/dev/null 2>&1 || true; fi
+  rm -rf "$DATA" "$RUN"
+  log "down: lab removed$([ "$(docker info -f '{{.Swarm.LocalNodeState}}' 2>/dev/null)" = inactive ] && echo '; this engine is not in a swarm')"
+}
+
+case ${1:-} in
+  up) shift; cmd_up "$@" ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  demo) cmd_demo ;;
+  update) cmd_update ;;
+  overlay) cmd_overlay ;;
+  partition) cmd_partition ;;
+  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | partition | overlay | down" >&2; exit 2 ;;
+esac
