@@ -278,7 +278,7 @@ impl Backend {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn backend");
-        let out = child.stdout.take().unwrap();
+        let out = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = std::io::BufReader::new(out);
