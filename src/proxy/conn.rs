@@ -28,16 +28,18 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::forward::{self, End, Limits, Mode};
 use super::proxy_header::Header;
+use super::sni::{self, SniError, Step};
 use super::{accept_proxy, connect, proxy_protocol};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
 use crate::config::ProxyProtocol;
+use crate::table::sni::SniRoutes;
 use crate::table::{Backend, ConnectError, Ejection, ServiceState, ServiceTable, TableHandle};
 
 /// The outlier rules live in one place (`table::outlier`).
@@ -560,7 +562,7 @@ async fn dial_queued(
 pub async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
-    mut svc: Arc<ServiceTable>,
+    svc: Arc<ServiceTable>,
     shared: Arc<Shared>,
 ) {
     let shared = &*shared;
@@ -593,6 +595,123 @@ pub async fn serve(
     } else {
         peer
     };
+    to_backend(client, peer, proxied_dst, svc, shared, accepted, Vec::new()).await;
+}
+
+/// Serves one connection accepted on an SNI listener (an address of `[service.tls]`
+/// services): a trusted source's PROXY header, then the ClientHello read into the
+/// connection's own buffer (grown as needed, at most 16 KiB, freed once the backend has
+/// it), both within `client_hello_timeout`; the normalised name picks the service
+/// (`SniRoutes::route`), whose limits, pick, connect and forwarding then apply as to any
+/// connection, the hello's bytes sent first. No service: TLS alert `unrecognized_name`,
+/// and the connection is closed; a malformed, oversized or late hello: closed. Each
+/// outcome is counted (`meshd_tls_handshakes_total`).
+pub async fn serve_sni(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    routes: Arc<SniRoutes>,
+    shared: Arc<Shared>,
+) {
+    let shared = &*shared;
+    let stats = &*routes.stats;
+    let count = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    let accepted = Instant::now();
+    let deadline = accepted + routes.client_hello_timeout;
+    let mut proxied_dst: Option<SocketAddr> = None;
+    let peer = if accept_proxy::trusted(&routes.accept_proxy, peer.ip()) {
+        match tokio::time::timeout_at(deadline, accept_proxy::read(&mut client)).await {
+            Ok(Ok(Header::Proxy { src, dst })) => {
+                proxied_dst = Some(dst);
+                src
+            }
+            Ok(Ok(Header::Local)) => peer,
+            Ok(Err(_)) | Err(_) => return count(&stats.proxy_header),
+        }
+    } else {
+        peer
+    };
+    let mut hello = Vec::new();
+    let name = match tokio::time::timeout_at(deadline, read_hello(&mut client, &mut hello)).await {
+        Ok(Ok(name)) => name,
+        Ok(Err(HelloEnd::Closed)) => return count(&stats.closed),
+        Ok(Err(HelloEnd::Refused(SniError::TooLarge))) => return count(&stats.too_large),
+        Ok(Err(HelloEnd::Refused(_))) => return count(&stats.malformed),
+        Err(_) => return count(&stats.timeout),
+    };
+    let Some((state, via)) = routes.route(name.as_ref().map(sni::Name::as_str)) else {
+        // One 7-byte record into an empty send buffer: never waits.
+        let _ = client.try_write(&sni::ALERT_UNRECOGNIZED_NAME);
+        return count(&stats.unrecognized_name);
+    };
+    let guard = shared.table.load();
+    let Some(svc) = guard.service(state) else {
+        return count(&stats.no_service);
+    };
+    let max = u64::from(svc.config.max_connections);
+    let live = state.active.fetch_add(1, Ordering::Relaxed);
+    let _service_live = Live(&state.active);
+    if max > 0 && live >= max {
+        state
+            .rejected_max_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        return;
+    }
+    count(&state.tls_routed[via as usize]);
+    let svc = svc.clone();
+    drop(guard);
+    to_backend(client, peer, proxied_dst, svc, shared, accepted, hello).await;
+}
+
+/// Why no ClientHello came.
+enum HelloEnd {
+    /// The client closed or reset first.
+    Closed,
+    Refused(SniError),
+}
+
+/// Reads until `buf` holds a whole ClientHello (what follows it in the same reads stays
+/// in `buf` too: all of it goes to the backend); its normalised server name, if any.
+/// `buf` grows from 2 KiB by doubling, never past [`sni::MAX_HELLO`].
+async fn read_hello(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<sni::Name>, HelloEnd> {
+    loop {
+        let have = buf.len();
+        let room = (sni::MAX_HELLO - have).min(have.max(2048));
+        if room == 0 {
+            return Err(HelloEnd::Refused(SniError::TooLarge));
+        }
+        buf.resize(have + room, 0);
+        let n = match client.read(&mut buf[have..]).await {
+            Ok(0) | Err(_) => return Err(HelloEnd::Closed),
+            Ok(n) => n,
+        };
+        buf.truncate(have + n);
+        match sni::parse(buf) {
+            Ok(Step::Done { name, .. }) => return Ok(name),
+            Ok(Step::Incomplete) => {}
+            Err(e) => return Err(HelloEnd::Refused(e)),
+        }
+    }
+}
+
+/// Everything after the service is known: dial (queue, retries, hedging, panic routing),
+/// PROXY header, `first` (an SNI connection's ClientHello), the replay phase, forwarding,
+/// access log. The caller holds the connection's place in `svc.state.active`.
+async fn to_backend(
+    client: TcpStream,
+    peer: SocketAddr,
+    proxied_dst: Option<SocketAddr>,
+    mut svc: Arc<ServiceTable>,
+    shared: &Shared,
+    accepted: Instant,
+    mut first: Vec<u8>,
+) {
+    let state = svc.state.clone();
     let mut attempts = Attempts::new();
     let mut queue: Option<Queue> = None;
     // `retry_on_early_close`: the client's bytes kept for a replay (allocated only then).
@@ -638,9 +757,29 @@ pub async fn serve(
             }
         }
         if !replays {
+            if !first.is_empty() {
+                if server.write_all(&first).await.is_err() {
+                    log_access(
+                        shared,
+                        &svc,
+                        &live.0,
+                        peer,
+                        accepted,
+                        End::BackendReset,
+                        0,
+                        0,
+                    );
+                    return;
+                }
+                let sent = first.len() as u64;
+                // Freed now: a forwarding connection holds no buffer.
+                drop(std::mem::take(&mut first));
+                break (server, live, sent);
+            }
             break (server, live, 0);
         }
-        let (buf, eof) = replay.get_or_insert_with(|| (Vec::new(), false));
+        // The hello (if any) is the first of the bytes kept for a replay.
+        let (buf, eof) = replay.get_or_insert_with(|| (std::mem::take(&mut first), false));
         match hold_for_replay(
             &client,
             &server,
