@@ -3,7 +3,7 @@
 //! backend), so a client tells which backend answered by the certificate it sees: meshd
 //! passes the bytes through, the backend does the handshake. Clients are `openssl
 //! s_client` and `curl`, and raw sockets for hellos nobody's client sends (one byte per
-//! segment, too large, never finished).
+//! segment, too large, never finished, after a PROXY header).
 //!
 //! nginx and openssl come from scripts/setup.sh (Debian's `nginx-light`, `openssl`).
 
@@ -286,6 +286,40 @@ fn a_hello_sent_one_byte_per_segment_is_reassembled() {
     c.read_exact(&mut head).unwrap();
     assert_eq!(head[..2], [22, 3], "{head:?}");
     assert_eq!(tls_metric(&m, "shop", "ok"), 1.0);
+}
+
+#[test]
+fn a_trusted_sources_proxy_header_comes_before_the_hello() {
+    let n = Nginx::start(&["api.test"]);
+    let listen = addr(free_port());
+    let m = Meshd::start(
+        &Svc::new("shop", listen)
+            .backends(&[n.at("api.test")])
+            .set("accept_proxy = [\"127.0.0.1/32\"]")
+            .set(&tls(&["shop.example.com"], false))
+            .to_string(),
+    );
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut wire = b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n".to_vec();
+    wire.extend_from_slice(HELLO);
+    c.write_all(&wire).unwrap();
+    let mut head = [0u8; 3];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(head[..2], [22, 3], "{head:?}");
+    assert_eq!(tls_metric(&m, "shop", "ok"), 1.0);
+
+    // A trusted source without a header: closed, counted under the address.
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(HELLO).unwrap();
+    assert!(closed_by_peer(&mut c));
+    let label = listen.to_string();
+    assert!(wait_until(Duration::from_secs(5), || tls_metric(
+        &m,
+        &label,
+        "proxy_header"
+    ) == 1.0));
 }
 
 /// The number of open descriptors of process `pid`.
