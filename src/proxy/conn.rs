@@ -558,44 +558,24 @@ async fn dial_queued(
 }
 
 /// Serves one accepted connection. The accept loop has already counted it in
-/// `svc.state.active`; this function un-counts it when it returns.
-pub async fn serve(
-    mut client: TcpStream,
+/// `svc.state.active`; the connection un-counts it when it ends. (The same state machine
+/// as an SNI connection's after its hello, not a future wrapping it: one more layer made
+/// the task larger than tokio boxes separately in debug builds, an allocation more per
+/// connection, as `tests/alloc.rs` saw.)
+pub fn serve(
+    client: TcpStream,
     peer: SocketAddr,
     svc: Arc<ServiceTable>,
     shared: Arc<Shared>,
-) {
-    let shared = &*shared;
-    let state = svc.state.clone();
-    let _service_live = Live(&state.active);
-    let accepted = Instant::now();
-    // `accept_proxy`: a trusted source's PROXY header names the client (for the pick, the
-    // header meshd sends, the access log) and the address it connected to. Anyone else
-    // costs one CIDR check; their bytes are not looked at.
-    let mut proxied_dst: Option<SocketAddr> = None;
-    let peer = if accept_proxy::trusted(&svc.config.accept_proxy, peer.ip()) {
-        let read = accept_proxy::read(&mut client);
-        match tokio::time::timeout(svc.config.client_hello_timeout, read).await {
-            Ok(Ok(Header::Proxy { src, dst })) => {
-                proxied_dst = Some(dst);
-                src
-            }
-            Ok(Ok(Header::Local)) => peer,
-            Ok(Err(e)) => {
-                state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(service = &*state.name, %peer, error = %e, "PROXY header refused, connection closed");
-                return;
-            }
-            Err(_) => {
-                state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(service = &*state.name, %peer, "no PROXY header within client_hello_timeout, connection closed");
-                return;
-            }
-        }
-    } else {
-        peer
-    };
-    to_backend(client, peer, proxied_dst, svc, shared, accepted, Vec::new()).await;
+) -> impl Future<Output = ()> + Send {
+    to_backend(
+        client,
+        peer,
+        svc,
+        shared,
+        Instant::now(),
+        Prefix::ProxyHeader,
+    )
 }
 
 /// Serves one connection accepted on an SNI listener (an address of `[service.tls]`
@@ -612,7 +592,6 @@ pub async fn serve_sni(
     routes: Arc<SniRoutes>,
     shared: Arc<Shared>,
 ) {
-    let shared = &*shared;
     let stats = &*routes.stats;
     let count = |c: &AtomicU64| {
         c.fetch_add(1, Ordering::Relaxed);
@@ -649,10 +628,11 @@ pub async fn serve_sni(
     let Some(svc) = guard.service(state) else {
         return count(&stats.no_service);
     };
+    // As the accept loop does for a service's own listener.
     let max = u64::from(svc.config.max_connections);
     let live = state.active.fetch_add(1, Ordering::Relaxed);
-    let _service_live = Live(&state.active);
     if max > 0 && live >= max {
+        state.active.fetch_sub(1, Ordering::Relaxed);
         state
             .rejected_max_connections
             .fetch_add(1, Ordering::Relaxed);
@@ -662,7 +642,20 @@ pub async fn serve_sni(
     count(&state.tls_routed[via as usize]);
     let svc = svc.clone();
     drop(guard);
-    to_backend(client, peer, proxied_dst, svc, shared, accepted, hello).await;
+    let prefix = Prefix::Hello { proxied_dst, hello };
+    to_backend(client, peer, svc, shared, accepted, prefix).await;
+}
+
+/// What a connection brings before its first byte for the backend.
+enum Prefix {
+    /// A service's own listener: a PROXY header if `accept_proxy` trusts the peer.
+    ProxyHeader,
+    /// An SNI listener's, past its PROXY header (if any, with the address it named) and
+    /// its ClientHello (sent to the backend first).
+    Hello {
+        proxied_dst: Option<SocketAddr>,
+        hello: Vec<u8>,
+    },
 }
 
 /// Why no ClientHello came.
@@ -699,19 +692,45 @@ async fn read_hello(
     }
 }
 
-/// Everything after the service is known: dial (queue, retries, hedging, panic routing),
-/// PROXY header, `first` (an SNI connection's ClientHello), the replay phase, forwarding,
-/// access log. The caller holds the connection's place in `svc.state.active`.
+/// Everything once the service is known: the PROXY header of a service's own listener
+/// (`Prefix`), dial (queue, retries, hedging, panic routing), PROXY header sent, an SNI
+/// connection's ClientHello, the replay phase, forwarding, access log. The connection is
+/// counted in `svc.state.active` already; this un-counts it.
 async fn to_backend(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
-    proxied_dst: Option<SocketAddr>,
     mut svc: Arc<ServiceTable>,
-    shared: &Shared,
+    shared: Arc<Shared>,
     accepted: Instant,
-    mut first: Vec<u8>,
+    prefix: Prefix,
 ) {
+    let shared = &*shared;
     let state = svc.state.clone();
+    let _service_live = Live(&state.active);
+    // `accept_proxy`: a trusted source's PROXY header names the client (for the pick, the
+    // header meshd sends, the access log) and the address it connected to. Anyone else
+    // costs one CIDR check; their bytes are not looked at.
+    let (peer, proxied_dst, mut first) = match prefix {
+        Prefix::Hello { proxied_dst, hello } => (peer, proxied_dst, hello),
+        Prefix::ProxyHeader if accept_proxy::trusted(&svc.config.accept_proxy, peer.ip()) => {
+            let read = accept_proxy::read(&mut client);
+            match tokio::time::timeout(svc.config.client_hello_timeout, read).await {
+                Ok(Ok(Header::Proxy { src, dst })) => (src, Some(dst), Vec::new()),
+                Ok(Ok(Header::Local)) => (peer, None, Vec::new()),
+                Ok(Err(e)) => {
+                    state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(service = &*state.name, %peer, error = %e, "PROXY header refused, connection closed");
+                    return;
+                }
+                Err(_) => {
+                    state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(service = &*state.name, %peer, "no PROXY header within client_hello_timeout, connection closed");
+                    return;
+                }
+            }
+        }
+        Prefix::ProxyHeader => (peer, None, Vec::new()),
+    };
     let mut attempts = Attempts::new();
     let mut queue: Option<Queue> = None;
     // `retry_on_early_close`: the client's bytes kept for a replay (allocated only then).
