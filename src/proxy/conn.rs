@@ -15,10 +15,15 @@
 //! (`accept_proxy::read`, within `client_hello_timeout`; a bad or missing one closes it and
 //! counts it), and the header's client address stands for the peer from then on.
 //!
+//! On an SNI listener (`[service.tls]` services sharing an address), `serve_sni` first
+//! reads the ClientHello and picks the service by its server name; from there it is the
+//! same path, the hello's bytes sent to the backend first.
+//!
 //! Invariant: no lock, no string formatting (the access log, off by default, aside), no
-//! allocation unless `retry_on_early_close` asks for a replay buffer: the snapshot and
-//! backend are `Arc` clones, the tried-set, both connect attempts and the PROXY header live
-//! in this task's own state.
+//! allocation unless `retry_on_early_close` asks for a replay buffer, or an SNI connection
+//! reads its hello (a buffer of 2 to 16 KiB, freed once the backend has it): the snapshot
+//! and backend are `Arc` clones, the tried-set, both connect attempts and the PROXY header
+//! live in this task's own state.
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
