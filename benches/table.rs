@@ -52,6 +52,7 @@ fn table(state: &Arc<ServiceState>, balance: Balance, n: usize, generation: u64)
     RoutingTable {
         generation,
         services: vec![Some(Arc::new(svc))],
+        ..RoutingTable::default()
     }
 }
 

@@ -11,9 +11,12 @@ command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq
 #    FROM scratch image of tests/docker.rs (deploy/busybox/build-image.sh); it replaces
 #    Debian's dynamic busybox.
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
-#  - nginx-light: nginx with `listen ... backlog=4`, overloaded on purpose (tests/rude.rs).
+#  - nginx-light: nginx with `listen ... backlog=4`, overloaded on purpose (tests/rude.rs),
+#    and the TLS backends of tests/sni.rs (`listen ... ssl`; with openssl for their
+#    certificates and `s_client`).
 #    Only the binary is used: the Debian service must not start (see policy-rc.d below).
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 #  - apache2-utils: ab, the load generator of tests/docker.rs's busybox phases.
 command -v ab >/dev/null 2>&1 || need+=(apache2-utils)
 #  - haproxy: the PROXY protocol sender (`send-proxy`, `send-proxy-v2`) in front of meshd in

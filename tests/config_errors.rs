@@ -55,7 +55,7 @@ const ERRORS: &[(&str, &str)] = &[
          `queue_timeout`, `max_ejection_percent`, `retry_on_early_close`, `replay_buffer`, `idle_timeout`, \
          `drain_timeout`, `slow_start`, `half_close_timeout`, `max_connections`, \
          `proxy_protocol`, `accept_proxy`, `client_hello_timeout`, `backlog`, `health`, \
-         `protocol`, `udp_idle_timeout`, `max_flows`, `udp_responses`",
+         `protocol`, `udp_idle_timeout`, `max_flows`, `udp_responses`, `tls`",
     ),
     (
         "[admin]\ntoken = \"secret\"\n",
@@ -149,7 +149,7 @@ const ERRORS: &[(&str, &str)] = &[
     (
         "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\nbackends = [\"127.0.0.1:9001\"]\n\
          [[service]]\nname = \"api\"\nlisten = \"0.0.0.0:8080\"\nbackends = [\"127.0.0.1:9001\"]\n",
-        "mesh.toml:7:10: service \"api\": listen 0.0.0.0:8080 is already used by service \"web\"",
+        "mesh.toml:7:10: service \"api\": listen 0.0.0.0:8080 is already used by service \"web\"; services may share a listen address only when each has [service.tls] with sni (TLS passthrough routed by server name)",
     ),
     // --- backends ---
     // The string shorthand: a bad address points at its own string, among strings and tables.
@@ -258,7 +258,7 @@ const ERRORS: &[(&str, &str)] = &[
     (
         "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\"]\nbackends = [{ addr = \"127.0.0.1:9001\" }]\n\n\
          [[service]]\nname = \"api\"\nlisten = [\"0.0.0.0:8080\"]\nbackends = [{ addr = \"127.0.0.1:9002\" }]\n",
-        "mesh.toml:8:11: service \"api\": listen 0.0.0.0:8080 is already used by service \"web\"",
+        "mesh.toml:8:11: service \"api\": listen 0.0.0.0:8080 is already used by service \"web\"; services may share a listen address only when each has [service.tls] with sni (TLS passthrough routed by server name)",
     ),
     (
         "[[service]]\nname = \"web\"\nlisten = [\"0.0.0.0:8080\", \"0.0.0.0:8080\"]\n",
@@ -465,6 +465,99 @@ const ERRORS: &[(&str, &str)] = &[
     ),
 ];
 
+/// A `[service.tls]` service `name` on `listen` with `tls` lines in its table.
+fn tls_svc(name: &str, listen: &str, tls: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nbackends = [\"127.0.0.1:9001\"]\n[service.tls]\n{tls}\n"
+    )
+}
+
+#[test]
+fn tls_errors() {
+    let pass = "mode = \"passthrough\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            tls_svc("a", "127.0.0.1:443", "mode = \"terminate\"\ncert = \"/x.pem\""),
+            "mesh.toml:6:8: service \"a\": TLS termination (mode = \"terminate\") is not supported by this build: use mode = \"passthrough\" (the backend terminates TLS)",
+        ),
+        (
+            tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"a..b\"]"),
+            "mesh.toml:7:8: service \"a\": invalid sni name \"a..b\": not a DNS name (labels of 1 to 63 letters, digits, '-' or '_'; at most 253 bytes; no IP address); use e.g. \"api.example.com\" or \"*.example.com\"",
+        ),
+        (
+            tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"a.*.test\"]"),
+            "mesh.toml:7:8: service \"a\": invalid sni name \"a.*.test\": a wildcard is allowed only as the whole first label (\"*.\"); use e.g. \"api.example.com\" or \"*.example.com\"",
+        ),
+        (
+            tls_svc("a", "127.0.0.1:443", pass),
+            "mesh.toml:5:1: service \"a\": [service.tls] lists no sni name and is not sni_default: no connection could reach it; add sni = [\"api.example.com\"] or sni_default = true",
+        ),
+        (
+            format!(
+                "{}protocol = \"udp\"\n",
+                tls_svc("a", "127.0.0.1:53", "mode = \"passthrough\"\nsni_default = true")
+            )
+            .replace("[service.tls]\nmode", "protocol = \"udp\"\n[service.tls]\nmode")
+            .replace("sni_default = true\nprotocol = \"udp\"\n", "sni_default = true\n"),
+            "mesh.toml:6:1: service \"a\": [service.tls] applies to TCP services only (this one has protocol = \"udp\"): remove it",
+        ),
+        (
+            "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:443\"]\nbackends = [\"127.0.0.1:9001\"]\n\n[[service]]\nname = \"b\"\nlisten = [\"127.0.0.1:443\"]\nbackends = [\"127.0.0.1:9001\"]\n".to_string(),
+            "mesh.toml:8:11: service \"b\": listen 127.0.0.1:443 is already used by service \"a\"; services may share a listen address only when each has [service.tls] with sni (TLS passthrough routed by server name)",
+        ),
+        (
+            format!(
+                "{}{}",
+                tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"x.test\", \"*.y.test\"]"),
+                tls_svc("b", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"X.test.\"]")
+            ),
+            "mesh.toml:14:8: service \"b\": sni \"x.test\" on 127.0.0.1:443 is already listed by service \"a\": a name routes to one service, remove it from one of them",
+        ),
+        (
+            format!(
+                "{}{}",
+                tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni_default = true"),
+                tls_svc("b", "127.0.0.1:443", "mode = \"passthrough\"\nsni_default = true")
+            ),
+            "mesh.toml:14:15: service \"b\": sni_default on 127.0.0.1:443: service \"a\" is the default there already: only one service per address may be",
+        ),
+        (
+            format!(
+                "{}{}",
+                tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni_default = true"),
+                tls_svc("b", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"b.test\"]")
+                    .replace("[service.tls]", "client_hello_timeout = \"1s\"\n[service.tls]")
+            ),
+            "mesh.toml:10:11: service \"b\": listen 127.0.0.1:443 is shared with service \"a\", whose client_hello_timeout differs: services sharing an address must set the same client_hello_timeout (it applies before the server name picks the service)",
+        ),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(text, expected)| mismatch(text, expected))
+        .collect();
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+
+    // What validates: two services share an address, names normalised.
+    let ok = parse(&format!(
+        "{}{}",
+        tls_svc(
+            "a",
+            "127.0.0.1:443",
+            "mode = \"passthrough\"\nsni = [\"A.Test.\", \"*.B.test\"]"
+        ),
+        tls_svc(
+            "b",
+            "127.0.0.1:443",
+            "mode = \"passthrough\"\nsni_default = true"
+        )
+    ))
+    .unwrap();
+    let tls = ok.services[0].tls.as_ref().unwrap();
+    assert_eq!(tls.sni, ["a.test", "*.b.test"]);
+    assert!(!tls.sni_default);
+    assert!(ok.services[1].tls.as_ref().unwrap().sni_default);
+}
+
 #[test]
 fn every_error_message() {
     let failures: Vec<String> = ERRORS
@@ -582,6 +675,7 @@ fn builtin_defaults() -> ServiceConfig {
             rise: 2,
             fall: 2,
         },
+        tls: None,
     }
 }
 
@@ -762,6 +856,7 @@ fn design_example() {
                     rise: 2,
                     fall: 2,
                 },
+                tls: None,
             }],
             discovery: DiscoveryConfig {
                 docker: Some(DockerDiscoveryConfig {

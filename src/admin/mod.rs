@@ -579,6 +579,7 @@ fn metrics(state: &AdminState) -> Resp {
             b.metrics.sync(&b.backend);
         }
     }
+    crate::metrics::export::sync_sni(&st.sni);
     crate::metrics::sync_process(
         st.generation,
         st.reloads_ok,

@@ -151,6 +151,23 @@ pub struct Service {
     pub udp_idle_timeout: Key<Duration>,
     pub max_flows: Int,
     pub udp_responses: Int,
+    /// `[service.tls]`: SNI routing (a service's own, never from `[defaults]`).
+    pub tls: Option<Spanned<Tls>>,
+}
+
+/// `[service.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// `"passthrough"` (`"terminate"` is refused by validation: not in this build).
+    pub mode: Option<Spanned<String>>,
+    /// For termination only: refused with it.
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    /// The server names this service answers (`*.example.com`: exactly one label).
+    pub sni: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Answers connections whose name no service on the address lists (or that send none).
+    pub sni_default: Option<Spanned<bool>>,
 }
 
 impl Service {

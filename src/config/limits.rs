@@ -315,6 +315,49 @@ pub fn accept_proxy<'a>(
     Ok(out)
 }
 
+/// The longest DNS name (without a trailing dot).
+pub const MAX_DNS_NAME: usize = 253;
+/// The most names one service's `[service.tls] sni` may list.
+pub const MAX_SNI: usize = 256;
+
+/// Whether `raw` (no trailing dot) is a DNS name SNI routing compares: 1 to
+/// [`MAX_DNS_NAME`] bytes, labels of 1 to 63 letters, digits, `-` or `_`, and not all
+/// digits and dots (an IPv4 literal, which RFC 6066 does not allow as SNI). The one rule
+/// for both `mesh.toml`'s names and a ClientHello's (`proxy::sni::normalize`).
+pub fn dns_name(raw: &[u8]) -> bool {
+    !raw.is_empty()
+        && raw.len() <= MAX_DNS_NAME
+        && raw
+            .split(|&b| b == b'.')
+            .all(|l| !l.is_empty() && l.len() <= 63)
+        && raw
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !raw.iter().all(|&b| b.is_ascii_digit() || b == b'.')
+}
+
+/// One `sni` entry, normalised as connections are (ASCII lowercase, one trailing dot
+/// removed): a DNS name, or `*.` and a DNS name (a wildcard for exactly one label).
+pub fn sni_name(s: &str) -> Result<String, String> {
+    let bad = |why: &str| {
+        format!(r#"invalid sni name {s:?}: {why}; use e.g. "api.example.com" or "*.example.com""#)
+    };
+    let lower = s.to_ascii_lowercase();
+    let name = lower.strip_suffix('.').unwrap_or(&lower);
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    if rest.contains('*') {
+        return Err(bad(
+            "a wildcard is allowed only as the whole first label (\"*.\")",
+        ));
+    }
+    if !dns_name(rest.as_bytes()) {
+        return Err(bad(
+            "not a DNS name (labels of 1 to 63 letters, digits, '-' or '_'; at most 253 bytes; no IP address)",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
 /// The keywords of `balance`, in the order messages list them.
 pub const BALANCES: [(&str, Balance); 4] = [
     ("round_robin", Balance::RoundRobin),
@@ -428,6 +471,27 @@ mod tests {
             CONNECT_TIMEOUT.check(Duration::ZERO).unwrap_err(),
             "connect_timeout must be greater than zero: use e.g. \"5s\""
         );
+    }
+
+    #[test]
+    fn sni_names_are_normalised_and_checked() {
+        assert_eq!(sni_name("API.Example.com.").unwrap(), "api.example.com");
+        assert_eq!(sni_name("*.Example.com").unwrap(), "*.example.com");
+        for bad in [
+            "",
+            "*",
+            "*.",
+            "a.*.b",
+            "**.a",
+            "a..b",
+            "192.0.2.1",
+            "a b",
+            "ä.test",
+            "*.*.a",
+        ] {
+            assert!(sni_name(bad).is_err(), "{bad}");
+        }
+        assert!(sni_name(&"a".repeat(64)).is_err());
     }
 
     #[test]

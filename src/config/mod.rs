@@ -275,6 +275,20 @@ pub struct ServiceConfig {
     /// `[discovery.dns] interval`) become backends on that port.
     pub dns: Option<DnsTarget>,
     pub health: HealthConfig,
+    /// `[service.tls]`: the service is routed by the ClientHello's server name (TLS
+    /// passthrough); several such services may share a listen address.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[service.tls]` (`mode = "passthrough"`, the only mode this build has).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsConfig {
+    /// Normalised names (lowercase, no trailing dot); `*.example.com` matches exactly one
+    /// label.
+    pub sni: Vec<String>,
+    /// Takes the connections of its listen addresses that no service's `sni` matches,
+    /// and those that send no server name.
+    pub sni_default: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use super::limits::{self, DurationKey, IntKey};
 use super::{
     defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
     DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, Locality, LogConfig, LogFormat,
-    Protocol, ProxyProtocol, ServiceConfig, TaskAddress, UdpConfig, UpgradeConfig,
+    Protocol, ProxyProtocol, ServiceConfig, TaskAddress, TlsConfig, UdpConfig, UpgradeConfig,
 };
 
 /// A configuration that cannot be used. `Display` is one line: `FILE:LINE:COL: message`
@@ -182,11 +182,13 @@ pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
         backends: Vec::new(),
         dns: None,
         health: d.health,
+        tls: None,
     };
 
     let mut seen = Seen {
         names: HashMap::new(),
         binds: vec![(admin.listen, Protocol::Tcp, Owner::Admin)],
+        sni: HashMap::new(),
     };
     let has_docker = file.discovery.docker.is_some();
     let services = file
@@ -325,6 +327,20 @@ enum Owner<'f> {
 struct Seen<'f> {
     names: HashMap<&'f str, usize>,
     binds: Vec<(SocketAddr, Protocol, Owner<'f>)>,
+    /// Addresses of `[service.tls]` services: who shares each.
+    sni: HashMap<SocketAddr, SniGroup<'f>>,
+}
+
+/// The `[service.tls]` services on one listen address so far.
+struct SniGroup<'f> {
+    /// The first service, whose `accept_proxy` and `client_hello_timeout` the others must
+    /// repeat (both apply before the name, and so the service, is known).
+    first: &'f str,
+    accept_proxy: Vec<ipnet::IpNet>,
+    client_hello_timeout: Duration,
+    /// Each name listed on the address, with its service.
+    names: HashMap<String, &'f str>,
+    default: Option<&'f str>,
 }
 
 /// Two binds collide: the same port and family, and the same IP or a wildcard on either side.
@@ -348,7 +364,14 @@ fn conflict(name: &str, addr: SocketAddr, prev: SocketAddr, owner: &Owner) -> St
         Owner::Service(n) => format!("service {n:?}"),
     };
     if prev == addr {
-        format!("service {name:?}: listen {addr} is already used by {other}")
+        format!(
+            "service {name:?}: listen {addr} is already used by {other}{}",
+            match owner {
+                Owner::Service(_) =>
+                    "; services may share a listen address only when each has [service.tls] with sni (TLS passthrough routed by server name)",
+                Owner::Admin => "",
+            }
+        )
     } else {
         format!("service {name:?}: listen {addr} overlaps {prev} of {other}: {WILDCARD}, use another port")
     }
@@ -391,6 +414,7 @@ fn service<'f>(
         return Err(cx.err(span, msg));
     }
     let protocol = value(s.protocol.as_ref(), Protocol::Tcp);
+    let tls = tls(cx, name, s, protocol)?;
     let mut listen = Vec::with_capacity(addrs.len());
     for a in addrs {
         let addr = a.get_ref().0;
@@ -399,9 +423,29 @@ fn service<'f>(
             .iter()
             .find(|(b, p, _)| *p == protocol && overlaps(*b, addr))
         {
-            return Err(cx.err(a.span(), conflict(name, addr, *prev, owner)));
+            // TLS services routed by name share one address (checked once resolved).
+            let shared = *prev == addr
+                && tls.is_some()
+                && seen.sni.contains_key(&addr)
+                && !listen.contains(&addr);
+            if !shared {
+                return Err(cx.err(a.span(), conflict(name, addr, *prev, owner)));
+            }
+        } else {
+            seen.binds.push((addr, protocol, Owner::Service(name)));
+            if tls.is_some() {
+                seen.sni.insert(
+                    addr,
+                    SniGroup {
+                        first: name,
+                        accept_proxy: Vec::new(),
+                        client_hello_timeout: Duration::ZERO,
+                        names: HashMap::new(),
+                        default: None,
+                    },
+                );
+            }
         }
-        seen.binds.push((addr, protocol, Owner::Service(name)));
         listen.push(addr);
     }
     protocol_keys(cx, name, s, protocol)?;
@@ -473,6 +517,9 @@ fn service<'f>(
         health,
         udp,
     } = policy;
+    if let Some(t) = &tls {
+        share_sni(cx, name, s, t, &accept_proxy, client_hello_timeout, seen)?;
+    }
     Ok(ServiceConfig {
         name: name.to_owned(),
         listen,
@@ -499,7 +546,151 @@ fn service<'f>(
         backends,
         dns,
         health,
+        tls,
     })
+}
+
+/// `[service.tls]` on its own: passthrough only, names checked and normalised.
+fn tls(
+    cx: &Cx,
+    name: &str,
+    s: &file::Service,
+    protocol: Protocol,
+) -> Result<Option<TlsConfig>, ConfigError> {
+    let Some(t) = &s.tls else { return Ok(None) };
+    let at = t.span();
+    let t = t.get_ref();
+    if protocol == Protocol::Udp {
+        let msg = format!(
+            r#"service {name:?}: [service.tls] applies to TCP services only (this one has protocol = "udp"): remove it"#
+        );
+        return Err(cx.err(at, msg));
+    }
+    match &t.mode {
+        None => {
+            let msg =
+                format!(r#"service {name:?}: [service.tls] has no mode: add mode = "passthrough""#);
+            return Err(cx.err(at, msg));
+        }
+        Some(m) if m.get_ref() == "passthrough" => {}
+        Some(m) if m.get_ref() == "terminate" => {
+            let msg = format!(
+                r#"service {name:?}: TLS termination (mode = "terminate") is not supported by this build: use mode = "passthrough" (the backend terminates TLS)"#
+            );
+            return Err(cx.err(m.span(), msg));
+        }
+        Some(m) => {
+            let msg = format!(
+                r#"service {name:?}: invalid tls mode {:?}: use "passthrough""#,
+                m.get_ref()
+            );
+            return Err(cx.err(m.span(), msg));
+        }
+    }
+    if let Some(k) = t.cert.as_ref().or(t.key.as_ref()) {
+        let msg = format!(
+            r#"service {name:?}: tls cert and key are for mode = "terminate", which this build does not support: remove them"#
+        );
+        return Err(cx.err(k.span(), msg));
+    }
+    let mut sni: Vec<String> = Vec::new();
+    if let Some(list) = &t.sni {
+        if list.get_ref().len() > limits::MAX_SNI {
+            let msg = format!(
+                "service {name:?}: sni lists {} names: use at most {} (or a wildcard)",
+                list.get_ref().len(),
+                limits::MAX_SNI
+            );
+            return Err(cx.err(list.span(), msg));
+        }
+        for n in list.get_ref() {
+            let v = limits::sni_name(n.get_ref())
+                .map_err(|e| cx.err(n.span(), format!("service {name:?}: {e}")))?;
+            if sni.contains(&v) {
+                let msg = format!("service {name:?}: sni lists {v:?} twice: remove one");
+                return Err(cx.err(n.span(), msg));
+            }
+            sni.push(v);
+        }
+    }
+    let sni_default = t.sni_default.as_ref().is_some_and(|d| *d.get_ref());
+    if sni.is_empty() && !sni_default {
+        let msg = format!(
+            r#"service {name:?}: [service.tls] lists no sni name and is not sni_default: no connection could reach it; add sni = ["api.example.com"] or sni_default = true"#
+        );
+        return Err(cx.err(t.sni.as_ref().map_or(at, Spanned::span), msg));
+    }
+    Ok(Some(TlsConfig { sni, sni_default }))
+}
+
+/// Adds a `[service.tls]` service's names to each of its addresses: a name routes to one
+/// service per address, one service per address is the default, and services sharing an
+/// address agree on what is read before the name (`accept_proxy`, `client_hello_timeout`).
+fn share_sni<'f>(
+    cx: &Cx,
+    name: &'f str,
+    s: &file::Service,
+    t: &TlsConfig,
+    accept_proxy: &[ipnet::IpNet],
+    client_hello_timeout: Duration,
+    seen: &mut Seen<'f>,
+) -> Result<(), ConfigError> {
+    let Some(file_tls) = &s.tls else {
+        return Ok(());
+    };
+    let file_tls = file_tls.get_ref();
+    let addrs = s.listen.as_ref().map(|l| &l.get_ref().0[..]).unwrap_or(&[]);
+    for a in addrs {
+        let addr = a.get_ref().0;
+        let Some(g) = seen.sni.get_mut(&addr) else {
+            continue;
+        };
+        if g.first == name {
+            g.accept_proxy = accept_proxy.to_vec();
+            g.client_hello_timeout = client_hello_timeout;
+        } else {
+            let differs = if g.accept_proxy != accept_proxy {
+                Some("accept_proxy")
+            } else if g.client_hello_timeout != client_hello_timeout {
+                Some("client_hello_timeout")
+            } else {
+                None
+            };
+            if let Some(key) = differs {
+                let msg = format!(
+                    "service {name:?}: listen {addr} is shared with service {:?}, whose {key} differs: services sharing an address must set the same {key} (it applies before the server name picks the service)",
+                    g.first
+                );
+                return Err(cx.err(a.span(), msg));
+            }
+        }
+        let spans = file_tls
+            .sni
+            .as_ref()
+            .map(|l| &l.get_ref()[..])
+            .unwrap_or(&[]);
+        for (v, n) in t.sni.iter().zip(spans) {
+            if let Some(other) = g.names.insert(v.clone(), name) {
+                let msg = format!(
+                    "service {name:?}: sni {v:?} on {addr} is already listed by service {other:?}: a name routes to one service, remove it from one of them"
+                );
+                return Err(cx.err(n.span(), msg));
+            }
+        }
+        if t.sni_default {
+            if let Some(other) = g.default.replace(name) {
+                let at = file_tls
+                    .sni_default
+                    .as_ref()
+                    .map_or(a.span(), Spanned::span);
+                let msg = format!(
+                    "service {name:?}: sni_default on {addr}: service {other:?} is the default there already: only one service per address may be"
+                );
+                return Err(cx.err(at, msg));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `[defaults]`-resolved keys of one service.

@@ -45,8 +45,9 @@ use crate::discovery::Update;
 use crate::health::{self, Transition};
 use crate::metrics::ServiceMetrics;
 use crate::proxy::conn::Shared;
-use crate::proxy::listener::{self, AcceptLoop};
+use crate::proxy::listener::{self, AcceptLoop, Route};
 use crate::proxy::udp::{self, UdpLoop};
+use crate::table::sni::{SniRoutes, SniStats};
 use crate::table::{Backend, Health, ServiceState, ServiceTable, State, TableHandle};
 pub use lifecycle::{AdminError, AdminOp, Endpoint, Endpoints, Source};
 use lifecycle::{BackendEntry, Effects};
@@ -114,6 +115,16 @@ struct ServiceEntry {
     table: Option<Arc<ServiceTable>>,
 }
 
+/// A listen address shared by `[service.tls]` services: owned by none of them (services
+/// come and go on it across reloads; it stays bound while one lists it).
+struct SniListener {
+    addr: SocketAddr,
+    stop: Arc<CloseSignal>,
+    /// Its connections that no service took, by outcome (exported with the address as
+    /// their `service` label).
+    stats: Arc<SniStats>,
+}
+
 pub struct Control {
     table: TableHandle,
     status: StatusHandle,
@@ -143,6 +154,10 @@ pub struct Control {
     pending_accept: Vec<AcceptLoop>,
     /// UDP listener tasks waiting the same way (until then datagrams queue in the socket).
     pending_udp: Vec<UdpLoop>,
+    /// The SNI listeners that are open.
+    sni: Vec<SniListener>,
+    /// Their routes, as the next table publishes them.
+    sni_routes: Vec<Arc<SniRoutes>>,
     /// Operators' requests applied since the last plan, answered when it is published: an
     /// API call returns once its change is in the routing table and the status.
     admin_replies: Vec<AdminReply>,
@@ -196,6 +211,8 @@ impl Control {
             provided: Vec::new(),
             pending_accept: Vec::new(),
             pending_udp: Vec::new(),
+            sni: Vec::new(),
+            sni_routes: Vec::new(),
             admin_replies: Vec::new(),
             building: false,
             force_publish: false,
@@ -341,6 +358,9 @@ impl Control {
                         stop.close();
                     }
                 }
+                for l in self.sni.drain(..) {
+                    l.stop.close();
+                }
                 let _ = reply.send(());
             }
             Command::CloseAll(reply) => {
@@ -426,13 +446,29 @@ impl Control {
                 listen: s.listeners.iter().map(|(p, a, _)| (*p, *a)).collect(),
             })
             .collect();
-        let diff = reconcile::diff(&running, &desired);
+        let sni_running: Vec<SocketAddr> = self.sni.iter().map(|l| l.addr).collect();
+        let diff = reconcile::diff(&running, &desired, &sni_running);
 
         // 1. Bind every new listen address first: if one fails, nothing has changed.
         let mut bound: Vec<Vec<(SocketAddr, Bound)>> = desired.iter().map(|_| Vec::new()).collect();
+        let mut bound_sni: Vec<(SocketAddr, std::net::TcpListener)> = Vec::new();
         for step in diff.listen {
             let err = match step {
                 Listen::Held(e) => e,
+                Listen::BindSni { service, addr } => {
+                    let svc = &desired[service].0;
+                    match listener::bind(addr, svc.backlog) {
+                        Ok(l) => {
+                            bound_sni.push((addr, l));
+                            continue;
+                        }
+                        Err(source) => ControlError::Bind {
+                            service: svc.name.clone(),
+                            addr,
+                            source,
+                        },
+                    }
+                }
                 Listen::Bind {
                     service,
                     protocol,
@@ -482,6 +518,15 @@ impl Control {
                 "service removed: listeners closed, backends draining"
             );
         }
+        // SNI listeners no service lists any more.
+        self.sni.retain(|l| {
+            let gone = diff.sni_close.contains(&l.addr);
+            if gone {
+                l.stop.close();
+                tracing::info!(listen = %l.addr, "SNI listener closed");
+            }
+            !gone
+        });
         // Listeners the config no longer lists.
         for &(i, protocol, addr) in &diff.close {
             let s = &mut self.services[i];
@@ -496,6 +541,7 @@ impl Control {
         }
 
         // 3. New and changed services.
+        let mut tls_services: Vec<usize> = Vec::new();
         for ((cfg, sets), (matched, bound)) in
             desired.iter().zip(diff.matched.into_iter().zip(bound))
         {
@@ -503,6 +549,9 @@ impl Control {
                 Some(i) => i,
                 None => self.add_service(cfg),
             };
+            if cfg.tls.is_some() && cfg.protocol == Protocol::Tcp {
+                tls_services.push(idx);
+            }
             let health_changed = self.services[idx].config.health != cfg.health;
             if *self.services[idx].config != *cfg {
                 self.services[idx].config = Arc::new(cfg.clone());
@@ -534,7 +583,36 @@ impl Control {
                 self.effects(idx, fx);
             }
         }
+        for (addr, l) in bound_sni {
+            self.start_sni_listener(addr, l);
+        }
+        self.route_sni(&diff.sni, &tls_services);
         Ok(())
+    }
+
+    /// Rebuilds the SNI routes of every open SNI listener from the `[service.tls]`
+    /// services (`tls`: their indices, in config order); the next table publishes them
+    /// when they changed.
+    fn route_sni(&mut self, wanted: &[SocketAddr], tls: &[usize]) {
+        let services: Vec<(&ServiceConfig, Arc<ServiceState>)> = tls
+            .iter()
+            .map(|&i| (&*self.services[i].config, self.services[i].state.clone()))
+            .collect();
+        let routes: Vec<Arc<SniRoutes>> = self
+            .sni
+            .iter()
+            .filter(|l| wanted.contains(&l.addr))
+            .map(|l| Arc::new(SniRoutes::build(l.addr, l.stats.clone(), &services)))
+            .collect();
+        let same = routes.len() == self.sni_routes.len()
+            && routes
+                .iter()
+                .zip(&self.sni_routes)
+                .all(|(a, b)| a.same_as(b));
+        if !same {
+            self.sni_routes = routes;
+            self.force_publish = true;
+        }
     }
 
     /// A provider's complete set of endpoints for the services it knows about (DNS: per
@@ -600,7 +678,7 @@ impl Control {
         // accept before that would find no service and turn the connection away.
         self.pending_accept.push(AcceptLoop {
             listener,
-            service: s.state.clone(),
+            route: Route::Service(s.state.clone()),
             table: self.table.clone(),
             shared: self.shared.clone(),
             tracker: self.tracker.clone(),
@@ -608,6 +686,32 @@ impl Control {
         });
         tracing::info!(service = &*s.state.name, listen = %addr, "listener bound");
         s.listeners.push((Protocol::Tcp, addr, stop));
+    }
+
+    /// An SNI listener: its accept loop starts once a published table holds its routes.
+    fn start_sni_listener(&mut self, addr: SocketAddr, l: std::net::TcpListener) {
+        let listener = match tokio::net::TcpListener::from_std(l) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %addr, error = %e, "cannot register SNI listener");
+                return;
+            }
+        };
+        let stop = Arc::new(CloseSignal::new());
+        self.pending_accept.push(AcceptLoop {
+            listener,
+            route: Route::Sni(addr),
+            table: self.table.clone(),
+            shared: self.shared.clone(),
+            tracker: self.tracker.clone(),
+            stop: stop.clone(),
+        });
+        tracing::info!(listen = %addr, "SNI listener bound");
+        self.sni.push(SniListener {
+            addr,
+            stop,
+            stats: Arc::new(SniStats::new(addr)),
+        });
     }
 
     fn start_udp(&mut self, idx: usize, addr: SocketAddr, u: std::net::UdpSocket) {
@@ -659,7 +763,11 @@ impl Control {
         let mut k = 0;
         while k < self.pending_accept.len() {
             let l = &self.pending_accept[k];
-            if l.stop.is_closed() || table.service(&l.service).is_some() {
+            let routed = match &l.route {
+                Route::Service(s) => table.service(s).is_some(),
+                Route::Sni(addr) => table.sni(*addr).is_some(),
+            };
+            if l.stop.is_closed() || routed {
                 self.accepts.spawn(self.pending_accept.swap_remove(k).run());
             } else {
                 k += 1;

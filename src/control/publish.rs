@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use super::lifecycle::sources_label;
 use super::status::{BackendStatus, ServiceStatus, Status};
 use super::{AdminReply, Control};
+use crate::table::sni::SniRoutes;
 use crate::table::{Candidate, Prepared, RoutingTable, ServiceState, ServiceTable};
 
 /// A table generation on its way: planned on the control task (eligible backends, status,
@@ -25,6 +26,8 @@ use crate::table::{Candidate, Prepared, RoutingTable, ServiceState, ServiceTable
 pub(super) struct Plan {
     slots: usize,
     services: Vec<Planned>,
+    /// The SNI listeners' routes.
+    sni: Vec<Arc<SniRoutes>>,
     /// Complete but for each service's `eligible` and the generation.
     status: Status,
     replies: Vec<AdminReply>,
@@ -61,6 +64,7 @@ impl Plan {
         let mut table = RoutingTable {
             generation: 0,
             services: vec![None; self.slots],
+            sni: self.sni,
         };
         let mut status = self.status;
         let mut fresh = Vec::new();
@@ -133,6 +137,7 @@ impl Control {
             reloads_err: self.reloads_err,
             last_reload: self.last_reload.clone(),
             discovery_errors: self.discovery_errors.clone(),
+            sni: current.sni.clone(),
         }));
     }
 
@@ -191,7 +196,23 @@ impl Control {
                 state: s.state.clone(),
                 config: s.config.clone(),
                 metrics: s.metrics.clone(),
-                listeners: s.listeners.iter().map(|(_, a, _)| *a).collect(),
+                listeners: s
+                    .listeners
+                    .iter()
+                    .map(|(_, a, _)| *a)
+                    .chain(
+                        // Its share of the SNI listeners.
+                        s.config
+                            .listen
+                            .iter()
+                            .filter(|a| {
+                                s.config.tls.is_some()
+                                    && !s.removed
+                                    && self.sni.iter().any(|l| l.addr == **a)
+                            })
+                            .copied(),
+                    )
+                    .collect(),
                 backends: s
                     .backends
                     .iter()
@@ -218,6 +239,7 @@ impl Control {
         Plan {
             slots: self.next_slot,
             services: planned,
+            sni: self.sni_routes.clone(),
             // Counters as of the plan: a reload counted here is in this generation's table.
             status: Status {
                 generation: 0,
@@ -226,6 +248,7 @@ impl Control {
                 reloads_err: self.reloads_err,
                 last_reload: self.last_reload.clone(),
                 discovery_errors: self.discovery_errors.clone(),
+                sni: self.sni.iter().map(|l| l.stats.clone()).collect(),
             },
             replies: std::mem::take(&mut self.admin_replies),
         }

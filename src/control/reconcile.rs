@@ -106,6 +106,9 @@ pub enum Listen {
         protocol: Protocol,
         addr: SocketAddr,
     },
+    /// Bind `addr` for the `[service.tls]` services that share it (desired service
+    /// `service` is the first of them: its backlog).
+    BindSni { service: usize, addr: SocketAddr },
     /// The address is still held by another running service.
     Held(ControlError),
 }
@@ -122,12 +125,22 @@ pub struct Diff {
     pub close: Vec<(usize, Protocol, SocketAddr)>,
     /// For each desired service (same order): the running service it is, or `None` (new).
     pub matched: Vec<Option<usize>>,
+    /// Every address the desired `[service.tls]` services listen on, in order: one SNI
+    /// listener each.
+    pub sni: Vec<SocketAddr>,
+    /// Running SNI listeners no desired service lists any more.
+    pub sni_close: Vec<SocketAddr>,
 }
+
+/// Who holds an SNI listener (for `ControlError::ListenHeld`).
+const SNI_OWNER: &str = "[service.tls] services sharing it";
 
 /// Compares the desired services with the running ones. O(services + listeners): a config
 /// of n services costs O(n) lookups, not O(n²) (1,000 services took ~10^6 string
 /// comparisons per reload).
-pub fn diff(running: &[Running<'_>], desired: &[Desired]) -> Diff {
+/// `sni_running`: the SNI listeners (addresses shared by `[service.tls]` services, owned
+/// by no one service) that are open.
+pub fn diff(running: &[Running<'_>], desired: &[Desired], sni_running: &[SocketAddr]) -> Diff {
     let mut live: HashMap<&str, usize> = HashMap::with_capacity(running.len());
     let mut listening: HashMap<(Protocol, SocketAddr), &Running<'_>> = HashMap::new();
     for r in running {
@@ -136,9 +149,37 @@ pub fn diff(running: &[Running<'_>], desired: &[Desired]) -> Diff {
             listening.insert(*a, r);
         }
     }
+    let sni_live: HashSet<SocketAddr> = sni_running.iter().copied().collect();
+    let mut sni_wanted: HashSet<SocketAddr> = HashSet::new();
     let mut d = Diff::default();
     for (k, (svc, _)) in desired.iter().enumerate() {
         for &addr in &svc.listen {
+            if svc.tls.is_some() && svc.protocol == Protocol::Tcp {
+                if !sni_wanted.insert(addr) {
+                    continue;
+                }
+                d.sni.push(addr);
+                if sni_live.contains(&addr) {
+                    continue;
+                }
+                d.listen.push(match listening.get(&(Protocol::Tcp, addr)) {
+                    Some(owner) => Listen::Held(ControlError::ListenHeld {
+                        service: svc.name.clone(),
+                        addr,
+                        owner: owner.name.to_string(),
+                    }),
+                    None => Listen::BindSni { service: k, addr },
+                });
+                continue;
+            }
+            if svc.protocol == Protocol::Tcp && sni_live.contains(&addr) {
+                d.listen.push(Listen::Held(ControlError::ListenHeld {
+                    service: svc.name.clone(),
+                    addr,
+                    owner: SNI_OWNER.to_string(),
+                }));
+                continue;
+            }
             match listening.get(&(svc.protocol, addr)) {
                 Some(owner) if owner.name == svc.name => {}
                 Some(owner) => d.listen.push(Listen::Held(ControlError::ListenHeld {
@@ -164,13 +205,20 @@ pub fn diff(running: &[Running<'_>], desired: &[Desired]) -> Diff {
         let index = live.get(svc.name.as_str()).copied();
         if let Some(r) = index.and_then(|i| running.iter().find(|r| r.index == i)) {
             for &(p, a) in &r.listen {
-                if p != svc.protocol || !svc.listen.contains(&a) {
+                // A service that turns into a `[service.tls]` one gives its own listeners
+                // up (the shared SNI listener is bound in a later reload: `Held`).
+                if p != svc.protocol || !svc.listen.contains(&a) || svc.tls.is_some() {
                     d.close.push((r.index, p, a));
                 }
             }
         }
         d.matched.push(index);
     }
+    d.sni_close = sni_running
+        .iter()
+        .filter(|a| !sni_wanted.contains(a))
+        .copied()
+        .collect();
     d
 }
 
@@ -217,7 +265,7 @@ protocol = "udp"
 listen = ["127.0.0.1:5353"]
 backends = ["127.0.0.1:53"]
 "#;
-        let d = diff(&[], &desired(&config(both), &[], &[]));
+        let d = diff(&[], &desired(&config(both), &[], &[]), &[]);
         let binds: Vec<(usize, Protocol)> = d
             .listen
             .iter()
@@ -225,7 +273,7 @@ backends = ["127.0.0.1:53"]
                 Listen::Bind {
                     service, protocol, ..
                 } => (*service, *protocol),
-                Listen::Held(e) => panic!("{e}"),
+                l => panic!("{l:?}"),
             })
             .collect();
         assert_eq!(binds, [(0, Protocol::Tcp), (1, Protocol::Udp)]);
@@ -243,7 +291,7 @@ protocol = "udp"
 listen = ["127.0.0.1:5353"]
 backends = ["127.0.0.1:53"]
 "#;
-        let d = diff(&running, &desired(&config(udp_only), &[], &[]));
+        let d = diff(&running, &desired(&config(udp_only), &[], &[]), &[]);
         assert_eq!(d.close, [(0, Protocol::Tcp, addr("127.0.0.1:5353"))]);
         assert!(matches!(
             d.listen[..],
@@ -258,13 +306,13 @@ backends = ["127.0.0.1:53"]
     #[test]
     fn a_first_config_binds_everything() {
         let want = desired(&config(TWO), &[], &[]);
-        let d = diff(&[], &want);
+        let d = diff(&[], &want, &[]);
         let binds: Vec<(usize, SocketAddr)> = d
             .listen
             .iter()
             .map(|l| match l {
                 Listen::Bind { service, addr, .. } => (*service, *addr),
-                Listen::Held(e) => panic!("{e}"),
+                l => panic!("{l:?}"),
             })
             .collect();
         assert_eq!(
@@ -318,7 +366,7 @@ backends = [{ addr = "127.0.0.1:9002" }]
             &[],
             &[],
         );
-        let d = diff(&running, &want);
+        let d = diff(&running, &want, &[]);
         assert_eq!(d.matched, [Some(0), Some(2)]);
         assert_eq!(d.remove, [1]);
         assert_eq!(
@@ -403,5 +451,65 @@ backends = [{ addr = "127.0.0.1:9002" }]
             want[0].1[2],
             (Source::Docker, vec![Endpoint::at(addr("10.0.0.3:80"), 100)])
         );
+    }
+
+    #[test]
+    fn tls_services_share_one_sni_listener_that_reloads_keep() {
+        let text = |names: &[&str]| {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    format!(
+                        "[[service]]\nname = \"{n}\"\nlisten = [\"127.0.0.1:8443\"]\nbackends = [\"127.0.0.1:900{i}\"]\n[service.tls]\nmode = \"passthrough\"\nsni = [\"{n}.test\"]\n"
+                    )
+                })
+                .collect::<String>()
+        };
+        // Two services, one address: one SNI bind (with the first service's backlog).
+        let d = diff(&[], &desired(&config(&text(&["a", "b"])), &[], &[]), &[]);
+        assert!(matches!(
+            d.listen[..],
+            [Listen::BindSni { service: 0, addr: a }] if a == addr("127.0.0.1:8443")
+        ));
+        assert_eq!(d.sni, [addr("127.0.0.1:8443")]);
+
+        // A reload adding a third service on the open SNI listener binds nothing, and one
+        // removing all of them closes it.
+        let open = [addr("127.0.0.1:8443")];
+        let running = [
+            Running {
+                index: 0,
+                name: "a",
+                listen: vec![],
+            },
+            Running {
+                index: 1,
+                name: "b",
+                listen: vec![],
+            },
+        ];
+        let d = diff(
+            &running,
+            &desired(&config(&text(&["a", "b", "c"])), &[], &[]),
+            &open,
+        );
+        assert!(d.listen.is_empty() && d.sni_close.is_empty() && d.close.is_empty());
+        assert_eq!(d.matched, [Some(0), Some(1), None]);
+        let d = diff(&running, &desired(&config(TWO), &[], &[]), &open);
+        assert_eq!(d.sni_close, open);
+        assert!(d.sni.is_empty());
+
+        // A plain service cannot take the SNI listener's address in the same reload.
+        let plain = "[[service]]\nname = \"p\"\nlisten = [\"127.0.0.1:8443\"]\nbackends = [\"127.0.0.1:9000\"]\n";
+        let d = diff(&running, &desired(&config(plain), &[], &[]), &open);
+        match &d.listen[..] {
+            [Listen::Held(e)] => assert!(
+                e.to_string()
+                    .contains("still held by service \"[service.tls] services sharing it\""),
+                "{e}"
+            ),
+            l => panic!("{l:?}"),
+        }
     }
 }

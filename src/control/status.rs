@@ -21,6 +21,8 @@ pub struct Status {
     pub last_reload: Option<ReloadResult>,
     /// Failed discovery polls per provider.
     pub discovery_errors: Vec<(&'static str, u64)>,
+    /// The SNI listeners' counters of connections no service took.
+    pub sni: Vec<Arc<crate::table::sni::SniStats>>,
 }
 
 #[derive(Debug, Clone)]

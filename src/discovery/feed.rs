@@ -447,6 +447,8 @@ impl WireService {
                 })
                 .collect(),
             dns: None,
+            // Swarm services have no TLS keys yet.
+            tls: None,
             listen: self.listen,
             name: self.name,
         })

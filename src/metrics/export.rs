@@ -106,6 +106,10 @@ fn describe() {
     );
     describe_counter!(CONFIG_RELOADS, "Configuration reloads, by result.");
     describe_gauge!(TABLE_GENERATION, "Generation of the routing table in use.");
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "ClientHellos read on [service.tls] listeners, by result: ok (routed by name), default (routed to sni_default), or, with the listen address as service, why no service took it."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label names the meshd build."
@@ -263,6 +267,8 @@ pub struct ServiceMetrics {
     hedged: Counter,
     replayed: Counter,
     queued: Counter,
+    /// Registered once the service has taken a connection by SNI (`ok`, `default`).
+    tls: std::sync::OnceLock<[Counter; 2]>,
     /// Registered once the service is a UDP one.
     udp: std::sync::OnceLock<UdpMetrics>,
     name: String,
@@ -308,6 +314,7 @@ impl ServiceMetrics {
             hedged: metrics::counter!(HEDGED_CONNECTS, "service" => s.clone()),
             replayed: metrics::counter!(REPLAYED_CONNECTIONS, "service" => s.clone()),
             queued: metrics::counter!(QUEUED_CONNECTIONS, "service" => s.clone()),
+            tls: std::sync::OnceLock::new(),
             udp: std::sync::OnceLock::new(),
             name: s,
         }
@@ -328,6 +335,19 @@ impl ServiceMetrics {
             .absolute(s.hedged_connects.load(Ordering::Relaxed));
         self.replayed.absolute(s.replays.load(Ordering::Relaxed));
         self.queued.absolute(s.queued.load(Ordering::Relaxed));
+        let [by_name, by_default] = &s.tls_routed;
+        let (by_name, by_default) = (
+            by_name.load(Ordering::Relaxed),
+            by_default.load(Ordering::Relaxed),
+        );
+        if by_name + by_default > 0 || self.tls.get().is_some() {
+            let [ok, default] = self.tls.get_or_init(|| {
+                let c = |result: &'static str| metrics::counter!(TLS_HANDSHAKES, "service" => self.name.clone(), "result" => result);
+                [c("ok"), c("default")]
+            });
+            ok.absolute(by_name);
+            default.absolute(by_default);
+        }
         let u = &s.udp;
         if u.enabled.load(Ordering::Relaxed) || self.udp.get().is_some() {
             let m = self.udp.get_or_init(|| UdpMetrics::new(&self.name));
@@ -358,6 +378,26 @@ pub async fn upkeep(handle: &'static PrometheusHandle) {
     loop {
         tick.tick().await;
         handle.run_upkeep();
+    }
+}
+
+/// The SNI listeners' counters of connections no service took, copied at scrape time
+/// (labelled with the listen address as `service`: service names hold no ':').
+pub fn sync_sni(listeners: &[std::sync::Arc<crate::table::sni::SniStats>]) {
+    for l in listeners {
+        let results = [
+            ("unrecognized_name", &l.unrecognized_name),
+            ("malformed", &l.malformed),
+            ("too_large", &l.too_large),
+            ("timeout", &l.timeout),
+            ("closed", &l.closed),
+            ("proxy_header", &l.proxy_header),
+            ("no_service", &l.no_service),
+        ];
+        for (result, n) in results {
+            metrics::counter!(TLS_HANDSHAKES, "service" => l.label.to_string(), "result" => result)
+                .absolute(n.load(Ordering::Relaxed));
+        }
     }
 }
 

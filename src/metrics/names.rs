@@ -15,6 +15,7 @@ pub const CONNECT_DURATION: &str = "meshd_connect_duration_seconds";
 pub const CONFIG_RELOADS: &str = "meshd_config_reloads_total";
 pub const TABLE_GENERATION: &str = "meshd_table_generation";
 pub const BUILD_INFO: &str = "meshd_build_info";
+pub const TLS_HANDSHAKES: &str = "meshd_tls_handshakes_total";
 // Beyond DESIGN.md's table:
 pub const DRAIN_CLOSED: &str = "meshd_drain_closed_connections_total";
 pub const ACCEPT_EXHAUSTED: &str = "meshd_accept_exhausted_total";

@@ -15,10 +15,15 @@
 //! (`accept_proxy::read`, within `client_hello_timeout`; a bad or missing one closes it and
 //! counts it), and the header's client address stands for the peer from then on.
 //!
+//! On an SNI listener (`[service.tls]` services sharing an address), `serve_sni` first
+//! reads the ClientHello and picks the service by its server name; from there it is the
+//! same path, the hello's bytes sent to the backend first.
+//!
 //! Invariant: no lock, no string formatting (the access log, off by default, aside), no
-//! allocation unless `retry_on_early_close` asks for a replay buffer: the snapshot and
-//! backend are `Arc` clones, the tried-set, both connect attempts and the PROXY header live
-//! in this task's own state.
+//! allocation unless `retry_on_early_close` asks for a replay buffer, or an SNI connection
+//! reads its hello (a buffer of 2 to 16 KiB, freed once the backend has it): the snapshot
+//! and backend are `Arc` clones, the tried-set, both connect attempts and the PROXY header
+//! live in this task's own state.
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
@@ -28,16 +33,18 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::forward::{self, End, Limits, Mode};
 use super::proxy_header::Header;
+use super::sni::{self, SniError, Step};
 use super::{accept_proxy, connect, proxy_protocol};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
 use crate::config::ProxyProtocol;
+use crate::table::sni::SniRoutes;
 use crate::table::{Backend, ConnectError, Ejection, ServiceState, ServiceTable, TableHandle};
 
 /// The outlier rules live in one place (`table::outlier`).
@@ -556,42 +563,178 @@ async fn dial_queued(
 }
 
 /// Serves one accepted connection. The accept loop has already counted it in
-/// `svc.state.active`; this function un-counts it when it returns.
-pub async fn serve(
+/// `svc.state.active`; the connection un-counts it when it ends. (The same state machine
+/// as an SNI connection's after its hello, not a future wrapping it: one more layer made
+/// the task larger than tokio boxes separately in debug builds, an allocation more per
+/// connection, as `tests/alloc.rs` saw.)
+pub fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    svc: Arc<ServiceTable>,
+    shared: Arc<Shared>,
+) -> impl Future<Output = ()> + Send {
+    to_backend(
+        client,
+        peer,
+        svc,
+        shared,
+        Instant::now(),
+        Prefix::ProxyHeader,
+    )
+}
+
+/// Serves one connection accepted on an SNI listener (an address of `[service.tls]`
+/// services): a trusted source's PROXY header, then the ClientHello read into the
+/// connection's own buffer (grown as needed, at most 16 KiB, freed once the backend has
+/// it), both within `client_hello_timeout`; the normalised name picks the service
+/// (`SniRoutes::route`), whose limits, pick, connect and forwarding then apply as to any
+/// connection, the hello's bytes sent first. No service: TLS alert `unrecognized_name`,
+/// and the connection is closed; a malformed, oversized or late hello: closed. Each
+/// outcome is counted (`meshd_tls_handshakes_total`).
+pub async fn serve_sni(
     mut client: TcpStream,
     peer: SocketAddr,
-    mut svc: Arc<ServiceTable>,
+    routes: Arc<SniRoutes>,
     shared: Arc<Shared>,
 ) {
-    let shared = &*shared;
-    let state = svc.state.clone();
-    let _service_live = Live(&state.active);
+    let stats = &*routes.stats;
+    let count = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
     let accepted = Instant::now();
-    // `accept_proxy`: a trusted source's PROXY header names the client (for the pick, the
-    // header meshd sends, the access log) and the address it connected to. Anyone else
-    // costs one CIDR check; their bytes are not looked at.
+    let deadline = accepted + routes.client_hello_timeout;
     let mut proxied_dst: Option<SocketAddr> = None;
-    let peer = if accept_proxy::trusted(&svc.config.accept_proxy, peer.ip()) {
-        let read = accept_proxy::read(&mut client);
-        match tokio::time::timeout(svc.config.client_hello_timeout, read).await {
+    let peer = if accept_proxy::trusted(&routes.accept_proxy, peer.ip()) {
+        match tokio::time::timeout_at(deadline, accept_proxy::read(&mut client)).await {
             Ok(Ok(Header::Proxy { src, dst })) => {
                 proxied_dst = Some(dst);
                 src
             }
             Ok(Ok(Header::Local)) => peer,
-            Ok(Err(e)) => {
-                state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(service = &*state.name, %peer, error = %e, "PROXY header refused, connection closed");
-                return;
-            }
-            Err(_) => {
-                state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(service = &*state.name, %peer, "no PROXY header within client_hello_timeout, connection closed");
-                return;
-            }
+            Ok(Err(_)) | Err(_) => return count(&stats.proxy_header),
         }
     } else {
         peer
+    };
+    let mut hello = Vec::new();
+    let name = match tokio::time::timeout_at(deadline, read_hello(&mut client, &mut hello)).await {
+        Ok(Ok(name)) => name,
+        Ok(Err(HelloEnd::Closed)) => return count(&stats.closed),
+        Ok(Err(HelloEnd::Refused(SniError::TooLarge))) => return count(&stats.too_large),
+        Ok(Err(HelloEnd::Refused(_))) => return count(&stats.malformed),
+        Err(_) => return count(&stats.timeout),
+    };
+    let Some((state, via)) = routes.route(name.as_ref().map(sni::Name::as_str)) else {
+        // One 7-byte record into an empty send buffer: never waits.
+        let _ = client.try_write(&sni::ALERT_UNRECOGNIZED_NAME);
+        return count(&stats.unrecognized_name);
+    };
+    let guard = shared.table.load();
+    let Some(svc) = guard.service(state) else {
+        return count(&stats.no_service);
+    };
+    // As the accept loop does for a service's own listener.
+    let max = u64::from(svc.config.max_connections);
+    let live = state.active.fetch_add(1, Ordering::Relaxed);
+    if max > 0 && live >= max {
+        state.active.fetch_sub(1, Ordering::Relaxed);
+        state
+            .rejected_max_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        return;
+    }
+    count(&state.tls_routed[via as usize]);
+    let svc = svc.clone();
+    drop(guard);
+    let prefix = Prefix::Hello { proxied_dst, hello };
+    to_backend(client, peer, svc, shared, accepted, prefix).await;
+}
+
+/// What a connection brings before its first byte for the backend.
+enum Prefix {
+    /// A service's own listener: a PROXY header if `accept_proxy` trusts the peer.
+    ProxyHeader,
+    /// An SNI listener's, past its PROXY header (if any, with the address it named) and
+    /// its ClientHello (sent to the backend first).
+    Hello {
+        proxied_dst: Option<SocketAddr>,
+        hello: Vec<u8>,
+    },
+}
+
+/// Why no ClientHello came.
+enum HelloEnd {
+    /// The client closed or reset first.
+    Closed,
+    Refused(SniError),
+}
+
+/// Reads until `buf` holds a whole ClientHello (what follows it in the same reads stays
+/// in `buf` too: all of it goes to the backend); its normalised server name, if any.
+/// `buf` grows from 2 KiB by doubling, never past [`sni::MAX_HELLO`].
+async fn read_hello(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<sni::Name>, HelloEnd> {
+    loop {
+        let have = buf.len();
+        let room = (sni::MAX_HELLO - have).min(have.max(2048));
+        if room == 0 {
+            return Err(HelloEnd::Refused(SniError::TooLarge));
+        }
+        buf.resize(have + room, 0);
+        let n = match client.read(&mut buf[have..]).await {
+            Ok(0) | Err(_) => return Err(HelloEnd::Closed),
+            Ok(n) => n,
+        };
+        buf.truncate(have + n);
+        match sni::parse(buf) {
+            Ok(Step::Done { name, .. }) => return Ok(name),
+            Ok(Step::Incomplete) => {}
+            Err(e) => return Err(HelloEnd::Refused(e)),
+        }
+    }
+}
+
+/// Everything once the service is known: the PROXY header of a service's own listener
+/// (`Prefix`), dial (queue, retries, hedging, panic routing), PROXY header sent, an SNI
+/// connection's ClientHello, the replay phase, forwarding, access log. The connection is
+/// counted in `svc.state.active` already; this un-counts it.
+async fn to_backend(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    mut svc: Arc<ServiceTable>,
+    shared: Arc<Shared>,
+    accepted: Instant,
+    prefix: Prefix,
+) {
+    let shared = &*shared;
+    let state = svc.state.clone();
+    let _service_live = Live(&state.active);
+    // `accept_proxy`: a trusted source's PROXY header names the client (for the pick, the
+    // header meshd sends, the access log) and the address it connected to. Anyone else
+    // costs one CIDR check; their bytes are not looked at.
+    let (peer, proxied_dst, mut first) = match prefix {
+        Prefix::Hello { proxied_dst, hello } => (peer, proxied_dst, hello),
+        Prefix::ProxyHeader if accept_proxy::trusted(&svc.config.accept_proxy, peer.ip()) => {
+            let read = accept_proxy::read(&mut client);
+            match tokio::time::timeout(svc.config.client_hello_timeout, read).await {
+                Ok(Ok(Header::Proxy { src, dst })) => (src, Some(dst), Vec::new()),
+                Ok(Ok(Header::Local)) => (peer, None, Vec::new()),
+                Ok(Err(e)) => {
+                    state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(service = &*state.name, %peer, error = %e, "PROXY header refused, connection closed");
+                    return;
+                }
+                Err(_) => {
+                    state.rejected_proxy_header.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(service = &*state.name, %peer, "no PROXY header within client_hello_timeout, connection closed");
+                    return;
+                }
+            }
+        }
+        Prefix::ProxyHeader => (peer, None, Vec::new()),
     };
     let mut attempts = Attempts::new();
     let mut queue: Option<Queue> = None;
@@ -638,9 +781,29 @@ pub async fn serve(
             }
         }
         if !replays {
+            if !first.is_empty() {
+                if server.write_all(&first).await.is_err() {
+                    log_access(
+                        shared,
+                        &svc,
+                        &live.0,
+                        peer,
+                        accepted,
+                        End::BackendReset,
+                        0,
+                        0,
+                    );
+                    return;
+                }
+                let sent = first.len() as u64;
+                // Freed now: a forwarding connection holds no buffer.
+                drop(std::mem::take(&mut first));
+                break (server, live, sent);
+            }
             break (server, live, 0);
         }
-        let (buf, eof) = replay.get_or_insert_with(|| (Vec::new(), false));
+        // The hello (if any) is the first of the bytes kept for a replay.
+        let (buf, eof) = replay.get_or_insert_with(|| (std::mem::take(&mut first), false));
         match hold_for_replay(
             &client,
             &server,

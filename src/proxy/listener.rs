@@ -54,10 +54,19 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(s.into())
 }
 
+/// Where an accept loop's connections go.
+pub enum Route {
+    /// One service's listener.
+    Service(Arc<ServiceState>),
+    /// An address shared by `[service.tls]` services: the connection's ClientHello picks
+    /// one (`RoutingTable::sni`, `conn::serve_sni`).
+    Sni(SocketAddr),
+}
+
 /// What an accept loop needs.
 pub struct AcceptLoop {
     pub listener: TcpListener,
-    pub service: Arc<ServiceState>,
+    pub route: Route,
     pub table: TableHandle,
     pub shared: Arc<Shared>,
     pub tracker: TaskTracker,
@@ -69,7 +78,7 @@ impl AcceptLoop {
     pub async fn run(self) {
         let AcceptLoop {
             listener,
-            service,
+            route,
             table,
             shared,
             tracker,
@@ -94,7 +103,20 @@ impl AcceptLoop {
                 Ok((sock, peer)) => {
                     backoff = BACKOFF_MIN;
                     let guard = table.load();
-                    let Some(svc) = guard.service(&service) else {
+                    let service = match &route {
+                        Route::Service(s) => s,
+                        Route::Sni(addr) => {
+                            // The service is known once the ClientHello is in: limits
+                            // apply then, in the connection's task.
+                            if let Some(routes) = guard.sni(*addr) {
+                                let routes = routes.clone();
+                                drop(guard);
+                                tracker.spawn(conn::serve_sni(sock, peer, routes, shared.clone()));
+                            }
+                            continue;
+                        }
+                    };
+                    let Some(svc) = guard.service(service) else {
                         service.rejected_no_backend.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
@@ -120,8 +142,12 @@ impl AcceptLoop {
                     let now = tokio::time::Instant::now();
                     if last_log.is_none_or(|t| now - t >= Duration::from_secs(1)) {
                         last_log = Some(now);
+                        let label = match &route {
+                            Route::Service(s) => s.name.to_string(),
+                            Route::Sni(a) => a.to_string(),
+                        };
                         tracing::warn!(
-                            service = &*service.name,
+                            service = label,
                             error = %e,
                             "accept failed: out of file descriptors or buffers; pausing this listener up to 100ms"
                         );

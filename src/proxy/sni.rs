@@ -2,7 +2,8 @@
 //! SNI"): a pure, bounded, incremental parser over the connection's first bytes, the name
 //! normalisation routing compares on, and wildcard matching.
 //!
-//! Not wired into the data plane yet: no listener routes on it (issue #16, part 2).
+//! `conn::serve_sni` runs it on the listeners of `[service.tls]` services; the routes
+//! it looks names up in are `table::sni::SniRoutes`, part of the published table.
 //!
 //! [`parse`] reassembles the handshake message from as many TLS records as it takes (a
 //! ClientHello may be split over records, and records over segments), and says
@@ -13,7 +14,7 @@
 /// The most bytes of records buffered for one ClientHello.
 pub const MAX_HELLO: usize = 16 * 1024;
 /// The longest DNS name (without a trailing dot).
-pub const MAX_NAME: usize = 253;
+pub const MAX_NAME: usize = crate::config::limits::MAX_DNS_NAME;
 
 const RECORD_HEADER: usize = 5;
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -72,26 +73,15 @@ impl std::fmt::Debug for Name {
 /// IPv4 literal, which RFC 6066 does not allow as SNI).
 pub fn normalize(raw: &[u8]) -> Option<Name> {
     let raw = raw.strip_suffix(b".").unwrap_or(raw);
-    if raw.is_empty() || raw.len() > MAX_NAME {
+    if !crate::config::limits::dns_name(raw) {
         return None;
     }
     let mut name = Name {
         buf: [0; MAX_NAME],
         len: raw.len() as u8,
     };
-    for label in raw.split(|&b| b == b'.') {
-        if label.is_empty() || label.len() > 63 {
-            return None;
-        }
-    }
     for (i, &b) in raw.iter().enumerate() {
-        if !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-            return None;
-        }
         name.buf[i] = b.to_ascii_lowercase();
-    }
-    if raw.iter().all(|&b| b.is_ascii_digit() || b == b'.') {
-        return None;
     }
     Some(name)
 }

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod outlier;
+pub mod sni;
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct ServiceState {
     pub replays: AtomicU64,
     /// Connections that no backend took at first and waited for one (`queue_timeout`).
     pub queued: AtomicU64,
+    /// `[service.tls]` connections routed here by their server name, and as the default.
+    pub tls_routed: [AtomicU64; 2],
     /// A UDP service's flows and dropped datagrams (zero for a TCP service).
     pub udp: UdpStats,
     /// Seconds a connection lived; registered once, recorded per closed connection.
@@ -77,6 +80,7 @@ impl ServiceState {
             hedged_connects: AtomicU64::new(0),
             replays: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            tls_routed: [AtomicU64::new(0), AtomicU64::new(0)],
             udp: UdpStats::default(),
         }
     }
@@ -477,6 +481,9 @@ pub struct RoutingTable {
     pub generation: u64,
     /// Indexed by `ServiceState::slot`; `None` for a free slot.
     pub services: Vec<Option<Arc<ServiceTable>>>,
+    /// The routes of each listen address shared by `[service.tls]` services (a few: the
+    /// accept loop finds its own by a scan).
+    pub sni: Vec<Arc<sni::SniRoutes>>,
 }
 
 impl RoutingTable {
@@ -487,6 +494,12 @@ impl RoutingTable {
             Some(Some(s)) if Arc::ptr_eq(&s.state, state) => Some(s),
             _ => None,
         }
+    }
+
+    /// The SNI routes of listen address `addr`.
+    #[inline]
+    pub fn sni(&self, addr: std::net::SocketAddr) -> Option<&Arc<sni::SniRoutes>> {
+        self.sni.iter().find(|r| r.addr == addr)
     }
 }
 
