@@ -9,6 +9,8 @@
 #                                     # the worker's meshd (bounded: 90 s of load at most)
 #   scripts/swarm-lab.sh partition    # node 2 cut off (link down) and back, under ab through
 #                                     # node 3's meshd (bounded: 100 s of load at most)
+#   scripts/swarm-lab.sh locality     # mesh.locality=prefer_local / local_only on the demo
+#                                     # app: which node answers node 3's clients
 #   scripts/swarm-lab.sh overlay      # checks container-to-container traffic over VXLAN
 #   scripts/swarm-lab.sh down         # removes everything `up` and `demo` created
 #
@@ -579,6 +581,67 @@ cmd_down() {
   log "down: lab removed$([ "$(docker info -f '{{.Swarm.LocalNodeState}}' 2>/dev/null)" = inactive ] && echo '; this engine is not in a swarm')"
 }
 
+# === locality: which node answers a worker's clients, per mesh.locality ===
+
+# `total` requests (a connection each) to `target`: prints "N node" per answering node,
+# then "F failed".
+by_node() {
+  local target=$1 total=$2
+  for _ in $(seq 1 "$total"); do curl -s -m 2 "http://$target:$PORT/" || echo "FAILED@failed"; echo; done |
+    grep -v '^$' | sed 's/.*@//' | sort | uniq -c | sed 's/^/  /'
+}
+
+# Waits until node N's meshd has applied the label (its admin API shows the locality).
+wait_locality() {
+  local target=$1 want=$2 end=$((SECONDS + 30))
+  until curl -s -m 2 "http://$target:$ADMIN/api/v1/services" | grep -q "\"locality\":\"$want\""; do
+    [ $SECONDS -lt $end ] || die "node at $target did not apply locality $want within 30 s"
+    sleep 0.5
+  done
+}
+
+cmd_locality() {
+  need_root
+  [ -f "$STATE" ] || die "not up: run $0 up first"
+  docker service inspect ${PREFIX}_web >/dev/null 2>&1 || die "no demo: run $0 demo first"
+  NODES=$(state_get nodes)
+  local target host cids t0
+  target=$(node_addr "$NODES")
+  host=$(dk "$NODES" info -f '{{.Name}}')
+  log "any (the default): 200 requests to node $NODES's meshd ($target:$PORT), by answering node:"
+  by_node "$target" 200
+  t0=$(now)
+  docker service update --quiet --detach --label-add mesh.locality=prefer_local ${PREFIX}_web >/dev/null
+  wait_locality "$target" prefer_local
+  log "prefer_local, applied by node $NODES's meshd $(since "$t0")s after the label; 200 requests:"
+  by_node "$target" 200
+  # One of node N's two tasks killed: half of its tasks are healthy, which is not fewer
+  # than half: still local. Then the other: every node's tasks (Swarm restarts them).
+  cids=$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_web")
+  log "node $NODES ($host) runs $(echo "$cids" | wc -w) tasks; killing one, then 200 requests at once:"
+  dk "$NODES" kill "$(echo "$cids" | head -1)" >/dev/null
+  by_node "$target" 200
+  log "killing the other one too, then 200 requests at once:"
+  dk "$NODES" kill "$(echo "$cids" | sed -n 2p)" >/dev/null
+  by_node "$target" 200
+  log "waiting for Swarm to restart node $NODES's tasks (at most 60 s)"
+  local end=$((SECONDS + 60))
+  until [ "$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_web" | wc -l)" -ge 2 ]; do
+    [ $SECONDS -lt $end ] || die "node $NODES's tasks did not come back"
+    sleep 1
+  done
+  sleep 3
+  log "back: 200 requests:"
+  by_node "$target" 200
+  docker service update --quiet --detach --label-add mesh.locality=local_only ${PREFIX}_web >/dev/null
+  wait_locality "$target" local_only
+  log "local_only: 200 requests:"
+  by_node "$target" 200
+  docker service update --quiet --detach --label-rm mesh.locality ${PREFIX}_web >/dev/null
+  wait_locality "$target" any
+  log "label removed (any again)"
+}
+
 case ${1:-} in
   up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
@@ -587,5 +650,6 @@ case ${1:-} in
   update) cmd_update ;;
   overlay) cmd_overlay ;;
   partition) cmd_partition ;;
-  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | partition | overlay | down" >&2; exit 2 ;;
+  locality) cmd_locality ;;
+  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | partition | locality | overlay | down" >&2; exit 2 ;;
 esac
