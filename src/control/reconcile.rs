@@ -511,5 +511,19 @@ backends = [{ addr = "127.0.0.1:9002" }]
             ),
             l => panic!("{l:?}"),
         }
+
+        // A Swarm service labelled mesh.tls joins a configured TLS service's address.
+        let cfg = config(&text(&["a"]));
+        let mut swarm = cfg.services[0].clone();
+        swarm.name = "swarm-b".into();
+        swarm.tls.as_mut().unwrap().sni = vec!["b.test".into()];
+        let d = diff(
+            &running[..1],
+            &desired(&cfg, &[], &[(Source::Docker, vec![swarm])]),
+            &open,
+        );
+        assert!(d.listen.is_empty() && d.sni_close.is_empty() && d.close.is_empty());
+        assert_eq!(d.sni, open);
+        assert_eq!(d.matched, [Some(0), None]);
     }
 }

@@ -35,7 +35,7 @@ use crate::config::limits::{
     self, DurationKey, IntKey, BALANCES, CHECKS, LOCALITIES, PROTOCOLS, PROXY_PROTOCOLS, UDP_CHECKS,
 };
 use crate::config::{
-    defaults, BackendConfig, HealthConfig, Locality, Protocol, ServiceConfig, UdpConfig,
+    defaults, BackendConfig, HealthConfig, Locality, Protocol, ServiceConfig, TlsConfig, UdpConfig,
 };
 
 /// How often a manager tells a follower it is alive (with whether its engine answers).
@@ -163,6 +163,24 @@ pub struct WireService {
     /// its Swarm node so that every follower tells its own node's tasks.
     #[serde(default = "wire_locality", skip_serializing_if = "is_any")]
     pub locality: String,
+    /// `[service.tls]` (the labels `mesh.tls`, `mesh.sni`, `mesh.sni_default`); absent for a
+    /// plain service. A follower older than this key refuses the state while such a
+    /// service exists (keeping its last good table) rather than serve it as plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<WireTls>,
+}
+
+/// A service's `[service.tls]` on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireTls {
+    /// `passthrough`.
+    pub mode: String,
+    /// Normalised names; checked again on arrival.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sni_default: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +250,10 @@ fn is_default_client_hello_timeout(v: &u64) -> bool {
 
 fn is_any(v: &str) -> bool {
     v == Locality::Any.name()
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn wire_locality() -> String {
@@ -333,6 +355,11 @@ impl WireService {
             udp_idle_timeout_ms: ms(s.udp.idle_timeout),
             max_flows: s.udp.max_flows,
             udp_responses: s.udp.responses,
+            tls: s.tls.as_ref().map(|t| WireTls {
+                mode: "passthrough".into(),
+                sni: t.sni.clone(),
+                sni_default: t.sni_default,
+            }),
         }
     }
 
@@ -392,6 +419,10 @@ impl WireService {
                 h.check
             )));
         }
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => Some(wire_tls(t, protocol).map_err(err)?),
+        };
         Ok(ServiceConfig {
             locality,
             protocol,
@@ -447,12 +478,39 @@ impl WireService {
                 })
                 .collect(),
             dns: None,
-            // Swarm services have no TLS keys yet.
-            tls: None,
+            tls,
             listen: self.listen,
             name: self.name,
         })
     }
+}
+
+/// A service's `tls` from the wire, held to `[service.tls]`'s rules.
+fn wire_tls(t: &WireTls, protocol: Protocol) -> Result<TlsConfig, String> {
+    if t.mode != "passthrough" {
+        return Err(format!("tls mode {:?} is not one this meshd has", t.mode));
+    }
+    if protocol != Protocol::Tcp {
+        return Err("tls applies to TCP services only".into());
+    }
+    if t.sni.len() > limits::MAX_SNI {
+        return Err(format!("{} sni names is too many", t.sni.len()));
+    }
+    let mut sni: Vec<String> = Vec::with_capacity(t.sni.len());
+    for n in &t.sni {
+        let n = limits::sni_name(n)?;
+        if sni.contains(&n) {
+            return Err(format!("sni {n:?} is listed twice"));
+        }
+        sni.push(n);
+    }
+    if sni.is_empty() && !t.sni_default {
+        return Err("tls lists no sni name and is not sni_default".into());
+    }
+    Ok(TlsConfig {
+        sni,
+        sni_default: t.sni_default,
+    })
 }
 
 /// Reads the services of a `State` line; a service that does not pass the checks is left
@@ -711,6 +769,51 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         let mut w = WireService::from_config(&s);
         w.backends[0].node = Some("bad node\n".into());
         assert!(w.into_config().is_err());
+    }
+
+    #[test]
+    fn tls_services_cross_the_wire_and_are_checked_on_arrival() {
+        let mut s = service();
+        // Plain: no `tls` key at all (an older follower reads the line as before).
+        let line = serde_json::to_string(&WireService::from_config(&s)).unwrap();
+        assert!(!line.contains("tls"), "{line}");
+
+        s.tls = Some(TlsConfig {
+            sni: vec!["a.test".into(), "*.b.test".into()],
+            sni_default: true,
+        });
+        let w = WireService::from_config(&s);
+        let line = serde_json::to_string(&w).unwrap();
+        assert!(
+            line.contains(
+                r#""tls":{"mode":"passthrough","sni":["a.test","*.b.test"],"sni_default":true}"#
+            ),
+            "{line}"
+        );
+        let back: WireService = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.into_config().unwrap().tls, s.tls);
+
+        let bad = |f: &dyn Fn(&mut WireTls)| {
+            let mut w = WireService::from_config(&s);
+            f(w.tls.as_mut().unwrap());
+            w.into_config().unwrap_err().to_string()
+        };
+        assert!(bad(&|t| t.mode = "terminate".into()).contains("tls mode \"terminate\""));
+        assert!(bad(&|t| t.sni.push("A.test.".into())).contains("sni \"a.test\" is listed twice"));
+        assert!(bad(&|t| t.sni.push("a..test".into())).contains("invalid sni name"));
+        assert!(bad(&|t| {
+            t.sni.clear();
+            t.sni_default = false;
+        })
+        .contains("no sni name"));
+        let mut w = WireService::from_config(&s);
+        w.protocol = "udp".into();
+        w.health.check = "none".into();
+        assert!(w
+            .into_config()
+            .unwrap_err()
+            .to_string()
+            .contains("TCP services only"));
     }
 
     #[test]

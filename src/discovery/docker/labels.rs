@@ -16,6 +16,9 @@
 //! | `mesh.accept_proxy` | CIDRs, comma-separated, e.g. `10.0.0.0/8,192.168.1.10/32`: these sources must send a PROXY header | `[defaults] accept_proxy` |
 //! | `mesh.locality` | `any`, `prefer_local`, `local_only`: this node's tasks first, or only | `[defaults] locality` |
 //! | `mesh.retry_early_close` | `true`, `false`: replay a connection whose task closes before answering | `[defaults] retry_on_early_close` |
+//! | `mesh.tls` | `passthrough`: route the TCP ports by the ClientHello's server name; the task terminates TLS | (plain TCP) |
+//! | `mesh.sni` | names, comma-separated, e.g. `api.example.com,*.example.com` (needs `mesh.tls`) | (none) |
+//! | `mesh.sni_default` | `true`, `false`: take the port's connections no service's `mesh.sni` names (needs `mesh.tls`) | `false` |
 //!
 //! Invariant: pure functions, no I/O. A label that does not parse is one [`LabelError`]
 //! line naming the Swarm service and the label; that service is skipped, the others go on.
@@ -26,7 +29,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::config::limits::{self, BALANCES, CHECKS, LOCALITIES, MAX_NAME, PROXY_PROTOCOLS};
-use crate::config::{Balance, CheckKind, Locality, Protocol, ProxyProtocol, ServiceConfig};
+use crate::config::{
+    Balance, CheckKind, Locality, Protocol, ProxyProtocol, ServiceConfig, TlsConfig,
+};
 
 pub const PUBLISH: &str = "mesh.publish";
 pub const BALANCE: &str = "mesh.balance";
@@ -38,8 +43,11 @@ pub const LISTEN: &str = "mesh.listen";
 pub const RETRY_EARLY_CLOSE: &str = "mesh.retry_early_close";
 pub const ACCEPT_PROXY: &str = "mesh.accept_proxy";
 pub const LOCALITY: &str = "mesh.locality";
+pub const TLS: &str = "mesh.tls";
+pub const SNI: &str = "mesh.sni";
+pub const SNI_DEFAULT: &str = "mesh.sni_default";
 
-const KNOWN: [&str; 10] = [
+const KNOWN: [&str; 13] = [
     PUBLISH,
     BALANCE,
     HEALTH,
@@ -50,6 +58,9 @@ const KNOWN: [&str; 10] = [
     RETRY_EARLY_CLOSE,
     ACCEPT_PROXY,
     LOCALITY,
+    TLS,
+    SNI,
+    SNI_DEFAULT,
 ];
 
 /// A label that cannot be used. `Display`: `service "web": label mesh.publish="80:abc":
@@ -85,6 +96,9 @@ pub struct MeshLabels {
     pub accept_proxy: Option<Vec<ipnet::IpNet>>,
     /// `mesh.locality`: this node's tasks first (`prefer_local`) or only (`local_only`).
     pub locality: Option<Locality>,
+    /// `mesh.tls=passthrough` with `mesh.sni` / `mesh.sni_default`: the TCP ports are
+    /// routed by server name and may share their port with other such services.
+    pub tls: Option<TlsConfig>,
     /// Unknown `mesh.*` labels, each as a one-line warning.
     pub warnings: Vec<String>,
 }
@@ -147,6 +161,9 @@ pub fn parse(
             Some(list)
         }
     };
+    let tls = tls(labels).map_err(|(label, problem)| {
+        err(label, labels.get(label).map_or("", String::as_str), problem)
+    })?;
     let path = match labels.get(HEALTH_PATH) {
         None => None,
         Some(v) => {
@@ -196,8 +213,59 @@ pub fn parse(
         retry_early_close,
         accept_proxy,
         locality,
+        tls,
         warnings,
     }))
+}
+
+/// `mesh.tls`, `mesh.sni`, `mesh.sni_default`, checked as `[service.tls]` is in mesh.toml.
+/// The error is (label, problem).
+fn tls(labels: &BTreeMap<String, String>) -> Result<Option<TlsConfig>, (&'static str, String)> {
+    let mode = keyword(labels, TLS, &TLS_MODES).map_err(|(_, p)| (TLS, p))?;
+    let sni_default = keyword(labels, SNI_DEFAULT, &BOOLS).map_err(|(_, p)| (SNI_DEFAULT, p))?;
+    let Some(()) = mode else {
+        for label in [SNI, SNI_DEFAULT] {
+            if labels.contains_key(label) {
+                return Err((
+                    label,
+                    "only a TLS service is routed by server name: add the label \
+                     mesh.tls=passthrough"
+                        .into(),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let mut sni: Vec<String> = Vec::new();
+    if let Some(v) = labels.get(SNI) {
+        for n in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let n = limits::sni_name(n).map_err(|p| (SNI, p))?;
+            if sni.contains(&n) {
+                return Err((SNI, format!("{n} is listed twice: remove one")));
+            }
+            sni.push(n);
+        }
+        if sni.len() > limits::MAX_SNI {
+            return Err((
+                SNI,
+                format!(
+                    "{} names: use at most {} (or a wildcard)",
+                    sni.len(),
+                    limits::MAX_SNI
+                ),
+            ));
+        }
+    }
+    let sni_default = sni_default.unwrap_or(false);
+    if sni.is_empty() && !sni_default {
+        return Err((
+            TLS,
+            "no connection could reach this service: add the label \
+             mesh.sni=api.example.com (names, comma-separated) or mesh.sni_default=true"
+                .into(),
+        ));
+    }
+    Ok(Some(TlsConfig { sni, sni_default }))
 }
 
 /// The mesh services of Swarm service `service`: `defaults` (the `[defaults]` template)
@@ -274,6 +342,7 @@ pub fn services(
         let mut config = template.clone();
         config.name = name;
         config.listen = vec![SocketAddr::new(labels.listen_ip, published)];
+        config.tls = labels.tls.clone();
         if protocol == Protocol::Udp {
             udp(&mut config, labels)
                 .map_err(|(label, problem)| err(label, labels_value(labels, label), problem))?;
@@ -319,6 +388,12 @@ fn udp(config: &mut ServiceConfig, labels: &MeshLabels) -> Result<(), (&'static 
         ));
     }
     config.accept_proxy.clear();
+    if labels.tls.is_some() {
+        return Err((
+            TLS,
+            "TLS is for TCP: a /udp port in mesh.publish cannot be routed by server name".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -343,6 +418,7 @@ fn labels_value(labels: &MeshLabels, label: &str) -> String {
                     .join(",")
             })
             .unwrap_or_default(),
+        TLS if labels.tls.is_some() => "passthrough".into(),
         _ => String::new(),
     }
 }
@@ -384,6 +460,8 @@ fn parse_ports(s: &str) -> Result<Vec<(u16, u16, Protocol)>, String> {
 }
 
 const BOOLS: [(&str, bool); 2] = [("true", true), ("false", false)];
+/// `mesh.tls` values. `terminate` is not in this build: the task terminates TLS.
+const TLS_MODES: [(&str, ()); 1] = [("passthrough", ())];
 
 /// The value of label `key` from `table`; the error is (value, problem).
 fn keyword<T: Copy>(
@@ -705,5 +783,93 @@ mod tests {
             let e = err(pairs);
             assert!(e.contains(want), "{pairs:?}: {e}");
         }
+    }
+
+    #[test]
+    fn tls_labels_route_the_tcp_ports_by_server_name() {
+        let m = parse(
+            "api",
+            &labels(&[
+                ("mesh.publish", "443:8443"),
+                ("mesh.tls", "passthrough"),
+                ("mesh.sni", " API.Example.com. , *.example.com"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        let s = services("api", &m, &defaults()).unwrap();
+        let tls = s[0].config.tls.as_ref().unwrap();
+        assert_eq!(tls.sni, ["api.example.com", "*.example.com"]);
+        assert!(!tls.sni_default);
+
+        let m = parse(
+            "www",
+            &labels(&[
+                ("mesh.publish", "443:443"),
+                ("mesh.tls", "passthrough"),
+                ("mesh.sni_default", "true"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        let s = services("www", &m, &defaults()).unwrap();
+        let tls = s[0].config.tls.as_ref().unwrap();
+        assert!(tls.sni.is_empty() && tls.sni_default);
+
+        // Without mesh.tls the service is plain TCP.
+        let m = parse("web", &labels(&[("mesh.publish", "80:80")]))
+            .unwrap()
+            .unwrap();
+        assert!(services("web", &m, &defaults()).unwrap()[0]
+            .config
+            .tls
+            .is_none());
+    }
+
+    #[test]
+    fn tls_labels_that_cannot_route_are_refused_with_the_label() {
+        let cases: [(&[(&str, &str)], &str); 7] = [
+            (
+                &[("mesh.tls", "passthrough")],
+                r#"label mesh.tls="passthrough": no connection could reach this service: add the label mesh.sni"#,
+            ),
+            (
+                &[("mesh.tls", "terminate"), ("mesh.sni", "a.test")],
+                r#"label mesh.tls="terminate": expected one of passthrough"#,
+            ),
+            (
+                &[("mesh.sni", "a.test")],
+                r#"label mesh.sni="a.test": only a TLS service is routed by server name: add the label mesh.tls=passthrough"#,
+            ),
+            (
+                &[("mesh.sni_default", "true")],
+                "label mesh.sni_default=\"true\": only a TLS service",
+            ),
+            (
+                &[("mesh.tls", "passthrough"), ("mesh.sni", "a.test,A.test.")],
+                r#"label mesh.sni="a.test,A.test.": a.test is listed twice"#,
+            ),
+            (
+                &[("mesh.tls", "passthrough"), ("mesh.sni", "a.*.test")],
+                r#"label mesh.sni="a.*.test": invalid sni name"#,
+            ),
+            (
+                &[("mesh.tls", "passthrough"), ("mesh.sni_default", "yes")],
+                r#"label mesh.sni_default="yes": expected one of true, false"#,
+            ),
+        ];
+        for (extra, want) in cases {
+            let mut pairs = vec![("mesh.publish", "443:443")];
+            pairs.extend_from_slice(extra);
+            let e = err(&pairs);
+            assert!(e.starts_with(r#"service "web": "#), "{e}");
+            assert!(e.contains(want), "{e}\nwanted: {want}");
+        }
+        let e = err(&[
+            ("mesh.publish", "53:53/udp"),
+            ("mesh.tls", "passthrough"),
+            ("mesh.sni", "a.test"),
+        ]);
+        assert!(e.contains("TLS is for TCP"), "{e}");
     }
 }

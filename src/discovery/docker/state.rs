@@ -256,7 +256,7 @@ impl Tracker {
                         c.listen
                             .iter()
                             .find(|a| m.config.listen.iter().any(|b| overlaps(**a, *b)))
-                            .map(|a| format!("port {}", a.port()))
+                            .and_then(|a| share_by_name(c, &m.config, a.port()).err())
                     };
                     if let Some(what) = clash {
                         out.warnings.push(format!(
@@ -368,6 +368,32 @@ fn skipped(e: &LabelError) -> String {
 /// A node whose tasks may get traffic: up, and not being drained.
 fn node_ok(n: &Node) -> bool {
     n.status.state == "ready" && n.spec.availability != "drain"
+}
+
+/// Whether mesh services `a` and `b`, both on `port`, may share it: only when both are
+/// TLS services routed by server name on the same address, read the same PROXY sources
+/// and claim no name (nor the default) twice. `Err` says what clashes.
+fn share_by_name(a: &ServiceConfig, b: &ServiceConfig, port: u16) -> Result<(), String> {
+    let (Some(ta), Some(tb)) = (&a.tls, &b.tls) else {
+        return Err(format!("port {port}"));
+    };
+    if a.listen != b.listen {
+        return Err(format!(
+            "port {port} (TLS services share a port only on the same mesh.listen address)"
+        ));
+    }
+    if a.accept_proxy != b.accept_proxy {
+        return Err(format!(
+            "port {port} (TLS services sharing a port need the same mesh.accept_proxy)"
+        ));
+    }
+    if let Some(n) = tb.sni.iter().find(|n| ta.sni.contains(n)) {
+        return Err(format!("the server name {n} on port {port}"));
+    }
+    if ta.sni_default && tb.sni_default {
+        return Err(format!("mesh.sni_default on port {port}"));
+    }
+    Ok(())
 }
 
 /// Two listen addresses that cannot both be bound (the config validator's rule).
@@ -1135,6 +1161,75 @@ mod tests {
             ]
         );
         assert!(created_key("2026-01-01T00:00:00.1Z") < created_key("2026-01-01T00:00:00.17Z"));
+    }
+
+    /// Swarm services labelled `mesh.tls` share a published port by server name; a name
+    /// (or the default) claimed twice is the usual clash, so is a plain service on it.
+    #[test]
+    fn tls_services_share_a_port_by_server_name() {
+        let d = defaults();
+        let mut s = snap(fixture!("services.json"), fixture!("tasks-steady.json"));
+        let tls = |svc: &mut Service, id: &str, name: &str, sni: &[(&str, &str)]| {
+            svc.id = id.into();
+            svc.spec.name = name.into();
+            let l = &mut svc.spec.labels;
+            l.insert("mesh.publish".into(), "8443:80".into());
+            l.insert("mesh.tls".into(), "passthrough".into());
+            for (k, v) in sni {
+                l.insert((*k).into(), (*v).into());
+            }
+        };
+        let base = s.services[0].clone();
+        let mut b = base.clone();
+        let mut c = base.clone();
+        let mut e = base.clone();
+        let mut plain = base.clone();
+        tls(
+            &mut s.services[0],
+            base.id.as_str(),
+            "meshfix-web",
+            &[("mesh.sni", "a.test")],
+        );
+        tls(
+            &mut b,
+            "b",
+            "b-web",
+            &[("mesh.sni", "b.test"), ("mesh.sni_default", "true")],
+        );
+        tls(&mut c, "c", "c-web", &[("mesh.sni", "c.test,A.test")]);
+        tls(&mut e, "e", "e-web", &[("mesh.sni_default", "true")]);
+        plain.id = "p".into();
+        plain.spec.name = "p-web".into();
+        plain
+            .spec
+            .labels
+            .insert("mesh.publish".into(), "8443:80".into());
+        // Newer services come later: the older one keeps what is claimed twice.
+        for (i, svc) in [&mut b, &mut c, &mut e, &mut plain].into_iter().enumerate() {
+            svc.created_at = format!("2030-01-01T00:00:0{i}Z");
+        }
+        s.services.extend([b, c, e, plain]);
+        let out = Tracker::default().observe(&s, &d, None);
+        let names: Vec<&str> = out.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["b-web", "meshfix-web"]);
+        // The fixture's tasks belong to meshfix-web; both carry their routing keys.
+        assert_eq!(out.services[1].backends.len(), 3);
+        let sni = |i: usize| {
+            out.services[i]
+                .tls
+                .as_ref()
+                .map(|t| (t.sni.clone(), t.sni_default))
+        };
+        assert_eq!(sni(0), Some((vec!["b.test".to_string()], true)));
+        assert_eq!(sni(1), Some((vec!["a.test".to_string()], false)));
+        assert_eq!(
+            out.warnings,
+            [
+                r#"service "c-web": the server name a.test on port 8443 is already taken by service "meshfix-web": change the label mesh.publish (or the service name); skipped"#,
+                r#"service "e-web": mesh.sni_default on port 8443 is already taken by service "b-web": change the label mesh.publish (or the service name); skipped"#,
+                r#"service "p-web": port 8443 is already taken by service "meshfix-web": change the label mesh.publish (or the service name); skipped"#,
+            ]
+        );
     }
 
     /// `53:53,53:53/udp`: the same published port over both protocols is two services,
