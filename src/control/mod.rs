@@ -30,6 +30,7 @@ mod publish;
 mod reconcile;
 pub mod status;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -113,6 +114,9 @@ struct ServiceEntry {
     /// Needs a new `ServiceTable`.
     dirty: bool,
     table: Option<Arc<ServiceTable>>,
+    /// Its entry in the last published status, reused while it is not dirty; cleared
+    /// where what it shows changes without a new table (listeners: `reconcile`).
+    status: Option<Arc<status::ServiceStatus>>,
 }
 
 /// A listen address shared by `[service.tls]` services: owned by none of them (services
@@ -149,6 +153,10 @@ pub struct Control {
     endpoints: Vec<((Source, String), Endpoints)>,
     /// Services published by providers, by source.
     provided: Vec<(Source, Vec<ServiceConfig>)>,
+    /// Running services by name, for `provided_changed`: rebuilt when a lookup finds it
+    /// stale (services are added, removed and moved by `swap_remove` elsewhere), so every
+    /// hit is checked against the entry it names.
+    by_name: HashMap<Arc<str>, usize>,
     /// Accept loops of new listeners, started once a published table holds their service
     /// (until then the socket is bound and the kernel queues connections).
     pending_accept: Vec<AcceptLoop>,
@@ -196,6 +204,7 @@ impl Control {
             tracker,
             accepts: TaskTracker::new(),
             services: Vec::new(),
+            by_name: HashMap::new(),
             free_slots: Vec::new(),
             next_slot: 0,
             generation: 0,
@@ -227,13 +236,35 @@ impl Control {
         Ok(())
     }
 
-    /// Runs until every sender of `commands` is gone.
+    /// Applies a provider's update and publishes the next table generation as `run` does,
+    /// and returns how long this took on the calling thread (the runtime thread, in `run`;
+    /// selectors built on a blocking thread excluded): the stall the data plane sees.
+    /// Then, untimed, a tick (drained backends with no connection leave). For
+    /// benches/control.rs.
+    #[doc(hidden)]
+    pub async fn apply_timed(&mut self, update: Update) -> Duration {
+        let t = Instant::now();
+        self.update(update);
+        let job = self.publish_if_dirty();
+        let mut held = t.elapsed();
+        if let Some(job) = job {
+            if let Ok(built) = job.await {
+                let t = Instant::now();
+                self.publish_built(built);
+                held += t.elapsed();
+            }
+        }
+        self.tick();
+        held
+    }
+
     /// The accept loops' tracker: once `Command::StopListening` is answered, closing it and
     /// waiting returns when every listening socket is closed.
     pub fn accept_loops(&self) -> TaskTracker {
         self.accepts.clone()
     }
 
+    /// Runs until every sender of `commands` is gone.
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
@@ -288,6 +319,9 @@ impl Control {
         match update {
             Update::Endpoints(p, sets) => self.discovered(p.into(), sets),
             Update::Services(p, services) => self.provided(p.into(), services),
+            Update::Changed(p, services, changed) => {
+                self.provided_changed(p.into(), services, &changed)
+            }
             Update::Failed(p) => {
                 let provider = p.name();
                 match self
@@ -354,6 +388,7 @@ impl Control {
             },
             Command::StopListening(reply) => {
                 for s in &mut self.services {
+                    s.status = None;
                     for (_, _, stop) in s.listeners.drain(..) {
                         stop.close();
                     }
@@ -435,6 +470,10 @@ impl Control {
             },
         };
         let desired = reconcile::desired(config, &self.endpoints, &self.provided);
+        // Listeners may open and close below: every service's status is built afresh.
+        for s in &mut self.services {
+            s.status = None;
+        }
         let running: Vec<Running<'_>> = self
             .services
             .iter()
@@ -641,6 +680,124 @@ impl Control {
         }
     }
 
+    /// `Update::Changed`: a provider's list in which only the services at `changed`
+    /// differ from its previous one. When each of those keeps its name, listen addresses,
+    /// protocol and TLS routing, and no configured service of that name takes its
+    /// endpoints, only those services are updated: O(what changed), not O(what runs) (at
+    /// 1,000 services the whole reconcile holds the runtime thread ~10 ms per poll,
+    /// docs/BENCHMARKS.md). Anything else takes the whole reconcile (`provided`).
+    fn provided_changed(
+        &mut self,
+        source: Source,
+        services: Vec<ServiceConfig>,
+        changed: &[usize],
+    ) {
+        let Some(plan) = self.plan_in_place(source, &services, changed) else {
+            return self.provided(source, services);
+        };
+        let now = Instant::now();
+        for (idx, i) in plan {
+            let cfg = &services[i];
+            let health_changed = self.services[idx].config.health != cfg.health;
+            if *self.services[idx].config != *cfg {
+                self.services[idx].config = Arc::new(cfg.clone());
+                self.services[idx].dirty = true;
+            }
+            let wanted = reconcile::endpoints_of(&cfg.backends);
+            let s = &mut self.services[idx];
+            let fx = lifecycle::set_source(
+                &s.state.name,
+                &mut s.backends,
+                &s.config,
+                source,
+                &wanted,
+                now,
+            );
+            self.effects(idx, fx);
+            if health_changed {
+                let s = &mut self.services[idx];
+                let fx = lifecycle::health_config_changed(&mut s.backends, &s.config, now);
+                self.effects(idx, fx);
+            }
+        }
+        let Some(slot) = self.provided.iter_mut().find(|(src, _)| *src == source) else {
+            unreachable!("plan_in_place found the source's list");
+        };
+        let old = std::mem::replace(&mut slot.1, services);
+        // 1,000 services' worth of memory is freed off the runtime thread too.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(old))),
+            Err(_) => drop(old),
+        }
+    }
+
+    /// For `provided_changed`: (running service, index in `services`) for each changed
+    /// service, or `None` when the change needs the whole reconcile.
+    fn plan_in_place(
+        &mut self,
+        source: Source,
+        services: &[ServiceConfig],
+        changed: &[usize],
+    ) -> Option<Vec<(usize, usize)>> {
+        let config = self.config.clone()?;
+        let old = &self.provided.iter().find(|(src, _)| *src == source)?.1;
+        // Another source's services could take a name first (`reconcile::desired`).
+        let alone = self
+            .provided
+            .iter()
+            .all(|(src, l)| *src == source || l.is_empty());
+        if !alone || old.len() != services.len() {
+            return None;
+        }
+        let mut names = Vec::with_capacity(changed.len());
+        for &i in changed {
+            let (new, old) = (services.get(i)?, &old[i]);
+            let same_routing = new.name == old.name
+                && new.listen == old.listen
+                && new.protocol == old.protocol
+                && new.tls == old.tls;
+            if !same_routing || config.services.iter().any(|s| s.name == new.name) {
+                return None;
+            }
+            names.push((i, old.clone()));
+        }
+        let mut plan = Vec::with_capacity(names.len());
+        for (i, old) in names {
+            let idx = self.index_of(&old.name)?;
+            // What runs must be what the provider last sent, or the delta does not apply.
+            if *self.services[idx].config != old {
+                return None;
+            }
+            plan.push((idx, i));
+        }
+        Some(plan)
+    }
+
+    /// The running (not removed) service called `name`.
+    fn index_of(&mut self, name: &str) -> Option<usize> {
+        let hit = |services: &[ServiceEntry], i: usize| {
+            services
+                .get(i)
+                .is_some_and(|s| !s.removed && &*s.state.name == name)
+        };
+        if let Some(&i) = self.by_name.get(name) {
+            if hit(&self.services, i) {
+                return Some(i);
+            }
+        }
+        self.by_name = self
+            .services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.removed)
+            .map(|(i, s)| (s.state.name.clone(), i))
+            .collect();
+        self.by_name
+            .get(name)
+            .copied()
+            .filter(|&i| hit(&self.services, i))
+    }
+
     fn add_service(&mut self, cfg: &ServiceConfig) -> usize {
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.next_slot += 1;
@@ -656,6 +813,7 @@ impl Control {
             removed: false,
             dirty: true,
             table: None,
+            status: None,
         });
         self.services.len() - 1
     }
@@ -1047,6 +1205,99 @@ mod tests {
             .backends
             .iter()
             .any(|b| Arc::ptr_eq(&b.backend, &new)));
+    }
+
+    /// Each running service: its config and its backends (address, state, task, sources,
+    /// weight), by name.
+    #[allow(clippy::type_complexity)]
+    fn summary(
+        c: &Control,
+    ) -> Vec<(
+        String,
+        ServiceConfig,
+        Vec<(String, State, Option<Arc<str>>, u8, u32)>,
+    )> {
+        let mut out: Vec<_> = c
+            .services
+            .iter()
+            .filter(|s| !s.removed)
+            .map(|s| {
+                let mut b: Vec<_> = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let addr = b.backend.addr_label.to_string();
+                        (addr, b.backend.state(), b.id.clone(), b.sources, b.weight)
+                    })
+                    .collect();
+                b.sort_by(|x, y| (&x.0, &x.2).cmp(&(&y.0, &y.2)));
+                (s.state.name.to_string(), (*s.config).clone(), b)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// `Update::Changed` touches only the services that changed, and leaves the control
+    /// plane exactly as the whole reconcile of the same list does; a change of routing
+    /// (listen addresses) or of the list's names takes the whole reconcile.
+    #[tokio::test]
+    async fn changed_services_are_applied_in_place_like_a_whole_reconcile() {
+        let (mut whole, mut delta) = (control(), control());
+        let web = |c: &Control, task: &str| swarm_service(c, Some(task));
+        let api = |c: &Control, check: CheckKind| {
+            let mut s = swarm_service(c, Some("task-q"));
+            s.name = "api".into();
+            s.health.check = check;
+            s
+        };
+        let mut steps = vec![
+            vec![web(&whole, "task-a"), api(&whole, CheckKind::None)],
+            // A task replaced (a rolling update's step).
+            vec![web(&whole, "task-b"), api(&whole, CheckKind::None)],
+            // A health setting changed.
+            vec![web(&whole, "task-b"), api(&whole, CheckKind::Tcp)],
+            // Nothing changed.
+            vec![web(&whole, "task-b"), api(&whole, CheckKind::Tcp)],
+        ];
+        // A listen address changed: the whole reconcile (it binds).
+        let mut moved = web(&whole, "task-b");
+        moved.listen = vec!["127.0.0.2:0".parse().unwrap()];
+        steps.push(vec![moved, api(&whole, CheckKind::Tcp)]);
+        let in_place = [true, true, true, false];
+
+        whole.provided(Source::Docker, steps[0].clone());
+        delta.provided(Source::Docker, steps[0].clone());
+        assert_eq!(summary(&whole), summary(&delta));
+        for (k, pair) in steps.windows(2).enumerate() {
+            let (old, new) = (&pair[0], &pair[1]);
+            let changed: Vec<usize> = (0..new.len()).filter(|&i| old[i] != new[i]).collect();
+            let planned = delta.plan_in_place(Source::Docker, new, &changed).is_some();
+            assert_eq!(planned, in_place[k], "step {}", k + 1);
+            whole.provided(Source::Docker, new.clone());
+            delta.provided_changed(Source::Docker, new.clone(), &changed);
+            assert_eq!(summary(&whole), summary(&delta), "step {}", k + 1);
+            assert_eq!(delta.provided[0].1, *new);
+        }
+        // The replaced task no longer routes (its address went to task b: gone at once);
+        // the new one is active.
+        let web_backends = &summary(&delta)[1].2;
+        assert!(web_backends
+            .iter()
+            .all(|b| b.2.as_deref() != Some("task-a") || b.1 == State::Gone));
+        assert!(web_backends
+            .iter()
+            .any(|b| b.2.as_deref() == Some("task-b") && b.1 == State::Active));
+
+        // What runs is not what the delta assumes (a service removed meanwhile): the whole
+        // reconcile, never a half-applied delta.
+        let mut gone = steps[4].clone();
+        gone[0].backends.clear();
+        delta
+            .services
+            .iter_mut()
+            .for_each(|s| s.removed |= &*s.state.name == "web");
+        assert!(delta.plan_in_place(Source::Docker, &gone, &[0]).is_none());
     }
 
     #[test]

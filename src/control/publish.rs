@@ -42,14 +42,17 @@ pub(super) struct Planned {
     routed: bool,
     /// Was dirty: its entry takes the finished table.
     fresh: bool,
+    /// Its status entry was built by this plan (not reused): its entry takes it.
+    status_built: bool,
     table: Prepared,
 }
 
 /// A finished plan, ready to publish.
 pub(super) struct Built {
     table: RoutingTable,
-    /// `(Planned::index, table)` of each fresh service.
-    fresh: Vec<(usize, Arc<ServiceTable>)>,
+    /// `(Planned::index, table, status)` of each fresh service and of each whose status
+    /// was rebuilt (`table` is then the one it had).
+    fresh: Vec<(usize, Arc<ServiceTable>, Arc<ServiceStatus>)>,
     status: Status,
     replies: Vec<AdminReply>,
 }
@@ -68,14 +71,17 @@ impl Plan {
         };
         let mut status = self.status;
         let mut fresh = Vec::new();
-        for (p, st) in self.services.into_iter().zip(status.services.iter_mut()) {
+        // The plan's own list, and its own entries where `built`: `make_mut` copies
+        // neither.
+        let services = Arc::make_mut(&mut status.services);
+        for (p, st) in self.services.into_iter().zip(services.iter_mut()) {
             let t = p.table.finish();
-            st.eligible = t.backends.len();
             if p.routed {
                 table.services[p.state.slot] = Some(t.clone());
             }
-            if p.fresh {
-                fresh.push((p.index, t));
+            if p.fresh || p.status_built {
+                Arc::make_mut(st).eligible = t.backends.len();
+                fresh.push((p.index, t, st.clone()));
             }
         }
         Built {
@@ -156,13 +162,21 @@ impl Control {
         self.status_dirty = false; // the counters go out with this plan
         let mut planned = Vec::with_capacity(self.services.len());
         let mut services = Vec::with_capacity(self.services.len());
+        let sni = &self.sni;
         for (index, s) in self.services.iter_mut().enumerate() {
-            let weights: Vec<u32> = s
-                .backends
-                .iter()
-                .map(|b| b.effective_weight(s.config.slow_start, now))
-                .collect();
             let fresh = s.dirty || s.table.is_none();
+            // A clean service's table and status are the ones published: shared, not
+            // rebuilt (a poll that changes 10 of 1,000 services costs 10 services' work).
+            let reuse = if fresh { None } else { s.status.clone() };
+            let status_built = reuse.is_none();
+            let weights: Vec<u32> = if fresh || status_built {
+                s.backends
+                    .iter()
+                    .map(|b| b.effective_weight(s.config.slow_start, now))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let table = match &s.table {
                 Some(t) if !fresh => Prepared::unchanged(t.clone()),
                 previous => {
@@ -190,9 +204,14 @@ impl Control {
                 index,
                 routed: !s.removed,
                 fresh,
+                status_built,
                 table,
             });
-            services.push(ServiceStatus {
+            if let Some(st) = reuse {
+                services.push(st);
+                continue;
+            }
+            services.push(Arc::new(ServiceStatus {
                 state: s.state.clone(),
                 config: s.config.clone(),
                 metrics: s.metrics.clone(),
@@ -208,7 +227,7 @@ impl Control {
                             .filter(|a| {
                                 s.config.tls.is_some()
                                     && !s.removed
-                                    && self.sni.iter().any(|l| l.addr == **a)
+                                    && sni.iter().any(|l| l.addr == **a)
                             })
                             .copied(),
                     )
@@ -234,7 +253,7 @@ impl Control {
                     })
                     .collect(),
                 eligible: 0,
-            });
+            }));
         }
         Plan {
             slots: self.next_slot,
@@ -243,7 +262,7 @@ impl Control {
             // Counters as of the plan: a reload counted here is in this generation's table.
             status: Status {
                 generation: 0,
-                services,
+                services: Arc::new(services),
                 reloads_ok: self.reloads_ok,
                 reloads_err: self.reloads_err,
                 last_reload: self.last_reload.clone(),
@@ -263,7 +282,7 @@ impl Control {
             mut status,
             replies,
         } = built;
-        for (index, t) in fresh {
+        for (index, t, st) in fresh {
             let entry = match self.services.get_mut(index) {
                 Some(s) if Arc::ptr_eq(&s.state, &t.state) => Some(s),
                 _ => self
@@ -273,6 +292,7 @@ impl Control {
             };
             if let Some(s) = entry {
                 s.table = Some(t);
+                s.status = Some(st);
             }
         }
         self.generation += 1;

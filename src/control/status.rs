@@ -15,7 +15,11 @@ use crate::table::{Backend, ServiceState};
 #[derive(Debug, Default)]
 pub struct Status {
     pub generation: u64,
-    pub services: Vec<ServiceStatus>,
+    /// Shared: a status published without a new table (a counter changed) reuses it, and
+    /// at 10,000 backends a copy costs milliseconds of the runtime thread.
+    /// Each service's entry is shared too: a plan rebuilds only the services that
+    /// changed (O(what changed) per publish, not O(every backend)).
+    pub services: Arc<Vec<Arc<ServiceStatus>>>,
     pub reloads_ok: u64,
     pub reloads_err: u64,
     pub last_reload: Option<ReloadResult>,

@@ -55,6 +55,12 @@ pub enum Update {
     /// endpoints as `backends`); replaces the provider's previous list. A configured
     /// service of the same name wins and takes only the endpoints.
     Services(Provider, Vec<ServiceConfig>),
+    /// The provider's services, as `Services`, when only some changed: the same names in
+    /// the same order as its previous list, and the services at these indices (ascending)
+    /// are the only ones that differ. The control plane then touches those alone (a task
+    /// replaced in one of 1,000 services costs one service's work, not 1,000's); it falls
+    /// back to the whole list when it cannot.
+    Changed(Provider, Vec<ServiceConfig>, Vec<usize>),
     /// A failed poll: counted; the provider's last good state stays.
     Failed(Provider),
 }

@@ -8,8 +8,10 @@
 //!                                     ▼
 //!  every poll_interval (150 ms while a service updates or a task is stopping):
 //!    GET /services (label mesh.publish), /tasks, /nodes ──► state::Tracker::observe
-//!        (pure: labels -> ServiceConfig, routable tasks -> backends, retired task IDs)
-//!    changed? ──► Update::Services(Docker, list) ──► control plane (drains, health)
+//!        (pure: labels -> ServiceConfig, routable tasks -> backends, retired task IDs;
+//!        on a blocking thread, as the decode of the answers: they grow with the swarm)
+//!    changed? ──► Update::Changed(Docker, list, which) when the same services changed,
+//!                 else Update::Services(Docker, list) ──► control plane (drains, health)
 //!    failed?  ──► Update::Failed(Docker), the last good list stays
 //! ```
 //!
@@ -146,7 +148,7 @@ struct Provider {
     stops: mpsc::Receiver<String>,
     /// The last snapshot the engine answered: a stopping container's task is left out of
     /// it at once, without waiting for the next poll.
-    last: Option<Snapshot>,
+    last: Option<Arc<Snapshot>>,
     /// What followers on other nodes are served.
     feed: Arc<FeedTx>,
     /// The engine has answered a whole poll at least once.
@@ -154,6 +156,23 @@ struct Provider {
     /// The Swarm node of the engine meshd reads (`GET /info`): its tasks are local for a
     /// service's `locality`. `None` until known (then nothing is local).
     node: Option<Arc<str>>,
+}
+
+/// What [`Provider::apply`]'s blocking half hands back.
+struct Observed {
+    tracker: Tracker,
+    /// The list last sent to the control plane, when this poll did not change it.
+    sent: Option<Vec<ServiceConfig>>,
+    desired: Desired,
+    /// The new list for the control plane, when it differs from `sent`.
+    send: Option<Vec<ServiceConfig>>,
+    /// Which of `send`'s services differ from `sent`'s, when both hold the same names in
+    /// the same order ([`in_place`]).
+    delta: Option<Vec<usize>>,
+    /// The new list for followers, when it differs from the feed's.
+    feed: Option<Arc<Vec<ServiceConfig>>>,
+    /// One log line per change from `sent`.
+    changes: Vec<String>,
 }
 
 /// meshd's own container and the networks it is attached to.
@@ -342,13 +361,14 @@ impl Provider {
             self.client.get::<Vec<api::Task>>(&tasks_path),
             self.client.get::<Vec<api::Node>>("/nodes"),
         )?;
-        let snap = Snapshot {
+        let snap = Arc::new(Snapshot {
             services,
             tasks,
             nodes,
-        };
+        });
         self.ever_ok = true;
-        let fast = self.apply(&snap, true).await;
+        let old = self.last.take();
+        let fast = self.apply(snap.clone(), old, true).await;
         self.last = Some(snap);
         Ok(fast)
     }
@@ -374,7 +394,7 @@ impl Provider {
                 "docker discovery: a task's container is stopping on this node (container event): drained now"
             );
         }
-        self.apply(&snap, false).await;
+        self.apply(snap.clone(), None, false).await;
         self.last = Some(snap);
         routed
     }
@@ -402,13 +422,68 @@ impl Provider {
     /// Turns `snap` into mesh services, publishes them for followers and sends them to the
     /// control plane when they changed; `fresh`: `snap` was just read from the engine.
     /// True while an opted-in service is updating or a task is stopping.
-    async fn apply(&mut self, snap: &Snapshot, fresh: bool) -> bool {
-        let mut desired = self
-            .tracker
-            .observe(snap, &self.defaults, self.own.networks.as_ref());
-        mark_local(&mut desired.services, self.node.as_deref());
+    ///
+    /// What grows with the swarm (observing every task, comparing and copying the whole
+    /// list, dropping the last snapshot `old`) runs on a blocking thread: at 10,000 tasks it
+    /// is tens of milliseconds a poll, which the runtime thread that moves bytes must not
+    /// spend (docs/BENCHMARKS.md, "The control plane at Swarm scale").
+    async fn apply(
+        &mut self,
+        snap: Arc<Snapshot>,
+        old: Option<Arc<Snapshot>>,
+        fresh: bool,
+    ) -> bool {
+        let mut tracker = std::mem::replace(&mut self.tracker, Tracker::new(0));
+        let defaults = self.defaults.clone();
+        let networks = self.own.networks.clone();
+        let node = self.node.clone();
+        let sent = self.sent.take();
+        let feed_now = self.feed.borrow().services.clone();
+        let job = move || {
+            drop(old);
+            let mut desired = tracker.observe(&snap, &defaults, networks.as_ref());
+            mark_local(&mut desired.services, node.as_deref());
+            let feed = (feed_now.as_deref() != Some(&desired.services))
+                .then(|| Arc::new(desired.services.clone()));
+            drop(feed_now);
+            let changed = sent.as_ref() != Some(&desired.services);
+            let changes = if changed {
+                state::changes(sent.as_deref().unwrap_or(&[]), &desired.services)
+            } else {
+                Vec::new()
+            };
+            let send = changed.then(|| desired.services.clone());
+            let delta = match &sent {
+                Some(old) if changed => in_place(old, &desired.services),
+                _ => None,
+            };
+            // A changed list replaces the old one: freed here, not on the runtime thread.
+            let sent = if changed { None } else { sent };
+            Observed {
+                tracker,
+                sent,
+                desired,
+                send,
+                delta,
+                feed,
+                changes,
+            }
+        };
+        let o = match tokio::task::spawn_blocking(job).await {
+            Ok(o) => o,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {
+                // The runtime is shutting down.
+                self.tracker = Tracker::default().dialling(self.cfg.address);
+                return false;
+            }
+        };
+        self.tracker = o.tracker;
+        self.sent = o.sent;
+        let desired = o.desired;
         self.report(&desired);
         let fast = !desired.updating.is_empty() || desired.stopping > 0;
+        let mut replaced = None;
         self.feed.send_if_modified(|f| {
             let mut changed = false;
             if fresh && (!f.serving || !f.engine_ok || f.error.is_some() || f.following.is_some()) {
@@ -418,26 +493,29 @@ impl Provider {
                 f.error = None;
                 changed = true;
             }
-            if f.services.as_deref() != Some(&desired.services) {
+            if let Some(list) = o.feed {
                 f.seq += 1;
-                f.services = Some(Arc::new(desired.services.clone()));
+                replaced = f.services.replace(list);
                 changed = true;
             }
             changed
         });
-        if self.sent.as_ref() != Some(&desired.services) {
-            for line in state::changes(self.sent.as_deref().unwrap_or(&[]), &desired.services) {
+        if let Some(list) = o.send {
+            for line in o.changes {
                 tracing::info!("docker discovery: {line}");
             }
-            if self
-                .commands
-                .send(Update::Services(PROVIDER, desired.services.clone()))
-                .await
-                .is_err()
-            {
+            let update = match o.delta {
+                Some(changed) => Update::Changed(PROVIDER, list, changed),
+                None => Update::Services(PROVIDER, list),
+            };
+            if self.commands.send(update).await.is_err() {
                 return fast;
             }
             self.sent = Some(desired.services);
+        }
+        if let Some(list) = replaced {
+            // Freeing 10,000 backends is not free either.
+            tokio::task::spawn_blocking(move || drop(list));
         }
         fast
     }
@@ -735,6 +813,25 @@ fn mark_local(services: &mut [ServiceConfig], node: Option<&str>) {
             b.local = node.is_some_and(|n| b.node.as_deref() == Some(n));
         }
     }
+}
+
+/// The indices of the services that differ between `old` and `new` when both list the
+/// same names in the same order (the usual poll: tasks come and go, services stay), else
+/// `None` (a service added, removed or renamed: the control plane takes the whole list).
+fn in_place(old: &[ServiceConfig], new: &[ServiceConfig]) -> Option<Vec<usize>> {
+    if old.len() != new.len() {
+        return None;
+    }
+    let mut changed = Vec::new();
+    for (i, (a, b)) in old.iter().zip(new).enumerate() {
+        if a.name != b.name {
+            return None;
+        }
+        if a != b {
+            changed.push(i);
+        }
+    }
+    Some(changed)
 }
 
 /// Where a follower starts in the managers list: spread over the list, so that not every

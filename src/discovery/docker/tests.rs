@@ -161,7 +161,9 @@ async fn next(rx: &mut mpsc::Receiver<Update>) -> Got {
         .expect("a command within 5 s")
         .expect("provider alive");
     match cmd {
-        Update::Services(PROVIDER, list) => Got::Services(list),
+        Update::Services(PROVIDER, list) | Update::Changed(PROVIDER, list, _) => {
+            Got::Services(list)
+        }
         Update::Failed(PROVIDER) => Got::Failed,
         _ => panic!("unexpected command"),
     }
@@ -217,7 +219,7 @@ async fn sends_on_change_only_and_keeps_state_on_failure() {
         match tokio::time::timeout(Duration::from_millis(800), rx.recv()).await {
             Err(_) => break,
             Ok(Some(Update::Failed(_))) => continue,
-            Ok(Some(Update::Services(_, list))) => {
+            Ok(Some(Update::Services(_, list) | Update::Changed(_, list, _))) => {
                 panic!("resurrected: {} endpoints", endpoint_count(&list))
             }
             Ok(_) => panic!("unexpected command"),
@@ -388,7 +390,7 @@ async fn next_services(rx: &mut mpsc::Receiver<Update>, limit: Duration) -> Vec<
             .expect("services within the limit")
             .expect("provider alive");
         match cmd {
-            Update::Services(PROVIDER, list) => return list,
+            Update::Services(PROVIDER, list) | Update::Changed(PROVIDER, list, _) => return list,
             Update::Failed(PROVIDER) => continue,
             _ => panic!("unexpected command"),
         }
@@ -429,7 +431,9 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
     m1.stop();
     match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
         Ok(Some(Update::Failed(PROVIDER))) => {}
-        Ok(Some(Update::Services(..))) => panic!("the table changed when a manager went away"),
+        Ok(Some(Update::Services(..) | Update::Changed(..))) => {
+            panic!("the table changed when a manager went away")
+        }
         other => panic!("expected a counted failure, got {:?}", other.is_ok()),
     }
     // ... and it now follows m2: a task stopping in the swarm reaches it through m2.
@@ -450,7 +454,9 @@ async fn a_worker_follows_a_manager_and_fails_over_keeping_its_table() {
     while let Ok(cmd) = tokio::time::timeout(Duration::from_millis(2500), rx.recv()).await {
         match cmd {
             Some(Update::Failed(PROVIDER)) => failures += 1,
-            Some(Update::Services(_, l)) => panic!("table changed to {} services: {l:?}", l.len()),
+            Some(Update::Services(_, l) | Update::Changed(_, l, _)) => {
+                panic!("table changed to {} services: {l:?}", l.len())
+            }
             _ => panic!("unexpected command"),
         }
     }
@@ -596,7 +602,7 @@ async fn a_task_container_stopping_drains_at_once_even_while_polls_fail() {
         a.events = String::new();
     });
     while let Ok(Some(cmd)) = tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await {
-        if let Update::Services(_, l) = cmd {
+        if let Update::Services(_, l) | Update::Changed(_, l, _) = cmd {
             panic!("the stopped task came back: {l:?}");
         }
     }
@@ -620,4 +626,42 @@ fn a_task_is_local_when_its_node_is_this_engines_node() {
     // The engine is in no swarm (or /info failed): nothing is local.
     mark_local(&mut s, None);
     assert!(s[0].backends.iter().all(|b| !b.local));
+}
+
+/// A poll that changes tasks only is sent as the indices of the services that changed; a
+/// service added, removed or renamed is the whole list.
+#[test]
+fn a_change_in_the_same_services_is_sent_as_their_indices() {
+    let mut template = Config::parse(std::path::Path::new("t.toml"), "[discovery.docker]\n")
+        .unwrap()
+        .defaults;
+    template.listen = vec!["0.0.0.0:8080".parse().unwrap()];
+    let svc = |name: &str, backends: &[&str]| {
+        let mut s = template.clone();
+        s.name = name.into();
+        s.backends = backends
+            .iter()
+            .map(|a| crate::config::BackendConfig {
+                addr: a.parse().unwrap(),
+                weight: 100,
+                id: None,
+                node: None,
+                local: false,
+            })
+            .collect();
+        s
+    };
+    let old = [
+        svc("a", &["10.0.0.1:80"]),
+        svc("b", &["10.0.0.2:80"]),
+        svc("c", &[]),
+    ];
+    let mut new = old.to_vec();
+    assert_eq!(in_place(&old, &new), Some(vec![]));
+    new[1] = svc("b", &["10.0.0.3:80"]);
+    new[2] = svc("c", &["10.0.0.4:80"]);
+    assert_eq!(in_place(&old, &new), Some(vec![1, 2]));
+    new[2].name = "d".into();
+    assert_eq!(in_place(&old, &new), None);
+    assert_eq!(in_place(&old, &new[..2]), None);
 }
