@@ -11,6 +11,7 @@
 mod duration;
 mod file;
 pub mod limits;
+pub mod tls;
 mod validate;
 
 use std::net::SocketAddr;
@@ -280,7 +281,8 @@ pub struct ServiceConfig {
     pub tls: Option<TlsConfig>,
 }
 
-/// `[service.tls]` (`mode = "passthrough"`, the only mode this build has).
+/// `[service.tls]`: SNI routing, and with `mode = "terminate"` the TLS server meshd runs
+/// for the service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TlsConfig {
     /// Normalised names (lowercase, no trailing dot); `*.example.com` matches exactly one
@@ -289,6 +291,9 @@ pub struct TlsConfig {
     /// Takes the connections of its listen addresses that no service's `sni` matches,
     /// and those that send no server name.
     pub sni_default: bool,
+    /// `mode = "terminate"`: meshd completes the handshake with this certificate and
+    /// forwards plaintext. `None`: passthrough (the backend terminates TLS).
+    pub terminate: Option<std::sync::Arc<tls::Terminate>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -510,6 +510,7 @@ fn wire_tls(t: &WireTls, protocol: Protocol) -> Result<TlsConfig, String> {
     Ok(TlsConfig {
         sni,
         sni_default: t.sni_default,
+        terminate: None,
     })
 }
 
@@ -781,6 +782,7 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         s.tls = Some(TlsConfig {
             sni: vec!["a.test".into(), "*.b.test".into()],
             sni_default: true,
+            terminate: None,
         });
         let w = WireService::from_config(&s);
         let line = serde_json::to_string(&w).unwrap();

@@ -265,7 +265,11 @@ fn tls(labels: &BTreeMap<String, String>) -> Result<Option<TlsConfig>, (&'static
                 .into(),
         ));
     }
-    Ok(Some(TlsConfig { sni, sni_default }))
+    Ok(Some(TlsConfig {
+        sni,
+        sni_default,
+        terminate: None,
+    }))
 }
 
 /// The mesh services of Swarm service `service`: `defaults` (the `[defaults]` template)
