@@ -1,0 +1,500 @@
+//! TLS termination (`[service.tls] mode = "terminate"`): the real meshd binary holds
+//! openssl-made certificates and forwards plaintext to `meshd backend` processes. Clients
+//! are `curl`, `openssl s_client` (which prints the certificate's subject, the protocol
+//! and the ALPN protocol it got) and, where a client must half-close or move many bytes, a
+//! rustls client in the test.
+//!
+//! openssl and curl come from scripts/setup.sh.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{addr, free_port, wait_until, Backend, Meshd, Svc, TempDir, BIN};
+
+/// A self-signed certificate in `dir` as `{file}.pem` / `{file}.key`: subject
+/// `/O={org}/CN={cn}`, subjectAltName the `names`.
+fn cert(dir: &Path, file: &str, org: &str, cn: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    cert_ext(dir, file, org, cn, names, &[])
+}
+
+/// [`cert`] with more `-addext` extensions.
+fn cert_ext(
+    dir: &Path,
+    file: &str,
+    org: &str,
+    cn: &str,
+    names: &[&str],
+    ext: &[&str],
+) -> (PathBuf, PathBuf) {
+    let (pem, key) = (
+        dir.join(format!("{file}.pem")),
+        dir.join(format!("{file}.key")),
+    );
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj"])
+        .arg(format!("/O={org}/CN={cn}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName={}", san.join(",")))
+        .args(ext.iter().flat_map(|e| ["-addext", e]))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&pem)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(ok.success(), "openssl req failed");
+    (pem, key)
+}
+
+/// `[service.tls]` lines for a terminating service.
+fn terminate(pem: &Path, key: &Path, sni: &[&str], extra: &str) -> String {
+    let names: Vec<String> = sni.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[service.tls]\nmode = \"terminate\"\ncert = \"{}\"\nkey = \"{}\"\nsni = [{}]\n{extra}",
+        pem.display(),
+        key.display(),
+        names.join(", ")
+    )
+}
+
+/// What `openssl s_client` saw: the certificate's subject line (`None`: no handshake),
+/// and everything it printed.
+fn s_client(to: SocketAddr, servername: Option<&str>, extra: &[&str]) -> (Option<String>, String) {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["10", "openssl", "s_client", "-connect"])
+        .arg(to.to_string());
+    match servername {
+        Some(n) => cmd.args(["-servername", n]),
+        None => cmd.arg("-noservername"),
+    };
+    let out = cmd
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A completed handshake prints the negotiated cipher; a refused one "(NONE)".
+    let done = text.contains("Cipher is ") && !text.contains("Cipher is (NONE)");
+    let subject = text
+        .lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .filter(|_| done)
+        .map(str::to_owned);
+    (subject, text)
+}
+
+/// `curl` over HTTPS to `name` at `to`, trusting `ca`: the body.
+fn curl(to: SocketAddr, name: &str, ca: &Path) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--resolve"])
+        .arg(format!("{name}:{}:127.0.0.1", to.port()))
+        .arg("--cacert")
+        .arg(ca)
+        .arg(format!("https://{name}:{}/", to.port()))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tls_metric(m: &Meshd, service: &str, result: &str) -> f64 {
+    m.metric(
+        "meshd_tls_handshakes_total",
+        &[("service", service), ("result", result)],
+    )
+}
+
+#[test]
+fn terminates_and_routes_by_name() {
+    let dir = TempDir::new("tls-route");
+    let (api_pem, api_key) = cert(&dir.0, "api", "api", "api.test", &["api.test"]);
+    let (wild_pem, wild_key) = cert(&dir.0, "wild", "wild", "wild", &["*.wild.test"]);
+    let api = Backend::http("api-backend");
+    let wild = Backend::http("wild-backend");
+    let listen = addr(free_port());
+    let mut text = Svc::new("api", listen)
+        .backends(&[api.addr])
+        .set(&terminate(&api_pem, &api_key, &["api.test"], ""))
+        .to_string();
+    text += &Svc::new("wild", listen)
+        .backends(&[wild.addr])
+        .set(&terminate(&wild_pem, &wild_key, &["*.wild.test"], ""))
+        .to_string();
+    let m = Meshd::start(&text);
+
+    // HTTPS end to end: meshd's certificate verifies, the plaintext backend answers.
+    assert_eq!(curl(listen, "api.test", &api_pem).trim(), "api-backend");
+    assert_eq!(
+        curl(listen, "x.wild.test", &wild_pem).trim(),
+        "wild-backend"
+    );
+    // Case and one trailing dot do not matter; a wildcard is one label.
+    for (name, want) in [
+        ("API.Test", "O = api, CN = api.test"),
+        ("api.test.", "O = api, CN = api.test"),
+        ("Y.wild.test", "O = wild, CN = wild"),
+    ] {
+        let (subject, text) = s_client(listen, Some(name), &[]);
+        assert_eq!(subject.as_deref(), Some(want), "{name}:\n{text}");
+    }
+    // No service for the name, no default: alert unrecognized_name, no handshake.
+    for name in [Some("nobody.test"), Some("a.b.wild.test"), None] {
+        let (subject, text) = s_client(listen, name, &[]);
+        assert_eq!(subject, None, "{name:?}:\n{text}");
+        assert!(
+            text.contains("unrecognized name") && text.contains("alert number 112"),
+            "{name:?}:\n{text}"
+        );
+    }
+    assert_eq!(tls_metric(&m, "api", "ok"), 3.0);
+    assert_eq!(tls_metric(&m, "wild", "ok"), 2.0);
+    assert_eq!(
+        tls_metric(&m, &listen.to_string(), "unrecognized_name"),
+        3.0
+    );
+    // The plaintext bytes are counted like any connection's.
+    let rx = m.metric(
+        "meshd_bytes_total",
+        &[
+            ("service", "api"),
+            ("backend", &api.addr.to_string()),
+            ("direction", "rx"),
+        ],
+    );
+    assert!(rx > 0.0, "{rx}");
+}
+
+#[test]
+fn versions_alpn_and_min_version() {
+    let dir = TempDir::new("tls-versions");
+    let (pem, key) = cert(&dir.0, "a", "a", "a.test", &["a.test"]);
+    let b = Backend::http("a-backend");
+    let any = addr(free_port());
+    let only13 = addr(free_port());
+    // A terminating service alone on its port needs no sni: it takes every name.
+    let mut text = Svc::new("any", any)
+        .backends(&[b.addr])
+        .set(&terminate(&pem, &key, &[], "alpn = [\"h2\", \"http/1.1\"]"))
+        .to_string()
+        .replace("sni = []\n", "");
+    text += &Svc::new("only13", only13)
+        .backends(&[b.addr])
+        .set(&terminate(&pem, &key, &["a.test"], "min_version = \"1.3\""))
+        .to_string();
+    let m = Meshd::start(&text);
+
+    let (subject, t) = s_client(any, Some("a.test"), &["-tls1_2"]);
+    assert!(
+        subject.is_some() && t.contains("Protocol  : TLSv1.2"),
+        "{t}"
+    );
+    let (subject, t) = s_client(any, Some("a.test"), &["-tls1_3"]);
+    assert!(subject.is_some() && t.contains("TLSv1.3"), "{t}");
+    let (_, t) = s_client(any, None, &["-alpn", "h2"]);
+    assert!(t.contains("ALPN protocol: h2"), "{t}");
+    let (_, t) = s_client(any, Some("other.test"), &["-alpn", "http/1.1"]);
+    assert!(t.contains("ALPN protocol: http/1.1"), "{t}");
+    assert_eq!(tls_metric(&m, "any", "default"), 4.0);
+
+    // Without alpn none is offered back.
+    let (subject, t) = s_client(only13, Some("a.test"), &["-alpn", "h2", "-tls1_3"]);
+    assert!(subject.is_some() && t.contains("No ALPN negotiated"), "{t}");
+    // A TLS 1.2 client is refused by the 1.3-only service.
+    let (subject, t) = s_client(only13, Some("a.test"), &["-tls1_2"]);
+    assert_eq!(subject, None, "{t}");
+    assert!(t.contains("alert protocol version"), "{t}");
+    assert!(wait_until(Duration::from_secs(5), || tls_metric(
+        &m, "only13", "error"
+    ) == 1.0));
+    assert_eq!(tls_metric(&m, "only13", "ok"), 1.0);
+}
+
+/// A captured OpenSSL ClientHello for `shop.example.com` (tests/fixtures).
+const HELLO: &[u8] = include_bytes!("fixtures/openssl-client-hello.bin");
+
+/// Reads until the peer closes (or resets): true if it did within the read timeout.
+fn closed_by_peer(c: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn a_client_that_stops_mid_handshake_is_closed_at_the_deadline() {
+    let dir = TempDir::new("tls-stall");
+    let (pem, key) = cert(&dir.0, "a", "a", "a.test", &["a.test"]);
+    let b = Backend::http("a-backend");
+    let listen = addr(free_port());
+    let m = Meshd::start(
+        &Svc::new("shop", listen)
+            .backends(&[b.addr])
+            .set("client_hello_timeout = \"1s\"")
+            .set(&terminate(&pem, &key, &["shop.example.com"], ""))
+            .to_string(),
+    );
+    let pid = m.child.id();
+    let before = fds(pid);
+    // A whole ClientHello, then silence: meshd answers it (ServerHello...) and waits for
+    // the client's Finished until the deadline.
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(HELLO).unwrap();
+    let mut head = [0u8; 3];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(head[..2], [22, 3], "{head:?}");
+    let t = std::time::Instant::now();
+    assert!(closed_by_peer(&mut c), "a stalled handshake was not closed");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(wait_until(Duration::from_secs(5), || tls_metric(
+        &m, "shop", "timeout"
+    ) == 1.0));
+    // A client that leaves mid-handshake: counted as closed.
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.write_all(HELLO).unwrap();
+    c.read_exact(&mut head).unwrap();
+    drop(c);
+    assert!(wait_until(Duration::from_secs(5), || tls_metric(
+        &m, "shop", "closed"
+    ) == 1.0));
+    // Nothing left behind: no socket, no connection to the backend.
+    assert!(
+        wait_until(Duration::from_secs(5), || fds(pid) <= before),
+        "{} descriptors, {before} before",
+        fds(pid)
+    );
+    assert_eq!(tls_metric(&m, "shop", "ok"), 0.0);
+    assert_eq!(
+        m.metric(
+            "meshd_connections_total",
+            &[("service", "shop"), ("backend", &b.addr.to_string())]
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn a_bad_certificate_or_key_fails_check_naming_the_file() {
+    let dir = TempDir::new("tls-check");
+    let (pem, key) = cert(&dir.0, "a", "a", "a.test", &["a.test"]);
+    let (_, other_key) = cert(&dir.0, "b", "b", "b.test", &["b.test"]);
+    let garbage = dir.0.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.0.join("missing.pem");
+    let check = |cert: &Path, key: &Path| {
+        let path = dir.0.join("mesh.toml");
+        let text = Svc::new("api", addr(free_port()))
+            .backends(&[addr(9)])
+            .set(&terminate(cert, key, &["a.test"], ""))
+            .to_string();
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(check(&pem, &key).0);
+    for (cert, key, file, what) in [
+        (&missing, &key, &missing, "cannot read"),
+        (&garbage, &key, &garbage, "holds no PEM certificate"),
+        (&pem, &garbage, &garbage, "holds no PEM private key"),
+        (&pem, &other_key, &other_key, "cannot serve cert"),
+    ] {
+        let (ok, err) = check(cert, key);
+        assert!(!ok, "{cert:?} {key:?}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("\"{}\"", file.display())) && err.contains(what),
+            "{err}"
+        );
+        assert!(err.contains("service \"api\""), "{err}");
+    }
+}
+
+/// An `openssl s_client` session kept open to an echo backend: a line written comes back.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn open(to: SocketAddr, name: &str) -> Session {
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect"])
+            .arg(to.to_string())
+            .args(["-servername", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Session { child, stdin, out }
+    }
+
+    fn echo(&mut self, line: &str) -> String {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        let mut got = String::new();
+        self.out.read_line(&mut got).unwrap();
+        got.trim().to_owned()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_rotated_certificate_serves_new_connections_and_open_ones_stay() {
+    let dir = TempDir::new("tls-rotate");
+    let (pem, key) = cert(&dir.0, "a", "gen1", "a.test", &["a.test"]);
+    let b = Backend::echo("echo");
+    let listen = addr(free_port());
+    let m = Meshd::start(
+        &Svc::new("a", listen)
+            .backends(&[b.addr])
+            .set(&terminate(&pem, &key, &["a.test"], ""))
+            .to_string(),
+    );
+    let subject = || s_client(listen, Some("a.test"), &[]).0;
+    assert_eq!(subject().as_deref(), Some("O = gen1, CN = a.test"));
+    let mut held = Session::open(listen, "a.test");
+    assert_eq!(held.echo("one"), "one");
+
+    // A bad certificate written over the good one: refused, the old one kept.
+    let generation = m.metric("meshd_table_generation", &[]);
+    let errors = m.metric("meshd_config_reloads_total", &[("result", "error")]);
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    m.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || {
+        m.metric("meshd_config_reloads_total", &[("result", "error")]) > errors
+    }));
+    assert_eq!(m.metric("meshd_table_generation", &[]), generation);
+    assert_eq!(subject().as_deref(), Some("O = gen1, CN = a.test"));
+
+    // A new certificate and key, then a reload: new connections see it.
+    cert(&dir.0, "a", "gen2", "a.test", &["a.test"]);
+    m.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || {
+        subject().as_deref() == Some("O = gen2, CN = a.test")
+    }));
+    // The stream opened with the old certificate still flows both ways.
+    assert_eq!(held.echo("two"), "two");
+}
+
+/// A rustls client trusting `ca`, for what s_client cannot do (half-close, bulk).
+fn rustls_client(ca: &Path) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+#[test]
+fn bytes_flow_both_ways_and_a_half_close_reaches_the_backend() {
+    let dir = TempDir::new("tls-bulk");
+    // rustls (webpki) refuses a CA certificate as the server's own.
+    let leaf = ["basicConstraints=critical,CA:FALSE"];
+    let (pem, key) = cert_ext(&dir.0, "a", "a", "a.test", &["a.test"], &leaf);
+    let b = Backend::echo("echo");
+    let listen = addr(free_port());
+    let m = Meshd::start(
+        &Svc::new("a", listen)
+            .backends(&[b.addr])
+            .set(&terminate(&pem, &key, &["a.test"], ""))
+            .to_string(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connector = rustls_client(&pem);
+    let sent: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let got = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let (mut r, mut w) = tokio::io::split(tls);
+        let data = sent.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&data).await.unwrap();
+            // close_notify and FIN: the echo backend sees its end of stream, echoes the
+            // rest and closes, which comes back as the end of this stream.
+            w.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut got)).await;
+        writer.await.unwrap();
+        read.expect("the echo did not end").unwrap();
+        got
+    });
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the echoed bytes differ");
+    let dir_bytes = |d: &str| {
+        m.metric(
+            "meshd_bytes_total",
+            &[
+                ("service", "a"),
+                ("backend", &b.addr.to_string()),
+                ("direction", d),
+            ],
+        )
+    };
+    assert!(wait_until(Duration::from_secs(5), || dir_bytes("tx")
+        == sent.len() as f64));
+    assert_eq!(dir_bytes("rx"), sent.len() as f64);
+}
