@@ -422,6 +422,18 @@ fn a_rotated_certificate_serves_new_connections_and_open_ones_stay() {
     }));
     // The stream opened with the old certificate still flows both ways.
     assert_eq!(held.echo("two"), "two");
+
+    // Files rewritten, no signal: the change is seen and applied.
+    cert(&dir.0, "a", "gen3", "a.test", &["a.test"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            subject().as_deref() == Some("O = gen3, CN = a.test")
+        }),
+        "{}",
+        m.log_text()
+    );
+    assert!(m.log_text().contains("certificate files changed"));
+    assert_eq!(held.echo("three"), "three");
 }
 
 /// A rustls client trusting `ca`, for what s_client cannot do (half-close, bulk).
