@@ -6,7 +6,7 @@
 //! [`ConfigError`] whose `Display` is `FILE:LINE:COL: what is wrong and how to fix it`.
 //!
 //! Invariant: this module does no network I/O. It reads the config file and, when
-//! `token_file` is set, the token file.
+//! `token_file` is set, the token file, and a terminating service's `cert` and `key`.
 
 mod duration;
 mod file;
@@ -277,7 +277,7 @@ pub struct ServiceConfig {
     pub dns: Option<DnsTarget>,
     pub health: HealthConfig,
     /// `[service.tls]`: the service is routed by the ClientHello's server name (TLS
-    /// passthrough); several such services may share a listen address.
+    /// passthrough or termination); several such services may share a listen address.
     pub tls: Option<TlsConfig>,
 }
 

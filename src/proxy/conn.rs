@@ -17,7 +17,9 @@
 //!
 //! On an SNI listener (`[service.tls]` services sharing an address), `serve_sni` first
 //! reads the ClientHello and picks the service by its server name; from there it is the
-//! same path, the hello's bytes sent to the backend first.
+//! same path, the hello's bytes sent to the backend first, unless the service terminates
+//! TLS (`mode = "terminate"`): then `terminate::serve` completes the handshake and
+//! forwards the plaintext.
 //!
 //! Invariant: no lock, no string formatting (the access log, off by default, aside), no
 //! allocation unless `retry_on_early_close` asks for a replay buffer, or an SNI connection
@@ -588,7 +590,8 @@ pub fn serve(
 /// connection's own buffer (grown as needed, at most 16 KiB, freed once the backend has
 /// it), both within `client_hello_timeout`; the normalised name picks the service
 /// (`SniRoutes::route`), whose limits, pick, connect and forwarding then apply as to any
-/// connection, the hello's bytes sent first. No service: TLS alert `unrecognized_name`,
+/// connection, the hello's bytes sent first (a terminating service's connection goes on
+/// in `terminate::serve`, the hello replayed to its TLS server, under the same deadline). No service: TLS alert `unrecognized_name`,
 /// and the connection is closed; a malformed, oversized or late hello: closed. Each
 /// outcome is counted (`meshd_tls_handshakes_total`).
 pub async fn serve_sni(
