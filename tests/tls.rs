@@ -510,3 +510,95 @@ fn bytes_flow_both_ways_and_a_half_close_reaches_the_backend() {
         == sent.len() as f64));
     assert_eq!(dir_bytes("rx"), sent.len() as f64);
 }
+
+#[test]
+fn the_backend_gets_a_proxy_header_with_the_client_address() {
+    let dir = TempDir::new("tls-proxy");
+    let leaf = ["basicConstraints=critical,CA:FALSE"];
+    let (pem, key) = cert_ext(&dir.0, "a", "a", "a.test", &["a.test"], &leaf);
+    // A backend that answers with the first line it got (the PROXY header), then echoes.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((s, _)) = backend.accept() {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            w.write_all(line.as_bytes()).unwrap();
+            let _ = std::io::copy(&mut r, &mut w);
+        }
+    });
+    let listen = addr(free_port());
+    let _m = Meshd::start(
+        &Svc::new("a", listen)
+            .backends(&[backend_addr])
+            .set("proxy_protocol = \"v1\"")
+            .set(&terminate(&pem, &key, &["a.test"], ""))
+            .to_string(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connector = rustls_client(&pem);
+    let (line, local) = rt.block_on(async {
+        use tokio::io::AsyncBufReadExt;
+        let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let local = tcp.local_addr().unwrap();
+        let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let mut r = tokio::io::BufReader::new(tls);
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        (line, local)
+    });
+    assert_eq!(
+        line,
+        format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+            local.port(),
+            listen.port()
+        )
+    );
+}
+
+#[test]
+fn an_idle_terminated_connection_is_closed_at_idle_timeout() {
+    let dir = TempDir::new("tls-idle");
+    let (pem, key) = cert(&dir.0, "a", "a", "a.test", &["a.test"]);
+    let b = Backend::echo("echo");
+    let listen = addr(free_port());
+    let _m = Meshd::start(
+        &Svc::new("a", listen)
+            .backends(&[b.addr])
+            .set("idle_timeout = \"1s\"")
+            .set(&terminate(&pem, &key, &["a.test"], ""))
+            .to_string(),
+    );
+    let mut s = Session::open(listen, "a.test");
+    assert_eq!(s.echo("one"), "one");
+    // Nothing either way: meshd closes both sides, s_client sees the end.
+    let mut rest = String::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = std::mem::replace(&mut s.out, BufReader::new(empty_stdout()));
+    std::thread::spawn(move || {
+        let _ = out.read_to_string(&mut rest);
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the idle connection stayed open"
+    );
+}
+
+/// A stdout pipe of a process that has already ended (to swap a `Session`'s out).
+fn empty_stdout() -> std::process::ChildStdout {
+    let mut c = Command::new("true").stdout(Stdio::piped()).spawn().unwrap();
+    let out = c.stdout.take().unwrap();
+    let _ = c.wait();
+    out
+}

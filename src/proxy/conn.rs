@@ -662,7 +662,9 @@ pub async fn serve_sni(
             accepted,
             deadline,
         };
-        return terminate::serve(routed, shared).await;
+        // Boxed: a TLS server's state would otherwise grow every SNI connection's task,
+        // passthrough ones included (a terminated connection allocates plenty anyway).
+        return Box::pin(terminate::serve(routed, shared)).await;
     }
     count(&state.tls_routed[via as usize]);
     let prefix = Prefix::Hello { proxied_dst, hello };
