@@ -464,7 +464,8 @@ fn parse_ports(s: &str) -> Result<Vec<(u16, u16, Protocol)>, String> {
 }
 
 const BOOLS: [(&str, bool); 2] = [("true", true), ("false", false)];
-/// `mesh.tls` values. `terminate` is not in this build: the task terminates TLS.
+/// `mesh.tls` values. `terminate` is not a label (yet): a Swarm service's task terminates
+/// TLS; meshd terminates only for mesh.toml services.
 const TLS_MODES: [(&str, ()); 1] = [("passthrough", ())];
 
 /// The value of label `key` from `table`; the error is (value, problem).
