@@ -602,3 +602,107 @@ fn empty_stdout() -> std::process::ChildStdout {
     let _ = c.wait();
     out
 }
+
+#[test]
+fn passthrough_and_termination_share_an_address() {
+    let dir = TempDir::new("tls-mixed");
+    let (term_pem, term_key) = cert(&dir.0, "term", "term", "term.test", &["term.test"]);
+    let (pt_pem, pt_key) = cert(&dir.0, "pt", "inner", "pt.test", &["pt.test"]);
+    let b = Backend::http("plain");
+    let shared = addr(free_port());
+    let inner = addr(free_port());
+    // `pt` passes pt.test through to `inner`, which terminates it (its own certificate);
+    // `term` terminates term.test on the shared address itself.
+    let mut text = Svc::new("term", shared)
+        .backends(&[b.addr])
+        .set(&terminate(&term_pem, &term_key, &["term.test"], ""))
+        .to_string();
+    text += &Svc::new("pt", shared)
+        .backends(&[inner])
+        .set("[service.tls]\nmode = \"passthrough\"\nsni = [\"pt.test\"]")
+        .to_string();
+    text += &Svc::new("inner", inner)
+        .backends(&[b.addr])
+        .set(&terminate(&pt_pem, &pt_key, &[], "").replace("sni = []\n", ""))
+        .to_string();
+    let m = Meshd::start(&text);
+    assert_eq!(curl(shared, "term.test", &term_pem).trim(), "plain");
+    assert_eq!(curl(shared, "pt.test", &pt_pem).trim(), "plain");
+    let (subject, t) = s_client(shared, Some("pt.test"), &[]);
+    assert_eq!(subject.as_deref(), Some("O = inner, CN = pt.test"), "{t}");
+    assert_eq!(tls_metric(&m, "term", "ok"), 1.0);
+    assert_eq!(tls_metric(&m, "pt", "ok"), 2.0);
+    assert_eq!(tls_metric(&m, "inner", "default"), 2.0);
+}
+
+#[test]
+fn a_half_sent_hello_is_closed_at_the_deadline() {
+    let dir = TempDir::new("tls-half");
+    let (pem, key) = cert(&dir.0, "a", "a", "a.test", &["a.test"]);
+    let b = Backend::http("a-backend");
+    let listen = addr(free_port());
+    let m = Meshd::start(
+        &Svc::new("shop", listen)
+            .backends(&[b.addr])
+            .set("client_hello_timeout = \"1s\"")
+            .set(&terminate(&pem, &key, &["shop.example.com"], ""))
+            .to_string(),
+    );
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&HELLO[..HELLO.len() / 2]).unwrap();
+    assert!(closed_by_peer(&mut c), "a stalled hello was not closed");
+    assert!(wait_until(Duration::from_secs(5), || tls_metric(
+        &m,
+        &listen.to_string(),
+        "timeout"
+    ) == 1.0));
+}
+
+#[test]
+fn a_draining_backend_closes_its_terminated_connections_at_drain_timeout() {
+    let dir = TempDir::new("tls-drain");
+    let (pem, key) = cert(&dir.0, "a", "a", "a.test", &["a.test"]);
+    let one = Backend::echo("one");
+    let two = Backend::echo("two");
+    let listen = addr(free_port());
+    let config = |b: SocketAddr| {
+        Svc::new("a", listen)
+            .backends(&[b])
+            .set("drain_timeout = \"1s\"")
+            .set(&terminate(&pem, &key, &["a.test"], ""))
+            .to_string()
+    };
+    let m = Meshd::start(&config(one.addr));
+    let mut s = Session::open(listen, "a.test");
+    assert_eq!(s.echo("one"), "one");
+    let generation = m.metric("meshd_table_generation", &[]);
+    std::fs::write(
+        &m.config,
+        format!("[admin]\nlisten = \"{}\"\n{}", m.admin, config(two.addr)),
+    )
+    .unwrap();
+    m.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || {
+        m.metric("meshd_table_generation", &[]) > generation
+    }));
+    // Still served while draining, then closed.
+    assert_eq!(s.echo("two"), "two");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = std::mem::replace(&mut s.out, BufReader::new(empty_stdout()));
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = out.read_to_string(&mut rest);
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the drained connection stayed open"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        m.metric(
+            "meshd_drain_closed_connections_total",
+            &[("service", "a"), ("backend", &one.addr.to_string())],
+        ) == 1.0
+    }));
+}
