@@ -125,7 +125,44 @@ impl Terminate {
     ) -> Result<Terminate, LoadError> {
         let cert_pem = read("cert", &cert)?;
         let key_pem = read("key", &key)?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        Terminate::build(cert, key, alpn, min_version, &cert_pem, &key_pem)
+    }
+
+    /// [`Terminate::load`], but `prev` itself when the files still hold what it was
+    /// built from (same paths and settings): a caller that loads on every poll (the
+    /// Swarm provider) keeps one `ServerConfig`, and its session cache, until the files
+    /// change.
+    pub fn load_reusing(
+        cert: PathBuf,
+        key: PathBuf,
+        alpn: Vec<String>,
+        min_version: TlsVersion,
+        prev: Option<&Arc<Terminate>>,
+    ) -> Result<Arc<Terminate>, LoadError> {
+        let cert_pem = read("cert", &cert)?;
+        let key_pem = read("key", &key)?;
+        if let Some(p) = prev {
+            if p.cert == cert
+                && p.key == key
+                && p.alpn == alpn
+                && p.min_version == min_version
+                && p.digest == digest(&cert_pem, &key_pem)
+            {
+                return Ok(p.clone());
+            }
+        }
+        Terminate::build(cert, key, alpn, min_version, &cert_pem, &key_pem).map(Arc::new)
+    }
+
+    fn build(
+        cert: PathBuf,
+        key: PathBuf,
+        alpn: Vec<String>,
+        min_version: TlsVersion,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Terminate, LoadError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<_, _>>()
             .map_err(|e| LoadError::NoCert {
                 path: cert.clone(),
@@ -137,7 +174,7 @@ impl Terminate {
                 detail: "no CERTIFICATE block found".into(),
             });
         }
-        let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| LoadError::NoKey {
+        let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| LoadError::NoKey {
             path: key.clone(),
             detail: e.to_string(),
         })?;
@@ -157,18 +194,23 @@ impl Terminate {
             .with_single_cert(chain, private)
             .map_err(mismatch)?;
         server.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        cert_pem.hash(&mut h);
-        key_pem.hash(&mut h);
         Ok(Terminate {
+            digest: digest(cert_pem, key_pem),
             cert,
             key,
             alpn,
             min_version,
-            digest: h.finish(),
             server: Arc::new(server),
         })
     }
+}
+
+/// What [`Terminate`] compares files by.
+fn digest(cert_pem: &[u8], key_pem: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    cert_pem.hash(&mut h);
+    key_pem.hash(&mut h);
+    h.finish()
 }
 
 /// The process's crypto provider (ring), made once. ring rather than rustls' default
@@ -210,4 +252,62 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LoadError> {
         });
     }
     Ok(buf)
+}
+
+/// Certificates for unit tests (the `openssl` CLI, as the integration tests use).
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+
+    /// A fresh self-signed certificate and key for `cn`: (cert, key) in a new directory
+    /// under the system temp dir.
+    pub fn self_signed(cn: &str) -> (PathBuf, PathBuf) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("meshd-unit-tls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (pem, key) = (dir.join("c.pem"), dir.join("c.key"));
+        let ok = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj"])
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&pem)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (scripts/setup.sh installs it)");
+        assert!(ok.success(), "openssl req failed");
+        (pem, key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_files_keep_the_server_config() {
+        let (pem, key) = testing::self_signed("a.test");
+        let load = |prev| {
+            Terminate::load_reusing(pem.clone(), key.clone(), Vec::new(), TlsVersion::V1_2, prev)
+        };
+        let a = load(None).expect("loads");
+        let b = load(Some(&a)).expect("loads");
+        assert!(Arc::ptr_eq(&a, &b));
+        // Other settings: another config.
+        let c = Terminate::load_reusing(
+            pem.clone(),
+            key.clone(),
+            Vec::new(),
+            TlsVersion::V1_3,
+            Some(&a),
+        )
+        .expect("loads");
+        assert!(!Arc::ptr_eq(&a, &c) && *a != *c);
+        let _ = std::fs::remove_dir_all(pem.parent().expect("dir"));
+    }
 }
