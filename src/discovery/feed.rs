@@ -164,7 +164,8 @@ pub struct WireService {
     /// its Swarm node so that every follower tells its own node's tasks.
     #[serde(default = "wire_locality", skip_serializing_if = "is_any")]
     pub locality: String,
-    /// `[service.tls]` (the labels `mesh.tls`, `mesh.sni`, `mesh.sni_default`); absent for a
+    /// `[service.tls]` (the labels `mesh.tls`, `mesh.tls.cert`, `mesh.tls.key`, `mesh.sni`,
+    /// `mesh.sni_default`); absent for a
     /// plain service. A follower older than this key refuses the state while such a
     /// service exists (keeping its last good table) rather than serve it as plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
