@@ -210,10 +210,12 @@ impl App {
         let (ftx, frx) = mpsc::channel::<()>(1);
         let watcher = watch_file(&config.path, ftx);
         let last_text: Option<String> = std::fs::read_to_string(&config.path).ok();
+        let mut certs = CertWatch::new();
+        certs.watch(&config);
         let (reload_tx, reload_rx) = mpsc::channel::<()>(1);
         let reloader = tokio::spawn(watch_reloads(
             config.path.clone(),
-            (watcher, frx, last_text),
+            (watcher, frx, last_text, certs),
             reload_rx,
             cmd_tx.clone(),
             admin_state.clone(),
@@ -469,29 +471,41 @@ impl Running {
     }
 }
 
-/// Reloads when asked ([`Running::reload`], SIGHUP) and when the config file changes. Watches the file's directory (not
-/// the file), so editors and config managers that replace the file by rename are followed.
+/// Reloads when asked ([`Running::reload`], SIGHUP), when the config file changes, and
+/// when a terminating service's certificate or key file changes (the whole config is read
+/// again: a certificate that does not load fails the reload like a bad config, and the
+/// old table is kept). Watches the files' directories (not the files), so editors and
+/// config managers that replace a file by rename are followed.
 async fn watch_reloads(
     path: PathBuf,
     watch: (
         Option<notify::RecommendedWatcher>,
         mpsc::Receiver<()>,
         Option<String>,
+        CertWatch,
     ),
     mut asked: mpsc::Receiver<()>,
     commands: mpsc::Sender<Command>,
     admin: Arc<AdminState>,
     mut providers: Providers,
 ) {
-    let (_watcher, mut frx, mut last_text) = watch;
+    let (_watcher, mut frx, mut last_text, mut certs) = watch;
     loop {
-        let forced = tokio::select! {
-            Some(()) = asked.recv() => true,
-            Some(()) = frx.recv() => false,
+        // `forced`: read and apply even if the config file's text is unchanged.
+        let (forced, reason) = tokio::select! {
+            Some(()) = asked.recv() => (true, "SIGHUP"),
+            Some(()) = frx.recv() => (false, "file changed"),
+            Some(()) = certs.rx.recv() => (true, "certificate files changed"),
         };
-        if !forced {
-            // Wait for the writes to settle.
-            while let Ok(Some(())) = tokio::time::timeout(RELOAD_QUIET, frx.recv()).await {}
+        if reason != "SIGHUP" {
+            // Wait for the writes to settle (a certificate and its key are two files).
+            loop {
+                tokio::select! {
+                    Some(()) = frx.recv() => {}
+                    Some(()) = certs.rx.recv() => {}
+                    _ = tokio::time::sleep(RELOAD_QUIET) => break,
+                }
+            }
         }
         // Reading and parsing (a third of a 1,000-service reload) run on a blocking thread,
         // so connections on the runtime thread are not held up by a large file.
@@ -508,10 +522,7 @@ async fn watch_reloads(
         if !forced && last_text.as_deref() == Some(text.as_str()) {
             continue; // touched but unchanged
         }
-        tracing::info!(
-            reason = if forced { "SIGHUP" } else { "file changed" },
-            "reloading config"
-        );
+        tracing::info!(reason, "reloading config");
         let p = path.clone();
         let Ok((text, parsed)) = tokio::task::spawn_blocking(move || {
             let parsed = Config::parse(&p, &text);
@@ -527,6 +538,7 @@ async fn watch_reloads(
                 let _ = commands.send(Command::ReloadFailed(e.to_string())).await;
             }
             Ok(cfg) => {
+                certs.watch(&cfg);
                 let token = cfg.admin.token.clone().map(Arc::new);
                 let applied = cfg.clone();
                 let (tx, rx) = oneshot::channel();
@@ -544,6 +556,86 @@ async fn watch_reloads(
             }
         }
     }
+}
+
+/// The certificate and key files of the config's terminating services, watched for
+/// changes (a change triggers a reload).
+struct CertWatch {
+    /// Sorted, deduplicated.
+    files: Vec<PathBuf>,
+    watcher: Option<notify::RecommendedWatcher>,
+    tx: mpsc::Sender<()>,
+    rx: mpsc::Receiver<()>,
+}
+
+impl CertWatch {
+    fn new() -> CertWatch {
+        let (tx, rx) = mpsc::channel(1);
+        CertWatch {
+            files: Vec::new(),
+            watcher: None,
+            tx,
+            rx,
+        }
+    }
+
+    /// Watches `cfg`'s files from now on (a new watcher only when the set changed).
+    fn watch(&mut self, cfg: &Config) {
+        let mut files: Vec<PathBuf> = cfg
+            .services
+            .iter()
+            .filter_map(|s| s.tls.as_ref()?.terminate.as_ref())
+            .flat_map(|t| [t.cert.clone(), t.key.clone()])
+            .collect();
+        files.sort();
+        files.dedup();
+        if files == self.files {
+            return;
+        }
+        self.watcher = None;
+        if !files.is_empty() {
+            self.watcher = watch_files(&files, self.tx.clone());
+        }
+        self.files = files;
+    }
+}
+
+/// Watches the directories of `files` and signals `tx` when an event names one of them.
+fn watch_files(files: &[PathBuf], tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir_of = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(ToOwned::to_owned))
+        .collect();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev.kind.is_access() {
+                return;
+            }
+            if ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| names.iter().any(|x| x == n)))
+            {
+                let _ = tx.try_send(());
+            }
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "cannot watch the TLS certificate files: reload with SIGHUP after changing them"))
+    .ok()?;
+    let mut dirs: Vec<PathBuf> = files.iter().map(|f| dir_of(f)).collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        if let Err(e) = w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a TLS certificate directory: reload with SIGHUP after changing its files");
+        }
+    }
+    Some(w)
 }
 
 fn watch_file(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {

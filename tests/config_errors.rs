@@ -477,8 +477,24 @@ fn tls_errors() {
     let pass = "mode = \"passthrough\"\n";
     let cases: Vec<(String, &str)> = vec![
         (
-            tls_svc("a", "127.0.0.1:443", "mode = \"terminate\"\ncert = \"/x.pem\""),
-            "mesh.toml:6:8: service \"a\": TLS termination (mode = \"terminate\") is not supported by this build: use mode = \"passthrough\" (the backend terminates TLS)",
+            tls_svc("a", "127.0.0.1:443", "mode = \"terminate\"\nkey = \"/x.key\""),
+            "mesh.toml:5:1: service \"a\": mode = \"terminate\" needs tls cert and key: add cert = \"/etc/meshd/a.pem\" and key = \"/etc/meshd/a.key\"",
+        ),
+        (
+            tls_svc("a", "127.0.0.1:443", "mode = \"terminate\"\ncert = \"/nonexistent/x.pem\"\nkey = \"/x.key\""),
+            "mesh.toml:7:8: service \"a\": tls cert \"/nonexistent/x.pem\": cannot read: No such file or directory (os error 2)",
+        ),
+        (
+            tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"a.test\"]\ncert = \"/x.pem\""),
+            "mesh.toml:8:8: service \"a\": tls cert is for mode = \"terminate\" (with passthrough the backend holds the certificate): remove it",
+        ),
+        (
+            tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"a.test\"]\nmin_version = \"1.3\""),
+            "mesh.toml:8:15: service \"a\": tls min_version is for mode = \"terminate\" (with passthrough the backend holds the certificate): remove it",
+        ),
+        (
+            tls_svc("a", "127.0.0.1:443", "mode = \"tls\""),
+            "mesh.toml:6:8: service \"a\": invalid tls mode \"tls\": use \"terminate\" or \"passthrough\"",
         ),
         (
             tls_svc("a", "127.0.0.1:443", "mode = \"passthrough\"\nsni = [\"a..b\"]"),

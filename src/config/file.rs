@@ -159,11 +159,15 @@ pub struct Service {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
-    /// `"passthrough"` (`"terminate"` is refused by validation: not in this build).
+    /// `"terminate"` (meshd completes the handshake) or `"passthrough"`.
     pub mode: Option<Spanned<String>>,
-    /// For termination only: refused with it.
+    /// Termination only: the PEM certificate chain and private key files.
     pub cert: Option<Spanned<String>>,
     pub key: Option<Spanned<String>>,
+    /// Termination only: ALPN protocols offered, in preference order.
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Termination only: `"1.2"` (the default) or `"1.3"`.
+    pub min_version: Option<Spanned<String>>,
     /// The server names this service answers (`*.example.com`: exactly one label).
     pub sni: Option<Spanned<Vec<Spanned<String>>>>,
     /// Answers connections whose name no service on the address lists (or that send none).

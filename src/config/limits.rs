@@ -317,6 +317,9 @@ pub fn accept_proxy<'a>(
 
 /// The longest DNS name (without a trailing dot).
 pub const MAX_DNS_NAME: usize = 253;
+/// The most ALPN protocols one terminating service may offer.
+pub const MAX_ALPN: usize = 16;
+
 /// The most names one service's `[service.tls] sni` may list.
 pub const MAX_SNI: usize = 256;
 

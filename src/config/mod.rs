@@ -6,11 +6,12 @@
 //! [`ConfigError`] whose `Display` is `FILE:LINE:COL: what is wrong and how to fix it`.
 //!
 //! Invariant: this module does no network I/O. It reads the config file and, when
-//! `token_file` is set, the token file.
+//! `token_file` is set, the token file, and a terminating service's `cert` and `key`.
 
 mod duration;
 mod file;
 pub mod limits;
+pub mod tls;
 mod validate;
 
 use std::net::SocketAddr;
@@ -276,11 +277,12 @@ pub struct ServiceConfig {
     pub dns: Option<DnsTarget>,
     pub health: HealthConfig,
     /// `[service.tls]`: the service is routed by the ClientHello's server name (TLS
-    /// passthrough); several such services may share a listen address.
+    /// passthrough or termination); several such services may share a listen address.
     pub tls: Option<TlsConfig>,
 }
 
-/// `[service.tls]` (`mode = "passthrough"`, the only mode this build has).
+/// `[service.tls]`: SNI routing, and with `mode = "terminate"` the TLS server meshd runs
+/// for the service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TlsConfig {
     /// Normalised names (lowercase, no trailing dot); `*.example.com` matches exactly one
@@ -289,6 +291,9 @@ pub struct TlsConfig {
     /// Takes the connections of its listen addresses that no service's `sni` matches,
     /// and those that send no server name.
     pub sni_default: bool,
+    /// `mode = "terminate"`: meshd completes the handshake with this certificate and
+    /// forwards plaintext. `None`: passthrough (the backend terminates TLS).
+    pub terminate: Option<std::sync::Arc<tls::Terminate>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

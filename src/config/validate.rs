@@ -17,6 +17,7 @@ use toml::Spanned;
 use super::duration::format_duration as fmt_duration;
 use super::file::{self, FileConfig};
 use super::limits::{self, DurationKey, IntKey};
+use super::tls::{LoadError, Terminate, TlsVersion};
 use super::{
     defaults, AdminConfig, BackendConfig, Balance, CheckKind, Config, DiscoveryConfig,
     DnsDiscoveryConfig, DockerDiscoveryConfig, HealthConfig, Locality, LogConfig, LogFormat,
@@ -550,7 +551,9 @@ fn service<'f>(
     })
 }
 
-/// `[service.tls]` on its own: passthrough only, names checked and normalised.
+/// `[service.tls]` on its own: the mode, names checked and normalised, and for
+/// termination the certificate and key loaded (a file that does not load is this
+/// service's error, naming the file).
 fn tls(
     cx: &Cx,
     name: &str,
@@ -566,33 +569,45 @@ fn tls(
         );
         return Err(cx.err(at, msg));
     }
-    match &t.mode {
+    let terminate = match &t.mode {
         None => {
-            let msg =
-                format!(r#"service {name:?}: [service.tls] has no mode: add mode = "passthrough""#);
+            let msg = format!(
+                r#"service {name:?}: [service.tls] has no mode: add mode = "terminate" (meshd holds the certificate) or mode = "passthrough" (the backend does)"#
+            );
             return Err(cx.err(at, msg));
         }
-        Some(m) if m.get_ref() == "passthrough" => {}
-        Some(m) if m.get_ref() == "terminate" => {
-            let msg = format!(
-                r#"service {name:?}: TLS termination (mode = "terminate") is not supported by this build: use mode = "passthrough" (the backend terminates TLS)"#
-            );
-            return Err(cx.err(m.span(), msg));
-        }
+        Some(m) if m.get_ref() == "passthrough" => false,
+        Some(m) if m.get_ref() == "terminate" => true,
         Some(m) => {
             let msg = format!(
-                r#"service {name:?}: invalid tls mode {:?}: use "passthrough""#,
+                r#"service {name:?}: invalid tls mode {:?}: use "terminate" or "passthrough""#,
                 m.get_ref()
             );
             return Err(cx.err(m.span(), msg));
         }
-    }
-    if let Some(k) = t.cert.as_ref().or(t.key.as_ref()) {
-        let msg = format!(
-            r#"service {name:?}: tls cert and key are for mode = "terminate", which this build does not support: remove them"#
-        );
-        return Err(cx.err(k.span(), msg));
-    }
+    };
+    let terminate = if terminate {
+        Some(std::sync::Arc::new(terminate_config(
+            cx,
+            name,
+            t,
+            at.clone(),
+        )?))
+    } else {
+        let only = [
+            ("cert", t.cert.as_ref().map(Spanned::span)),
+            ("key", t.key.as_ref().map(Spanned::span)),
+            ("alpn", t.alpn.as_ref().map(Spanned::span)),
+            ("min_version", t.min_version.as_ref().map(Spanned::span)),
+        ];
+        if let Some((k, Some(span))) = only.into_iter().find(|(_, s)| s.is_some()) {
+            let msg = format!(
+                r#"service {name:?}: tls {k} is for mode = "terminate" (with passthrough the backend holds the certificate): remove it"#
+            );
+            return Err(cx.err(span, msg));
+        }
+        None
+    };
     let mut sni: Vec<String> = Vec::new();
     if let Some(list) = &t.sni {
         if list.get_ref().len() > limits::MAX_SNI {
@@ -613,14 +628,96 @@ fn tls(
             sni.push(v);
         }
     }
-    let sni_default = t.sni_default.as_ref().is_some_and(|d| *d.get_ref());
+    let mut sni_default = t.sni_default.as_ref().is_some_and(|d| *d.get_ref());
+    // A terminating service that lists no name takes every connection of its addresses
+    // (alone on its port, the usual case).
+    if terminate.is_some() && sni.is_empty() && t.sni_default.is_none() {
+        sni_default = true;
+    }
     if sni.is_empty() && !sni_default {
         let msg = format!(
             r#"service {name:?}: [service.tls] lists no sni name and is not sni_default: no connection could reach it; add sni = ["api.example.com"] or sni_default = true"#
         );
         return Err(cx.err(t.sni.as_ref().map_or(at, Spanned::span), msg));
     }
-    Ok(Some(TlsConfig { sni, sni_default }))
+    Ok(Some(TlsConfig {
+        sni,
+        sni_default,
+        terminate,
+    }))
+}
+
+/// `mode = "terminate"`: `cert` and `key` (relative to the config file's directory)
+/// loaded into a server configuration, with `alpn` and `min_version`.
+fn terminate_config(
+    cx: &Cx,
+    name: &str,
+    t: &file::Tls,
+    at: Range<usize>,
+) -> Result<Terminate, ConfigError> {
+    let dir = cx.path.parent().unwrap_or(Path::new(""));
+    let file = |k: &str, v: Option<&Spanned<String>>| {
+        match v {
+        Some(v) if !v.get_ref().is_empty() => Ok((dir.join(v.get_ref()), v.span())),
+        Some(v) => Err(cx.err(
+            v.span(),
+            format!("service {name:?}: tls {k} is empty: name a PEM file"),
+        )),
+        None => Err(cx.err(
+            at.clone(),
+            format!(
+                r#"service {name:?}: mode = "terminate" needs tls cert and key: add cert = "/etc/meshd/{name}.pem" and key = "/etc/meshd/{name}.key""#
+            ),
+        )),
+    }
+    };
+    let (cert, cert_at) = file("cert", t.cert.as_ref())?;
+    let (key, key_at) = file("key", t.key.as_ref())?;
+    let mut alpn = Vec::new();
+    if let Some(list) = &t.alpn {
+        if list.get_ref().len() > limits::MAX_ALPN {
+            let msg = format!(
+                "service {name:?}: alpn lists {} protocols: use at most {}",
+                list.get_ref().len(),
+                limits::MAX_ALPN
+            );
+            return Err(cx.err(list.span(), msg));
+        }
+        for p in list.get_ref() {
+            let v = p.get_ref();
+            if v.is_empty() || v.len() > 255 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                let msg = format!(
+                    r#"service {name:?}: invalid alpn protocol {v:?}: use names like "h2" or "http/1.1" (1 to 255 printable ASCII characters)"#
+                );
+                return Err(cx.err(p.span(), msg));
+            }
+            if alpn.contains(v) {
+                let msg = format!("service {name:?}: alpn lists {v:?} twice: remove one");
+                return Err(cx.err(p.span(), msg));
+            }
+            alpn.push(v.clone());
+        }
+    }
+    let min_version = match &t.min_version {
+        None => TlsVersion::default(),
+        Some(v) => TlsVersion::parse(v.get_ref()).ok_or_else(|| {
+            cx.err(
+                v.span(),
+                format!(
+                    r#"service {name:?}: invalid tls min_version {:?}: use "1.2" or "1.3""#,
+                    v.get_ref()
+                ),
+            )
+        })?,
+    };
+    Terminate::load(cert, key, alpn, min_version).map_err(|e| {
+        let span = match e {
+            LoadError::NoKey { .. } | LoadError::Mismatch { .. } => key_at,
+            LoadError::Read { what: "key", .. } | LoadError::TooLarge { what: "key", .. } => key_at,
+            _ => cert_at,
+        };
+        cx.err(span, format!("service {name:?}: {e}"))
+    })
 }
 
 /// Adds a `[service.tls]` service's names to each of its addresses: a name routes to one

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::limits::{
     self, DurationKey, IntKey, BALANCES, CHECKS, LOCALITIES, PROTOCOLS, PROXY_PROTOCOLS, UDP_CHECKS,
 };
+use crate::config::tls::{Terminate, TlsVersion};
 use crate::config::{
     defaults, BackendConfig, HealthConfig, Locality, Protocol, ServiceConfig, TlsConfig, UdpConfig,
 };
@@ -163,7 +164,8 @@ pub struct WireService {
     /// its Swarm node so that every follower tells its own node's tasks.
     #[serde(default = "wire_locality", skip_serializing_if = "is_any")]
     pub locality: String,
-    /// `[service.tls]` (the labels `mesh.tls`, `mesh.sni`, `mesh.sni_default`); absent for a
+    /// `[service.tls]` (the labels `mesh.tls`, `mesh.tls.cert`, `mesh.tls.key`, `mesh.sni`,
+    /// `mesh.sni_default`); absent for a
     /// plain service. A follower older than this key refuses the state while such a
     /// service exists (keeping its last good table) rather than serve it as plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,8 +176,14 @@ pub struct WireService {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireTls {
-    /// `passthrough`.
+    /// `passthrough` or `terminate`.
     pub mode: String,
+    /// `terminate`: the certificate and key files (labels `mesh.tls.cert`, `mesh.tls.key`),
+    /// paths in meshd's container, read by each follower from its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Normalised names; checked again on arrival.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sni: Vec<String>,
@@ -356,7 +364,14 @@ impl WireService {
             max_flows: s.udp.max_flows,
             udp_responses: s.udp.responses,
             tls: s.tls.as_ref().map(|t| WireTls {
-                mode: "passthrough".into(),
+                mode: if t.terminate.is_some() {
+                    "terminate"
+                } else {
+                    "passthrough"
+                }
+                .into(),
+                cert: t.terminate.as_ref().map(|x| x.cert.display().to_string()),
+                key: t.terminate.as_ref().map(|x| x.key.display().to_string()),
                 sni: t.sni.clone(),
                 sni_default: t.sni_default,
             }),
@@ -487,9 +502,24 @@ impl WireService {
 
 /// A service's `tls` from the wire, held to `[service.tls]`'s rules.
 fn wire_tls(t: &WireTls, protocol: Protocol) -> Result<TlsConfig, String> {
-    if t.mode != "passthrough" {
-        return Err(format!("tls mode {:?} is not one this meshd has", t.mode));
-    }
+    // `terminate`: the files are this follower's own (the same secrets mounted into
+    // every meshd task); read now, so a follower without them leaves the service out.
+    let terminate = match (t.mode.as_str(), &t.cert, &t.key) {
+        ("passthrough", None, None) => None,
+        ("terminate", Some(cert), Some(key)) if cert.starts_with('/') && key.starts_with('/') => {
+            let loaded =
+                Terminate::load(cert.into(), key.into(), Vec::new(), TlsVersion::default())
+                    .map_err(|e| e.to_string())?;
+            Some(std::sync::Arc::new(loaded))
+        }
+        ("passthrough" | "terminate", _, _) => {
+            return Err(format!(
+                "tls mode {:?} with cert {:?} and key {:?} is not a valid combination",
+                t.mode, t.cert, t.key
+            ))
+        }
+        _ => return Err(format!("tls mode {:?} is not one this meshd has", t.mode)),
+    };
     if protocol != Protocol::Tcp {
         return Err("tls applies to TCP services only".into());
     }
@@ -510,6 +540,7 @@ fn wire_tls(t: &WireTls, protocol: Protocol) -> Result<TlsConfig, String> {
     Ok(TlsConfig {
         sni,
         sni_default: t.sni_default,
+        terminate,
     })
 }
 
@@ -771,6 +802,42 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         assert!(w.into_config().is_err());
     }
 
+    /// `mesh.tls=terminate`: the files' paths cross the wire, each follower loads its own.
+    #[test]
+    fn terminating_services_cross_the_wire_as_file_paths() {
+        let (pem, key) = crate::config::tls::testing::self_signed("a.test");
+        let t = Terminate::load(pem.clone(), key.clone(), Vec::new(), TlsVersion::V1_2).unwrap();
+        let mut s = service();
+        s.tls = Some(TlsConfig {
+            sni: Vec::new(),
+            sni_default: true,
+            terminate: Some(std::sync::Arc::new(t)),
+        });
+        let w = WireService::from_config(&s);
+        let line = serde_json::to_string(&w).unwrap();
+        let want = format!(
+            r#""tls":{{"mode":"terminate","cert":"{}","key":"{}","sni_default":true}}"#,
+            pem.display(),
+            key.display()
+        );
+        assert!(line.contains(&want), "{line}");
+        let back = w.clone().into_config().unwrap();
+        assert_eq!(back.tls, s.tls);
+
+        // A follower without the files leaves the service out; so does a bad combination.
+        let mut missing = w.clone();
+        missing.tls.as_mut().unwrap().cert = Some("/nonexistent/a.pem".into());
+        let e = missing.into_config().unwrap_err().to_string();
+        assert!(
+            e.contains("/nonexistent/a.pem") && e.contains("cannot read"),
+            "{e}"
+        );
+        let mut bad = w;
+        bad.tls.as_mut().unwrap().mode = "passthrough".into();
+        assert!(bad.into_config().is_err());
+        let _ = std::fs::remove_dir_all(pem.parent().unwrap());
+    }
+
     #[test]
     fn tls_services_cross_the_wire_and_are_checked_on_arrival() {
         let mut s = service();
@@ -781,6 +848,7 @@ backends = [{ addr = "10.0.1.5:80" }, { addr = "10.0.1.6:80", weight = 50 }]
         s.tls = Some(TlsConfig {
             sni: vec!["a.test".into(), "*.b.test".into()],
             sni_default: true,
+            terminate: None,
         });
         let w = WireService::from_config(&s);
         let line = serde_json::to_string(&w).unwrap();

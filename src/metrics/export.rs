@@ -108,7 +108,7 @@ fn describe() {
     describe_gauge!(TABLE_GENERATION, "Generation of the routing table in use.");
     describe_counter!(
         TLS_HANDSHAKES,
-        "ClientHellos read on [service.tls] listeners, by result: ok (routed by name), default (routed to sni_default), or, with the listen address as service, why no service took it."
+        "ClientHellos read on [service.tls] listeners, by result: ok (routed by name), default (routed to sni_default); for a terminating service counted once its handshake completed, or error, timeout, closed when it failed; or, with the listen address as service, why no service took it."
     );
     describe_gauge!(
         BUILD_INFO,
@@ -269,6 +269,8 @@ pub struct ServiceMetrics {
     queued: Counter,
     /// Registered once the service has taken a connection by SNI (`ok`, `default`).
     tls: std::sync::OnceLock<[Counter; 2]>,
+    /// A terminating service's failed handshakes (`TlsFailure::LABELS`).
+    tls_failed: std::sync::OnceLock<[Counter; 3]>,
     /// Registered once the service is a UDP one.
     udp: std::sync::OnceLock<UdpMetrics>,
     name: String,
@@ -315,6 +317,7 @@ impl ServiceMetrics {
             replayed: metrics::counter!(REPLAYED_CONNECTIONS, "service" => s.clone()),
             queued: metrics::counter!(QUEUED_CONNECTIONS, "service" => s.clone()),
             tls: std::sync::OnceLock::new(),
+            tls_failed: std::sync::OnceLock::new(),
             udp: std::sync::OnceLock::new(),
             name: s,
         }
@@ -347,6 +350,15 @@ impl ServiceMetrics {
             });
             ok.absolute(by_name);
             default.absolute(by_default);
+        }
+        let failed = s.tls_failed.each_ref().map(|c| c.load(Ordering::Relaxed));
+        if failed.iter().any(|&n| n > 0) || self.tls_failed.get().is_some() {
+            let counters = self.tls_failed.get_or_init(|| {
+                crate::table::TlsFailure::LABELS.map(|result| metrics::counter!(TLS_HANDSHAKES, "service" => self.name.clone(), "result" => result))
+            });
+            for (c, n) in counters.iter().zip(failed) {
+                c.absolute(n);
+            }
         }
         let u = &s.udp;
         if u.enabled.load(Ordering::Relaxed) || self.udp.get().is_some() {

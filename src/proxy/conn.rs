@@ -17,7 +17,9 @@
 //!
 //! On an SNI listener (`[service.tls]` services sharing an address), `serve_sni` first
 //! reads the ClientHello and picks the service by its server name; from there it is the
-//! same path, the hello's bytes sent to the backend first.
+//! same path, the hello's bytes sent to the backend first, unless the service terminates
+//! TLS (`mode = "terminate"`): then `terminate::serve` completes the handshake and
+//! forwards the plaintext.
 //!
 //! Invariant: no lock, no string formatting (the access log, off by default, aside), no
 //! allocation unless `retry_on_early_close` asks for a replay buffer, or an SNI connection
@@ -41,7 +43,7 @@ use tokio::time::Instant;
 use super::forward::{self, End, Limits, Mode};
 use super::proxy_header::Header;
 use super::sni::{self, SniError, Step};
-use super::{accept_proxy, connect, proxy_protocol};
+use super::{accept_proxy, connect, proxy_protocol, terminate};
 use crate::config::defaults::MAX_CONNECT_RETRIES;
 use crate::config::ProxyProtocol;
 use crate::table::sni::SniRoutes;
@@ -69,7 +71,7 @@ pub struct Shared {
 }
 
 /// Decrements a live-connection counter however the task ends (also on cancellation).
-struct Live<'a>(&'a AtomicU64);
+pub(super) struct Live<'a>(pub(super) &'a AtomicU64);
 
 impl<'a> Live<'a> {
     fn count(c: &'a AtomicU64) -> Live<'a> {
@@ -87,10 +89,10 @@ impl Drop for Live<'_> {
 
 /// The backend a connection is bound to, counted in its live connections for as long as
 /// this is held (an `Arc`: the connection may outlive the snapshot it was dialed from).
-struct Serving(Arc<Backend>);
+pub(super) struct Serving(pub(super) Arc<Backend>);
 
 impl Serving {
-    fn new(b: Arc<Backend>) -> Serving {
+    pub(super) fn new(b: Arc<Backend>) -> Serving {
         b.active.fetch_add(1, Ordering::Relaxed);
         Serving(b)
     }
@@ -108,7 +110,7 @@ const TRIED: usize = MAX_CONNECT_RETRIES as usize + 2 + PANIC_ATTEMPTS;
 
 /// One connection's connect budget and the backends it already tried (indices into
 /// [`ServiceTable::listed`]), on the task's own state.
-struct Attempts {
+pub(super) struct Attempts {
     tried: [u32; TRIED],
     len: usize,
     /// Failed attempts outside panic routing (bounded by `connect_retries`).
@@ -130,7 +132,7 @@ struct Attempts {
 }
 
 impl Attempts {
-    fn new() -> Attempts {
+    pub(super) fn new() -> Attempts {
         Attempts {
             tried: [0; TRIED],
             len: 0,
@@ -496,7 +498,7 @@ async fn hold_for_replay(
 /// `queue_timeout`: a connection that no backend took waits here, then tries again with
 /// the service's current snapshot. Rounds come sooner at first (a task restarting listens
 /// within moments) and every [`QUEUE_PAUSE_MAX`] at most, until the timeout passes.
-struct Queue {
+pub(super) struct Queue {
     deadline: Instant,
     pause: Duration,
 }
@@ -532,7 +534,7 @@ impl Queue {
 /// Dials a backend of `svc`; when none takes the connection, queues it for up to the
 /// service's `queue_timeout` (a round of `dial` after each pause, with a fresh budget and the
 /// service's current snapshot, which then replaces `svc`). `None`: nothing took it.
-async fn dial_queued(
+pub(super) async fn dial_queued(
     svc: &mut Arc<ServiceTable>,
     client: SocketAddr,
     attempts: &mut Attempts,
@@ -588,7 +590,8 @@ pub fn serve(
 /// connection's own buffer (grown as needed, at most 16 KiB, freed once the backend has
 /// it), both within `client_hello_timeout`; the normalised name picks the service
 /// (`SniRoutes::route`), whose limits, pick, connect and forwarding then apply as to any
-/// connection, the hello's bytes sent first. No service: TLS alert `unrecognized_name`,
+/// connection, the hello's bytes sent first (a terminating service's connection goes on
+/// in `terminate::serve`, the hello replayed to its TLS server, under the same deadline). No service: TLS alert `unrecognized_name`,
 /// and the connection is closed; a malformed, oversized or late hello: closed. Each
 /// outcome is counted (`meshd_tls_handshakes_total`).
 pub async fn serve_sni(
@@ -644,9 +647,26 @@ pub async fn serve_sni(
         let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         return;
     }
-    count(&state.tls_routed[via as usize]);
     let svc = svc.clone();
     drop(guard);
+    if let Some(terminate) = svc.config.tls.as_ref().and_then(|t| t.terminate.clone()) {
+        // Counted once the handshake is complete.
+        let routed = terminate::Routed {
+            client,
+            hello,
+            peer,
+            proxied_dst,
+            svc,
+            terminate,
+            via,
+            accepted,
+            deadline,
+        };
+        // Boxed: a TLS server's state would otherwise grow every SNI connection's task,
+        // passthrough ones included (a terminated connection allocates plenty anyway).
+        return Box::pin(terminate::serve(routed, shared)).await;
+    }
+    count(&state.tls_routed[via as usize]);
     let prefix = Prefix::Hello { proxied_dst, hello };
     to_backend(client, peer, svc, shared, accepted, prefix).await;
 }
@@ -872,7 +892,7 @@ async fn to_backend(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn log_access(
+pub(super) fn log_access(
     shared: &Shared,
     svc: &ServiceTable,
     backend: &Backend,

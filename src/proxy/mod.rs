@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! listener::AcceptLoop ─► conn::serve ─► connect (retry elsewhere) ─► forward (splice | copy)
+//!                     └─► conn::serve_sni (ClientHello, route) ─► the same, or
+//!                         terminate::serve (TLS handshake) ─► connect ─► terminate's copy
 //! ```
 //!
 //! Invariants: nothing in this module takes a lock on the accept path or per byte (the
@@ -23,4 +25,5 @@ pub mod proxy_protocol;
 pub mod sni;
 pub mod splice;
 pub mod stats;
+pub mod terminate;
 pub mod udp;

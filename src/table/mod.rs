@@ -53,6 +53,9 @@ pub struct ServiceState {
     pub queued: AtomicU64,
     /// `[service.tls]` connections routed here by their server name, and as the default.
     pub tls_routed: [AtomicU64; 2],
+    /// `mode = "terminate"`: handshakes that failed after routing, by [`TlsFailure`]
+    /// (a terminating service's `tls_routed` counts completed handshakes).
+    pub tls_failed: [AtomicU64; 3],
     /// A UDP service's flows and dropped datagrams (zero for a TCP service).
     pub udp: UdpStats,
     /// Seconds a connection lived; registered once, recorded per closed connection.
@@ -81,9 +84,27 @@ impl ServiceState {
             replays: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             tls_routed: [AtomicU64::new(0), AtomicU64::new(0)],
+            tls_failed: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             udp: UdpStats::default(),
         }
     }
+}
+
+/// Why a terminating service's handshake failed (indexes `ServiceState::tls_failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// rustls refused it (no common version, cipher suite or ALPN protocol, a bad
+    /// message): its alert was sent.
+    Error = 0,
+    /// Not complete within `client_hello_timeout` from accept.
+    Timeout = 1,
+    /// The client closed or reset first.
+    Closed = 2,
+}
+
+impl TlsFailure {
+    /// The `result` label of each, in index order.
+    pub const LABELS: [&'static str; 3] = ["error", "timeout", "closed"];
 }
 
 /// Counters of a `protocol = "udp"` service, kept by its listener tasks (atomics: the

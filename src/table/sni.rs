@@ -224,6 +224,7 @@ sni_default = true
         no_default.tls = Some(TlsConfig {
             sni: vec!["*.example.com".into()],
             sni_default: false,
+            terminate: None,
         });
         let r = SniRoutes::build(
             addr,

@@ -16,17 +16,20 @@
 //! | `mesh.accept_proxy` | CIDRs, comma-separated, e.g. `10.0.0.0/8,192.168.1.10/32`: these sources must send a PROXY header | `[defaults] accept_proxy` |
 //! | `mesh.locality` | `any`, `prefer_local`, `local_only`: this node's tasks first, or only | `[defaults] locality` |
 //! | `mesh.retry_early_close` | `true`, `false`: replay a connection whose task closes before answering | `[defaults] retry_on_early_close` |
-//! | `mesh.tls` | `passthrough`: route the TCP ports by the ClientHello's server name; the task terminates TLS | (plain TCP) |
-//! | `mesh.sni` | names, comma-separated, e.g. `api.example.com,*.example.com` (needs `mesh.tls`) | (none) |
+//! | `mesh.tls` | `passthrough`: route the TCP ports by the ClientHello's server name, the task terminates TLS; `terminate`: the same routing, meshd terminates TLS with `mesh.tls.cert` and `mesh.tls.key` | (plain TCP) |
+//! | `mesh.tls.cert`, `mesh.tls.key` | absolute paths of PEM files in meshd's container, e.g. `/run/secrets/api.pem` (needs `mesh.tls=terminate`) | (none) |
+//! | `mesh.sni` | names, comma-separated, e.g. `api.example.com,*.example.com` (needs `mesh.tls`; optional with `terminate`) | (none) |
 //! | `mesh.sni_default` | `true`, `false`: take the port's connections no service's `mesh.sni` names (needs `mesh.tls`) | `false` |
 //!
-//! Invariant: pure functions, no I/O. A label that does not parse is one [`LabelError`]
+//! Invariant: pure functions, no I/O (certificate files are named here, read by the
+//! provider's loader, `state::Tracker::loading_certs`). A label that does not parse is one [`LabelError`]
 //! line naming the Swarm service and the label; that service is skipped, the others go on.
 //! An unknown `mesh.*` label is only a warning: a newer meshd's labels must not take a
 //! service down on an older meshd during an upgrade.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 
 use crate::config::limits::{self, BALANCES, CHECKS, LOCALITIES, MAX_NAME, PROXY_PROTOCOLS};
 use crate::config::{
@@ -46,8 +49,10 @@ pub const LOCALITY: &str = "mesh.locality";
 pub const TLS: &str = "mesh.tls";
 pub const SNI: &str = "mesh.sni";
 pub const SNI_DEFAULT: &str = "mesh.sni_default";
+pub const TLS_CERT: &str = "mesh.tls.cert";
+pub const TLS_KEY: &str = "mesh.tls.key";
 
-const KNOWN: [&str; 13] = [
+const KNOWN: [&str; 15] = [
     PUBLISH,
     BALANCE,
     HEALTH,
@@ -61,6 +66,8 @@ const KNOWN: [&str; 13] = [
     TLS,
     SNI,
     SNI_DEFAULT,
+    TLS_CERT,
+    TLS_KEY,
 ];
 
 /// A label that cannot be used. `Display`: `service "web": label mesh.publish="80:abc":
@@ -99,6 +106,9 @@ pub struct MeshLabels {
     /// `mesh.tls=passthrough` with `mesh.sni` / `mesh.sni_default`: the TCP ports are
     /// routed by server name and may share their port with other such services.
     pub tls: Option<TlsConfig>,
+    /// `mesh.tls=terminate`: `mesh.tls.cert` and `mesh.tls.key`, files in meshd's own
+    /// container, for the provider to load (`tls.terminate` is `None` until then).
+    pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Unknown `mesh.*` labels, each as a one-line warning.
     pub warnings: Vec<String>,
 }
@@ -161,7 +171,7 @@ pub fn parse(
             Some(list)
         }
     };
-    let tls = tls(labels).map_err(|(label, problem)| {
+    let (tls, tls_files) = tls(labels).map_err(|(label, problem)| {
         err(label, labels.get(label).map_or("", String::as_str), problem)
     })?;
     let path = match labels.get(HEALTH_PATH) {
@@ -214,27 +224,63 @@ pub fn parse(
         accept_proxy,
         locality,
         tls,
+        tls_files,
         warnings,
     }))
 }
 
-/// `mesh.tls`, `mesh.sni`, `mesh.sni_default`, checked as `[service.tls]` is in mesh.toml.
-/// The error is (label, problem).
-fn tls(labels: &BTreeMap<String, String>) -> Result<Option<TlsConfig>, (&'static str, String)> {
+/// `mesh.tls`, `mesh.sni`, `mesh.sni_default`, `mesh.tls.cert`, `mesh.tls.key`, checked
+/// as `[service.tls]` is in mesh.toml (the files are only named here). The error is
+/// (label, problem).
+#[allow(clippy::type_complexity)]
+fn tls(
+    labels: &BTreeMap<String, String>,
+) -> Result<(Option<TlsConfig>, Option<(PathBuf, PathBuf)>), (&'static str, String)> {
     let mode = keyword(labels, TLS, &TLS_MODES).map_err(|(_, p)| (TLS, p))?;
     let sni_default = keyword(labels, SNI_DEFAULT, &BOOLS).map_err(|(_, p)| (SNI_DEFAULT, p))?;
-    let Some(()) = mode else {
-        for label in [SNI, SNI_DEFAULT] {
+    let Some(terminate) = mode else {
+        for label in [SNI, SNI_DEFAULT, TLS_CERT, TLS_KEY] {
             if labels.contains_key(label) {
                 return Err((
                     label,
                     "only a TLS service is routed by server name: add the label \
-                     mesh.tls=passthrough"
+                     mesh.tls=passthrough or mesh.tls=terminate"
                         .into(),
                 ));
             }
         }
-        return Ok(None);
+        return Ok((None, None));
+    };
+    let files = if terminate {
+        let file = |label: &'static str| match labels.get(label).map(|v| v.trim()) {
+            Some(v) if v.starts_with('/') && !v.contains(',') => Ok(PathBuf::from(v)),
+            Some(_) => Err((
+                label,
+                "expected the absolute path of a PEM file in meshd's container, e.g. \
+                 /run/secrets/api.pem"
+                    .into(),
+            )),
+            None => Err((
+                TLS,
+                "meshd terminates TLS with a certificate and key in its own container: add \
+                 the labels mesh.tls.cert=/run/secrets/NAME.pem and \
+                 mesh.tls.key=/run/secrets/NAME.key"
+                    .into(),
+            )),
+        };
+        Some((file(TLS_CERT)?, file(TLS_KEY)?))
+    } else {
+        for label in [TLS_CERT, TLS_KEY] {
+            if labels.contains_key(label) {
+                return Err((
+                    label,
+                    "with mesh.tls=passthrough the task holds the certificate: remove it, or \
+                     use mesh.tls=terminate"
+                        .into(),
+                ));
+            }
+        }
+        None
     };
     let mut sni: Vec<String> = Vec::new();
     if let Some(v) = labels.get(SNI) {
@@ -256,7 +302,9 @@ fn tls(labels: &BTreeMap<String, String>) -> Result<Option<TlsConfig>, (&'static
             ));
         }
     }
-    let sni_default = sni_default.unwrap_or(false);
+    // A terminating service that names no server takes every name of its port (as in
+    // mesh.toml).
+    let sni_default = sni_default.unwrap_or(files.is_some() && sni.is_empty());
     if sni.is_empty() && !sni_default {
         return Err((
             TLS,
@@ -265,7 +313,14 @@ fn tls(labels: &BTreeMap<String, String>) -> Result<Option<TlsConfig>, (&'static
                 .into(),
         ));
     }
-    Ok(Some(TlsConfig { sni, sni_default }))
+    Ok((
+        Some(TlsConfig {
+            sni,
+            sni_default,
+            terminate: None,
+        }),
+        files,
+    ))
 }
 
 /// The mesh services of Swarm service `service`: `defaults` (the `[defaults]` template)
@@ -418,6 +473,7 @@ fn labels_value(labels: &MeshLabels, label: &str) -> String {
                     .join(",")
             })
             .unwrap_or_default(),
+        TLS if labels.tls_files.is_some() => "terminate".into(),
         TLS if labels.tls.is_some() => "passthrough".into(),
         _ => String::new(),
     }
@@ -460,8 +516,8 @@ fn parse_ports(s: &str) -> Result<Vec<(u16, u16, Protocol)>, String> {
 }
 
 const BOOLS: [(&str, bool); 2] = [("true", true), ("false", false)];
-/// `mesh.tls` values. `terminate` is not in this build: the task terminates TLS.
-const TLS_MODES: [(&str, ()); 1] = [("passthrough", ())];
+/// `mesh.tls` values: whether meshd terminates.
+const TLS_MODES: [(&str, bool); 2] = [("passthrough", false), ("terminate", true)];
 
 /// The value of label `key` from `table`; the error is (value, problem).
 fn keyword<T: Copy>(
@@ -816,6 +872,29 @@ mod tests {
         let tls = s[0].config.tls.as_ref().unwrap();
         assert!(tls.sni.is_empty() && tls.sni_default);
 
+        // Terminate: the files named (loaded by the provider), every name by default.
+        let m = parse(
+            "shop",
+            &labels(&[
+                ("mesh.publish", "8443:8080"),
+                ("mesh.tls", "terminate"),
+                ("mesh.tls.cert", "/run/secrets/shop.pem"),
+                ("mesh.tls.key", " /run/secrets/shop.key"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            m.tls_files,
+            Some((
+                "/run/secrets/shop.pem".into(),
+                "/run/secrets/shop.key".into()
+            ))
+        );
+        let s = services("shop", &m, &defaults()).unwrap();
+        let tls = s[0].config.tls.as_ref().unwrap();
+        assert!(tls.sni.is_empty() && tls.sni_default && tls.terminate.is_none());
+
         // Without mesh.tls the service is plain TCP.
         let m = parse("web", &labels(&[("mesh.publish", "80:80")]))
             .unwrap()
@@ -828,18 +907,38 @@ mod tests {
 
     #[test]
     fn tls_labels_that_cannot_route_are_refused_with_the_label() {
-        let cases: [(&[(&str, &str)], &str); 7] = [
+        let cases: [(&[(&str, &str)], &str); 10] = [
             (
                 &[("mesh.tls", "passthrough")],
                 r#"label mesh.tls="passthrough": no connection could reach this service: add the label mesh.sni"#,
             ),
             (
                 &[("mesh.tls", "terminate"), ("mesh.sni", "a.test")],
-                r#"label mesh.tls="terminate": expected one of passthrough"#,
+                r#"label mesh.tls="terminate": meshd terminates TLS with a certificate and key in its own container: add the labels mesh.tls.cert=/run/secrets/NAME.pem"#,
+            ),
+            (
+                &[
+                    ("mesh.tls", "terminate"),
+                    ("mesh.tls.cert", "api.pem"),
+                    ("mesh.tls.key", "/run/secrets/api.key"),
+                ],
+                r#"label mesh.tls.cert="api.pem": expected the absolute path of a PEM file"#,
+            ),
+            (
+                &[
+                    ("mesh.tls", "passthrough"),
+                    ("mesh.sni", "a.test"),
+                    ("mesh.tls.key", "/run/secrets/api.key"),
+                ],
+                r#"label mesh.tls.key="/run/secrets/api.key": with mesh.tls=passthrough the task holds the certificate"#,
+            ),
+            (
+                &[("mesh.tls.cert", "/run/secrets/api.pem")],
+                r#"label mesh.tls.cert="/run/secrets/api.pem": only a TLS service"#,
             ),
             (
                 &[("mesh.sni", "a.test")],
-                r#"label mesh.sni="a.test": only a TLS service is routed by server name: add the label mesh.tls=passthrough"#,
+                r#"label mesh.sni="a.test": only a TLS service is routed by server name: add the label mesh.tls=passthrough or mesh.tls=terminate"#,
             ),
             (
                 &[("mesh.sni_default", "true")],

@@ -204,7 +204,9 @@ impl Provider {
         feed: Arc<FeedTx>,
     ) -> Provider {
         let (stops_tx, stops) = mpsc::channel(STOPS_QUEUE);
-        let tracker = Tracker::default().dialling(cfg.address);
+        let tracker = Tracker::default()
+            .dialling(cfg.address)
+            .loading_certs(cert_loader());
         Provider {
             cfg,
             defaults,
@@ -946,6 +948,34 @@ fn container_id_from_mountinfo(text: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Reads `mesh.tls=terminate` certificates (files in meshd's container, read on every poll:
+/// a few KiB) and keeps each service's TLS configuration while its files are unchanged.
+fn cert_loader() -> state::CertLoader {
+    use crate::config::tls::{Terminate, TlsVersion};
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    let mut cache: HashMap<(PathBuf, PathBuf), Arc<Terminate>> = HashMap::new();
+    Box::new(move |cert, key| {
+        let k = (cert.to_path_buf(), key.to_path_buf());
+        let prev = cache.get(&k);
+        let t = Terminate::load_reusing(
+            k.0.clone(),
+            k.1.clone(),
+            Vec::new(),
+            TlsVersion::default(),
+            prev,
+        )
+        .map_err(|e| e.to_string())?;
+        // Bounded by the labels in use: entries of files no longer named are dropped
+        // when the cache grows past them.
+        if cache.len() > 1024 {
+            cache.clear();
+        }
+        cache.insert(k, t.clone());
+        Ok(t)
+    })
 }
 
 #[cfg(test)]

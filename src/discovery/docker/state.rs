@@ -19,16 +19,19 @@
 //! overlay address to a new task, and the control plane must see a new backend there, not
 //! the old one with its health and ejection state.
 //!
-//! Invariant: no I/O and no clock. Everything is decided from one [`Snapshot`] (one poll of
+//! Invariant: no I/O and no clock (a `mesh.tls=terminate` service's certificate is read
+//! by the loader the provider gives, [`Tracker::loading_certs`]). Everything is decided from one [`Snapshot`] (one poll of
 //! `/services`, `/tasks`, `/nodes`) and the tracker's memory of earlier ones, so it is
 //! tested from recorded engine answers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::api::{NetworkAttachment, Node, Service, Task};
 use super::labels::{self, LabelError};
+use crate::config::tls::Terminate;
 use crate::config::{defaults, BackendConfig, Protocol, ServiceConfig, TaskAddress};
 
 /// How many retired task IDs are remembered (oldest forgotten first). Swarm keeps 5 old
@@ -64,14 +67,29 @@ pub struct Desired {
     pub stopping: usize,
 }
 
+/// Reads a terminating Swarm service's certificate and key (`mesh.tls.cert`,
+/// `mesh.tls.key`): the error is one line naming the file.
+pub type CertLoader =
+    Box<dyn FnMut(&Path, &Path) -> Result<Arc<Terminate>, String> + Send + Sync + 'static>;
+
 /// Memory across snapshots: which task IDs must never be routed to again.
-#[derive(Debug)]
 pub struct Tracker {
     retired: Retired,
     /// Tasks with `DesiredState=running` in the previous snapshot.
     running: HashSet<String>,
     /// `[discovery.docker] address`: which address of a task is dialled.
     address: TaskAddress,
+    /// Loads `mesh.tls=terminate` certificates; `None`: such services are skipped.
+    certs: Option<CertLoader>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("running", &self.running.len())
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Tracker {
@@ -86,7 +104,14 @@ impl Tracker {
             retired: Retired::new(capacity),
             running: HashSet::new(),
             address: TaskAddress::default(),
+            certs: None,
         }
+    }
+
+    /// The same tracker, loading `mesh.tls=terminate` certificates with `load`.
+    pub fn loading_certs(mut self, load: CertLoader) -> Tracker {
+        self.certs = Some(load);
+        self
     }
 
     /// The same tracker, dialling tasks at the address `mode` says.
@@ -159,13 +184,38 @@ impl Tracker {
                 }
             };
             out.warnings.extend(mesh.warnings.iter().cloned());
-            let made = match labels::services(name, &mesh, defaults) {
+            let mut made = match labels::services(name, &mesh, defaults) {
                 Ok(m) => m,
                 Err(e) => {
                     out.warnings.push(skipped(&e));
                     continue;
                 }
             };
+            if let Some((cert, key)) = &mesh.tls_files {
+                let loaded = match &mut self.certs {
+                    Some(load) => load(cert, key),
+                    None => Err("this meshd loads no certificates for Swarm services".into()),
+                };
+                match loaded {
+                    Ok(t) => {
+                        for m in &mut made {
+                            if let Some(tls) = &mut m.config.tls {
+                                tls.terminate = Some(t.clone());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let e = LabelError {
+                            service: name.clone(),
+                            label: labels::TLS_CERT.into(),
+                            value: cert.display().to_string(),
+                            problem: e,
+                        };
+                        out.warnings.push(skipped(&e));
+                        continue;
+                    }
+                }
+            }
             if let Some(u) = &svc.update_status {
                 if matches!(u.state.as_str(), "updating" | "rollback_started") {
                     let order = svc
@@ -1161,6 +1211,58 @@ mod tests {
             ]
         );
         assert!(created_key("2026-01-01T00:00:00.1Z") < created_key("2026-01-01T00:00:00.17Z"));
+    }
+
+    /// `mesh.tls=terminate`: the certificate comes from the provider's loader; without
+    /// one, or when it fails, the service is skipped and said so.
+    #[test]
+    fn a_terminating_service_gets_its_certificate_from_the_loader() {
+        let d = defaults();
+        let mut s = snap(fixture!("services.json"), fixture!("tasks-steady.json"));
+        let l = &mut s.services[0].spec.labels;
+        l.insert("mesh.publish".into(), "8443:80".into());
+        l.insert("mesh.tls".into(), "terminate".into());
+        l.insert("mesh.tls.cert".into(), "/run/secrets/web.pem".into());
+        l.insert("mesh.tls.key".into(), "/run/secrets/web.key".into());
+        let out = Tracker::default().observe(&s, &d, None);
+        assert!(out.services.is_empty());
+        assert_eq!(
+            out.warnings,
+            [
+                r#"service "meshfix-web": label mesh.tls.cert="/run/secrets/web.pem": this meshd loads no certificates for Swarm services; service skipped"#
+            ]
+        );
+        let out = Tracker::default()
+            .loading_certs(Box::new(|c, _| {
+                Err(format!("{}: cannot read", c.display()))
+            }))
+            .observe(&s, &d, None);
+        assert!(out.services.is_empty());
+        assert!(out.warnings[0].contains("/run/secrets/web.pem: cannot read; service skipped"));
+
+        let (pem, key) = crate::config::tls::testing::self_signed("web.test");
+        let loaded =
+            Arc::new(Terminate::load(pem, key, Vec::new(), Default::default()).expect("loads"));
+        let given = loaded.clone();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let out = Tracker::default()
+            .loading_certs(Box::new(move |c, k| {
+                seen.lock().unwrap().push((c.to_owned(), k.to_owned()));
+                Ok(given.clone())
+            }))
+            .observe(&s, &d, None);
+        assert_eq!(out.services.len(), 1, "{:?}", out.warnings);
+        let tls = out.services[0].tls.as_ref().unwrap();
+        assert!(tls.sni_default);
+        assert!(Arc::ptr_eq(tls.terminate.as_ref().unwrap(), &loaded));
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [(
+                std::path::PathBuf::from("/run/secrets/web.pem"),
+                std::path::PathBuf::from("/run/secrets/web.key")
+            )]
+        );
     }
 
     /// Swarm services labelled `mesh.tls` share a published port by server name; a name
