@@ -4,6 +4,12 @@
 //! arrived (fed piecewise the way `accept_proxy::read` does, as any prefix that the parser
 //! calls incomplete and then more, the result equals feeding them whole); and a header
 //! that meshd's own encoder writes parses back to its addresses.
+//!
+//! Against the ppp crate (`HeaderResult::parse`, v2 then v1) as a differential oracle
+//! (docs/fuzzing.md says why only these): where both have a whole header, they agree on
+//! the source and destination (or on there being none: v2 LOCAL, v2 AF_UNSPEC / AF_UNIX,
+//! v1 UNKNOWN) and on its length; and where ppp has a whole header, meshd is not still
+//! waiting for more bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,6 +21,44 @@ fn verdict(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
     match parse(buf)? {
         Step::Done { header, len } => Ok(Some((header, len))),
         Step::Incomplete => Ok(None),
+    }
+}
+
+/// What ppp makes of `buf`, when it is a whole header: what meshd would make of it, and its
+/// length.
+fn ppp_verdict(buf: &[u8]) -> Option<(Header, usize)> {
+    use std::net::SocketAddr;
+    match ppp::HeaderResult::parse(buf) {
+        ppp::HeaderResult::V1(Ok(h)) => {
+            let header = match h.addresses {
+                ppp::v1::Addresses::Unknown => Header::Local,
+                ppp::v1::Addresses::Tcp4(a) => Header::Proxy {
+                    src: SocketAddr::from((a.source_address, a.source_port)),
+                    dst: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+                ppp::v1::Addresses::Tcp6(a) => Header::Proxy {
+                    src: SocketAddr::from((a.source_address, a.source_port)),
+                    dst: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+            };
+            Some((header, h.header.len()))
+        }
+        ppp::HeaderResult::V2(Ok(h)) => {
+            let header = match (h.command, h.addresses) {
+                (ppp::v2::Command::Local, _) => Header::Local,
+                (_, ppp::v2::Addresses::IPv4(a)) => Header::Proxy {
+                    src: SocketAddr::from((a.source_address, a.source_port)),
+                    dst: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+                (_, ppp::v2::Addresses::IPv6(a)) => Header::Proxy {
+                    src: SocketAddr::from((a.source_address, a.source_port)),
+                    dst: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+                (_, ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_)) => Header::Local,
+            };
+            Some((header, h.len()))
+        }
+        _ => None,
     }
 }
 
@@ -39,6 +83,14 @@ fuzz_target!(|data: &[u8]| {
         (Ok(Some(w)), Ok(Some(p))) => assert_eq!(w, p),
         (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
         (w, p) => panic!("whole {w:?}, piecewise {p:?}"),
+    }
+    // The oracle.
+    if let Some(theirs) = ppp_verdict(input) {
+        match &whole {
+            Ok(Some(ours)) => assert_eq!(*ours, theirs, "meshd vs ppp"),
+            Ok(None) => panic!("ppp has a whole header {theirs:?}, meshd waits for more"),
+            Err(_) => {} // meshd is stricter (docs/fuzzing.md)
+        }
     }
     // Round trip through meshd's encoder, with addresses taken from the input.
     if input.len() >= 12 {
