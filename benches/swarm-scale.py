@@ -9,6 +9,9 @@ CHURN (a fraction) of the tasks between polls. Measures, on loopback, bounded in
   service through the same meshd (a real `meshd backend` behind it), p50/p99/max and
   failures, quiet and under churn (the client in a process of its own: the fake engine
   holds the GIL while it renders an answer);
+- the control loop's own events during each phase, from meshd's
+  `meshd_control_event_seconds` histogram: how many, how many held the runtime thread over
+  5 ms, and the bucket of the slowest;
 - how many polls the fake engine answered (GET /tasks) and how long after a change meshd's
   status showed it (one sampled task per round).
 
@@ -204,6 +207,39 @@ def get(admin, path, timeout=5):
         return r.read()
 
 
+def control_events(admin):
+    """meshd_control_event_seconds from /metrics: {event: {le: cumulative count}}."""
+    out = {}
+    for line in get(admin, "/metrics", timeout=30).decode().splitlines():
+        if not line.startswith("meshd_control_event_seconds_bucket{"):
+            continue
+        labels, value = line[len("meshd_control_event_seconds_bucket{") :].rsplit("} ", 1)
+        kv = dict(p.split("=", 1) for p in labels.split(","))
+        ev, le = kv["event"].strip('"'), kv["le"].strip('"')
+        out.setdefault(ev, {})[float("inf") if le == "+Inf" else float(le)] = float(value)
+    return out
+
+
+def control_cols(before, after):
+    """Events the control loop timed during a phase (all kinds): how many, how many
+    held the runtime thread over 5 ms, and the bucket of the slowest."""
+    total = over5 = 0
+    slowest = 0.0
+    for ev, buckets in after.items():
+        prev = before.get(ev, {})
+        les = sorted(buckets)
+        d = {le: buckets[le] - prev.get(le, 0.0) for le in les}
+        total += d[les[-1]]
+        over5 += d[les[-1]] - max((d[le] for le in les if le <= 0.005), default=0.0)
+        below = 0.0
+        for le in les:
+            if d[le] > below:
+                slowest = max(slowest, le)
+            below = d[le]
+    top = "> 1 s" if slowest == float("inf") else f"<= {slowest * 1000:g} ms"
+    return f"{total:.0f} | {over5:.0f} | {top}"
+
+
 def wait(what, f, timeout=TIMEOUT):
     end = time.time() + timeout
     while time.time() < end:
@@ -341,6 +377,7 @@ def main():
                         seen.append((time.time(), svc, addr))
                     time.sleep(0.005)
 
+            ev0 = control_events(admin)
             polls0, cpu0, t0 = swarm.polls, cpu_ticks(m.pid), time.time()
             th = threading.Thread(target=churner, daemon=True)
             if churn:
@@ -353,7 +390,8 @@ def main():
             stop_churn.set()
             if churn:
                 th.join()
-            rows.append((label, swarm.polls - polls0, cpu_ticks(m.pid) - cpu0, time.time() - t0, res))
+            row = (label, swarm.polls - polls0, cpu_ticks(m.pid) - cpu0, time.time() - t0, res)
+            rows.append(row + (control_cols(ev0, control_events(admin)),))
 
         phase("same answer, no traffic", False, False)
         phase("churn, no traffic", True, False)
@@ -379,10 +417,11 @@ def main():
             f"poll_interval {POLL}, meshd --threads {THREADS}"
         )
         print(
-            "| phase | polls | meshd CPU | CPU per poll | requests to echo | failed | p50 ms | p99 ms | max ms |"
+            "| phase | polls | meshd CPU | CPU per poll | requests to echo | failed | p50 ms | p99 ms"
+            " | max ms | control events | over 5 ms | slowest |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for label, polls, cpu, dt, res in rows:
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, polls, cpu, dt, res, ctl in rows:
             cpu_ms = cpu * 1000 / TICK
             per = f"{cpu_ms / polls:.1f} ms" if polls and res is None else "(with traffic)"
             load_cols = (
@@ -390,7 +429,10 @@ def main():
                 if res
                 else "- | - | - | - | -"
             )
-            print(f"| {label} | {polls} | {cpu_ms / dt / 10:.1f}% of a core | {per} | {load_cols} |")
+            print(
+                f"| {label} | {polls} | {cpu_ms / dt / 10:.1f}% of a core | {per} | {load_cols}"
+                f" | {ctl} |"
+            )
         print(f"\nthe last change was in meshd's status {lag * 1000:.0f} ms after it was made")
         if m.poll() is not None:
             sys.exit("swarm-scale: meshd exited during the run")

@@ -543,6 +543,14 @@ fn metrics_under_real_traffic_parse_cleanly_and_count_exactly() {
         "histogram counts never matched the connections:\n{text}"
     );
     promtool_check_metrics(&text);
+    // The control loop times its events: a tick every 250 ms at least.
+    let s = samples(&text);
+    let ticks = sum(
+        &s,
+        "meshd_control_event_seconds_count",
+        &[("event", "tick")],
+    );
+    assert!(ticks > 0.0, "no control event timed:\n{text}");
     check_design_families(&text);
     let s = samples(&text);
     let (h1s, h2s, deads, dead2s) = (

@@ -182,6 +182,31 @@ pub struct Control {
 
 type AdminReply = oneshot::Sender<Result<(), AdminError>>;
 
+/// `meshd_control_event_seconds{event}`: one histogram per kind of event of the control
+/// loop, measuring the event and the publish it caused.
+struct EventTimers {
+    command: metrics::Histogram,
+    discovery: metrics::Histogram,
+    health: metrics::Histogram,
+    ejection: metrics::Histogram,
+    tick: metrics::Histogram,
+    built: metrics::Histogram,
+}
+
+impl EventTimers {
+    fn new() -> EventTimers {
+        let h = |event: &'static str| metrics::histogram!(crate::metrics::names::CONTROL_EVENT, "event" => event);
+        EventTimers {
+            command: h("command"),
+            discovery: h("discovery"),
+            health: h("health"),
+            ejection: h("ejection"),
+            tick: h("tick"),
+            built: h("built"),
+        }
+    }
+}
+
 /// A socket bound for a new listener, before its task starts.
 enum Bound {
     Tcp(std::net::TcpListener),
@@ -277,22 +302,42 @@ impl Control {
         // state finishing late never replaces a newer one. Changes that arrive meanwhile
         // mark their services dirty and go into the next plan.
         let mut building: Option<JoinHandle<Built>> = None;
+        // How long each event holds this task, and so the runtime thread it shares with
+        // connections: the data plane's stall, as `meshd_control_event_seconds`.
+        let held = EventTimers::new();
         loop {
+            let (event, started);
             tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.command(cmd),
-                    None => return,
-                },
-                Some(u) = updates.recv() => self.update(u),
-                Some(t) = self.health_rx.recv() => self.health(t),
-                Some(b) = self.ejected_rx.recv() => self.eject(&b),
-                _ = tick.tick() => self.tick(),
+                cmd = commands.recv() => {
+                    (event, started) = (&held.command, Instant::now());
+                    match cmd {
+                        Some(cmd) => self.command(cmd),
+                        None => return,
+                    }
+                }
+                Some(u) = updates.recv() => {
+                    (event, started) = (&held.discovery, Instant::now());
+                    self.update(u)
+                }
+                Some(t) = self.health_rx.recv() => {
+                    (event, started) = (&held.health, Instant::now());
+                    self.health(t)
+                }
+                Some(b) = self.ejected_rx.recv() => {
+                    (event, started) = (&held.ejection, Instant::now());
+                    self.eject(&b)
+                }
+                _ = tick.tick() => {
+                    (event, started) = (&held.tick, Instant::now());
+                    self.tick()
+                }
                 built = async {
                     match building.as_mut() {
                         Some(job) => job.await,
                         None => std::future::pending().await,
                     }
                 } => {
+                    (event, started) = (&held.built, Instant::now());
                     building = None;
                     self.building = false;
                     match built {
@@ -311,6 +356,7 @@ impl Control {
                 self.publish_status();
             }
             self.start_accept_loops();
+            event.record(started.elapsed());
         }
     }
 

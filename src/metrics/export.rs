@@ -40,6 +40,11 @@ const CONNECT_BUCKETS: &[f64] = &[
     2.5, 5.0,
 ];
 
+/// The control loop's events: 100 µs to 1 s (the runtime thread is held that long).
+const CONTROL_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// How often buffered histogram samples are folded into their buckets.
@@ -57,6 +62,7 @@ pub fn install() -> anyhow::Result<&'static PrometheusHandle> {
         )
         .set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(CONTROL_EVENT.into()), CONTROL_BUCKETS)?
         .install_recorder()?;
     describe();
     let _ = HANDLE.set(handle);
@@ -103,6 +109,13 @@ fn describe() {
         CONNECT_DURATION,
         Unit::Seconds,
         "Time to connect to a backend."
+    );
+    describe_histogram!(
+        CONTROL_EVENT,
+        Unit::Seconds,
+        "Time the control plane spent on one event (a command, a discovery update, a health \
+         transition, an ejection, a tick, a finished table build) and the publish it caused, \
+         on the runtime thread it shares with connections."
     );
     describe_counter!(CONFIG_RELOADS, "Configuration reloads, by result.");
     describe_gauge!(TABLE_GENERATION, "Generation of the routing table in use.");

@@ -22,6 +22,7 @@ pub const ACCEPT_EXHAUSTED: &str = "meshd_accept_exhausted_total";
 pub const FORWARDED_BYTES: &str = "meshd_forwarded_bytes_total";
 pub const PIPES_CREATED: &str = "meshd_pipes_created_total";
 pub const DISCOVERY_ERRORS: &str = "meshd_discovery_errors_total";
+pub const CONTROL_EVENT: &str = "meshd_control_event_seconds";
 pub const PANIC_CONNECTIONS: &str = "meshd_panic_connections_total";
 pub const EJECTIONS: &str = "meshd_ejections_total";
 pub const HEDGED_CONNECTS: &str = "meshd_hedged_connects_total";
