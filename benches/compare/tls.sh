@@ -267,12 +267,16 @@ if [[ -n "${PERF:-}" ]] && command -v perf >/dev/null; then
     wait "$prec" || true
     perf report -i "$WORK/perf-$1-hs.data" --no-children --percent-limit 1.5 --stdio 2>/dev/null \
       | grep -v '^$' | grep -E '^ +[0-9]' >"$OUT_DIR/tls-perf-$1-hs_full.txt" || true
+    perf report -i "$WORK/perf-$1-hs.data" --no-children --sort dso --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' >>"$OUT_DIR/tls-perf-$1-hs_full.txt" || true
     perf record -g -o "$WORK/perf-$1-bulk.data" -p "$2" -- sleep "$DUR" >/dev/null 2>&1 &
     prec=$!
     taskset -c "$LOAD_CPUS" "${WRK[@]}" -c"$BULK_CONNS" "https://127.0.0.1:$3/big" >/dev/null
     wait "$prec" || true
     perf report -i "$WORK/perf-$1-bulk.data" --no-children --percent-limit 1.5 --stdio 2>/dev/null \
       | grep -v '^$' | grep -E '^ +[0-9]' >"$OUT_DIR/tls-perf-$1-bulk_term.txt" || true
+    perf report -i "$WORK/perf-$1-bulk.data" --no-children --sort dso --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' >>"$OUT_DIR/tls-perf-$1-bulk_term.txt" || true
     say "perf: $OUT_DIR/tls-perf-$1-{hs_full,bulk_term}.txt"
   done
 fi
