@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import socket
 import ssl
 import statistics
@@ -153,10 +154,28 @@ def parse_wrk(text):
     return res
 
 
-def cmd_measure(out, rnd, workload, target, pid, argv):
+def cmd_measure(out, rnd, workload, target, pid, argv, timeout_s=600):
     pid = int(pid)
     c0, k0, w0 = proc_ticks(pid), core_times(), time.time()
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    # The load in its own process group: a signal to this helper (tls.sh's trap) or a
+    # timeout stops the client and every process it started.
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+
+    def stop(*_):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop()
+    p.stdout, p.stderr = stdout, stderr
     c1, k1, w1 = proc_ticks(pid), core_times(), time.time()
     if argv[0] == "wrk" or "wrk" in argv:
         res = parse_wrk(p.stdout)
@@ -268,7 +287,7 @@ def main():
         cmd_cipher(*a[1:3])
     elif a[0] == "measure":
         i = a.index("--")
-        cmd_measure(*a[1:6], a[i + 1:])
+        cmd_measure(*a[1:6], a[i + 1:], float(os.environ.get("MEASURE_TIMEOUT", "600")))
     elif a[0] == "quiet":
         cmd_quiet(*a[1:3])
     elif a[0] == "summary":

@@ -88,11 +88,18 @@ OUT="$OUT_DIR/tls.jsonl"
 WORK="$(mktemp -d /tmp/meshd-tls.XXXXXX)"
 SHM="$(mktemp -d /dev/shm/meshd-tls.XXXXXX)"
 PIDS=()
+MPID=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM HUP
+  if [[ -n "$MPID" ]]; then kill -TERM -- "-$MPID" 2>/dev/null || true; fi
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  sleep 0.5
+  for _ in $(seq 30); do  # meshd drains for up to drain_timeout (1 s)
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    (( alive )) || break
+    sleep 0.1
+  done
   for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   rm -rf "$SHM"
   if [[ -n "${KEEP_WORK:-}" || $rc -ne 0 ]]; then say "logs and configs: $WORK"; else rm -rf "$WORK"; fi
@@ -231,7 +238,11 @@ say "bulk check: $(curl -sk -o /dev/null -w '%{size_download} B via meshd_term, 
 measure() { # round workload target pid argv...
   local r="$1" w="$2" t="$3" pid="$4"; shift 4
   "$PY" "$HERE/tls.py" quiet "$QUIET_PCT" "$QUIET_WAIT"
-  "$PY" "$HERE/tls.py" measure "$OUT" "$r" "$w" "$t" "$pid" -- timeout $((DUR + 60)) taskset -c "$LOAD_CPUS" "$@"
+  # In its own process group, so that the trap stops the client too.
+  MEASURE_TIMEOUT=$((DUR + 60)) setsid "$PY" "$HERE/tls.py" measure "$OUT" "$r" "$w" "$t" "$pid" -- taskset -c "$LOAD_CPUS" "$@" &
+  MPID=$!
+  wait "$MPID"
+  MPID=""
 }
 WRK=(wrk -t1 -d"${DUR}s" --latency --timeout 5s)
 for r in $(seq "$ROUNDS"); do
