@@ -83,7 +83,9 @@ impl Nginx {
             ports.push((n.to_string(), a));
         }
         let conf = format!(
-            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+            // One process (no master): `Drop` kills it, and no orphaned worker outlives
+            // the test (with a master, SIGKILL left its worker running).
+            "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 256; }}\n\
              http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; \
              fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n{servers}}}\n"
