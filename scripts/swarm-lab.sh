@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # A real multi-node Docker Swarm on one machine, to try meshd across nodes (issue #17).
 #
-#   scripts/swarm-lab.sh up [--managers 3] [--image TAG]   # 3 nodes: this engine + 2 more
+#   scripts/swarm-lab.sh up [--managers 3] [--nodes N] [--image TAG]
+#                                     # 3 nodes: this engine + 2 more (--managers 3: 4 nodes,
+#                                     # nodes 1-3 managers and node 4 a worker)
 #   scripts/swarm-lab.sh status
 #   scripts/swarm-lab.sh demo         # meshd on every node, a labelled service on every node,
 #                                     # a client on a worker's meshd reaches every node
 #   scripts/swarm-lab.sh update       # a rolling update of the demo app under ab, through
 #                                     # the worker's meshd (bounded: 90 s of load at most)
+#   scripts/swarm-lab.sh phases       # scale down, start-first update, scale up, stop-first
+#                                     # update, rollback: each under ab through the last
+#                                     # node's meshd (a worker), errors counted per phase
 #   scripts/swarm-lab.sh partition    # node 2 cut off (link down) and back, under ab through
-#                                     # node 3's meshd (bounded: 100 s of load at most)
+#                                     # the last node's meshd (bounded: 100 s of load at most);
+#                                     # when every other node's meshd stopped routing to it
+#   scripts/swarm-lab.sh failover     # (--managers 3) the engine of the manager a worker's
+#                                     # meshd follows is stopped under load, then started again
 #   scripts/swarm-lab.sh locality     # mesh.locality=prefer_local / local_only on the demo
 #                                     # app: which node answers node 3's clients
 #   scripts/swarm-lab.sh overlay      # checks container-to-container traffic over VXLAN
@@ -186,14 +194,22 @@ up_failed() {
 }
 
 cmd_up() {
+  local nodes_arg=""
   while [ $# -gt 0 ]; do
     case $1 in
       --managers) MANAGERS=$2; shift 2 ;;
+      --nodes) nodes_arg=$2; shift 2 ;;
       --image) IMAGE=$2; shift 2 ;;
-      *) die "up: unknown argument $1 (up [--managers 1|3] [--image TAG])" ;;
+      *) die "up: unknown argument $1 (up [--managers 1|3] [--nodes N] [--image TAG])" ;;
     esac
   done
   case $MANAGERS in 1 | 3) ;; *) die "--managers: 1 or 3" ;; esac
+  # With three managers, a fourth node is a worker: its meshd follows a manager's (what
+  # `failover` shows). The /24 gives room for up to 9 nodes here.
+  [ "$MANAGERS" = 3 ] && NODES=4
+  NODES=${nodes_arg:-$NODES}
+  case $NODES in [2-9]) ;; *) die "--nodes: 2 to 9" ;; esac
+  [ "$NODES" -ge "$MANAGERS" ] || die "--nodes $NODES: fewer nodes than --managers $MANAGERS"
   need_root
   if [ -f "$STATE" ]; then
     log "already up (state in $STATE); \`$0 down\` first to start again"
@@ -234,12 +250,13 @@ cmd_up() {
   local wtok mtok
   wtok=$(docker swarm join-token -q worker)
   mtok=$(docker swarm join-token -q manager)
+  # nodes 2..MANAGERS join as managers, the others as workers
   for n in $(seq 2 "$NODES"); do
     local tok=$wtok
-    [ "$MANAGERS" = 3 ] && tok=$mtok
+    [ "$n" -le "$MANAGERS" ] && tok=$mtok
     dk "$n" swarm join --token "$tok" --advertise-addr "$(node_addr "$n")" "$(node_addr 1):2377" >/dev/null
   done
-  log "swarm: initialised on $(node_addr 1), $((NODES - 1)) joined as $([ "$MANAGERS" = 3 ] && echo managers || echo workers) ($(since "$t")s)"
+  log "swarm: initialised on $(node_addr 1), $((NODES - 1)) joined ($((MANAGERS - 1)) as managers, $((NODES - MANAGERS)) as workers) ($(since "$t")s)"
 
   t=$(now); load_image "$IMAGE"; log "image $IMAGE loaded on nodes 2-$NODES ($(since "$t")s)"
   # every node Ready
@@ -315,7 +332,11 @@ token_file = "/run/secrets/meshd_token"
 socket = "/run/meshd/upgrade.sock"
 
 [defaults.health]
-interval = "1s"
+# A cut-off node's tasks are out of every table at most (interval + 10% jitter + timeout)
+# x fall after the cut (a probe starts an interval after the previous one ended): 1.7 s
+# here, where Swarm itself marks the node Down after 11-14 s. See the partition step.
+interval = "500ms"
+timeout = "300ms"
 
 [discovery.docker]
 endpoint = "unix:///var/run/docker.sock"
@@ -390,92 +411,318 @@ demo_count() {
   fi
 }
 
-# === update: a rolling update of the demo app under load, through a worker's meshd ===
+# === load: ab in the background, one result line per step ===
 
-cmd_update() {
+# ab, a connection per request (-r: it goes on after a failed one), 10 clients, at most
+# $2 s, to node address $1; LOAD_PID is its pid.
+load_start() {
+  timeout $(($2 + 15)) ab -q -r -t "$2" -n 10000000 -c 10 -s 5 "http://$1:$PORT/" >"$3" 2>&1 &
+  LOAD_PID=$!
+}
+
+# ab prints its figures on SIGINT too
+load_stop() {
+  kill -INT "$LOAD_PID" 2>/dev/null || true
+  wait "$LOAD_PID" 2>/dev/null || true
+}
+
+# One line for the step, read by tests/cluster.rs:
+#   swarm-lab: result NAME: requests=N errors=E (connect C, receive R, exceptions X,
+#   non-2xx H) p99=Pms max=Mms EXTRA
+# ab counts an answer whose length differs from the first one's as failed ("Length"): the
+# task names differ in length, so those are not errors and not counted here. An ab that
+# ended before printing its figures is an error (its last line is shown).
+load_result() {
+  local name=$1 out=$2 extra=${3:-}
+  awk -v name="$name" -v extra="$extra" '
+    /^Complete requests:/ { req = $3; done = 1 }
+    /^ +\(Connect:/ {
+      gsub(/[(),]/, " ")
+      for (i = 1; i < NF; i++) {
+        if ($i == "Connect:") c = $(i + 1)
+        if ($i == "Receive:") r = $(i + 1)
+        if ($i == "Exceptions:") x = $(i + 1)
+      }
+    }
+    /^Non-2xx responses:/ { h = $3 }
+    /^ +99%/ { p99 = $2 }
+    /^ +100%/ { mx = $2 }
+    NF { last = $0 }
+    END {
+      if (!done) { printf "swarm-lab: result %s: requests=0 errors=1 (ab ended early: %s)%s\n", name, last, extra; exit }
+      printf "swarm-lab: result %s: requests=%d errors=%d (connect %d, receive %d, exceptions %d, non-2xx %d) p99=%sms max=%sms%s\n",
+        name, req, c + r + x + h, c, r, x, h, p99, mx, extra
+    }' "$out"
+}
+
+# The demo app's next version (v2, v3, ...) after the one its tasks answer with now.
+next_version() {
+  local ver
+  ver=$(docker service inspect ${PREFIX}_web -f '{{range .Spec.TaskTemplate.ContainerSpec.Env}}{{.}} {{end}}' | sed -n 's/.*MESHD_BACKEND_NAME=v\([0-9]*\)-.*/\1/p')
+  echo $((${ver:-1} + 1))
+}
+
+need_demo() {
   need_root
   [ -f "$STATE" ] || die "not up: run $0 up first"
   docker service inspect ${PREFIX}_web >/dev/null 2>&1 || die "no demo: run $0 demo first"
   command -v ab >/dev/null || die "needs ab (apache2-utils)"
   NODES=$(state_get nodes)
-  local target ver abpid t0 out
+  MANAGERS=$(state_get managers)
+}
+
+# phase NAME TIMEOUT COMMAND...: COMMAND under load through the last node's meshd, 2 s of
+# load before and after it; one result line.
+phase() {
+  local name=$1 to=$2 target t took out
+  shift 2
   target=$(node_addr "$NODES")
-  # v2, v3, ... : the next version after the one the tasks answer with now
-  ver=$(docker service inspect ${PREFIX}_web -f '{{range .Spec.TaskTemplate.ContainerSpec.Env}}{{.}} {{end}}' | sed -n 's/.*MESHD_BACKEND_NAME=v\([0-9]*\)-.*/\1/p')
-  ver=$(( ${ver:-1} + 1 ))
-  out=$RUN/ab-update.txt
-  log "ab -c 10 -r (a connection per request, at most 90 s) to $target:$PORT while ${PREFIX}_web is updated to v$ver (stop-first, one task at a time)"
-  timeout 100 ab -q -r -t 90 -n 10000000 -c 10 -s 5 "http://$target:$PORT/" >"$out" 2>&1 &
-  abpid=$!
-  sleep 3
-  t0=$(now)
-  # stop-first: with 2 tasks per node at most (--replicas-max-per-node), a start-first
-  # update cannot place its new task ("no suitable node (max replicas per node limit
-  # exceed)") and never ends.
-  if ! timeout 120 docker service update --quiet --detach=false --update-order stop-first \
-    --update-parallelism 1 --update-delay 1s \
-    --env-add "MESHD_BACKEND_NAME=v$ver-web{{.Task.Slot}}@{{.Node.Hostname}}" ${PREFIX}_web >/dev/null; then
-    kill -INT "$abpid" 2>/dev/null || true
+  out=$RUN/ab-$name.txt
+  load_start "$target" $((to + 10)) "$out"
+  sleep 2
+  t=$(now)
+  if ! timeout "$to" "$@" >/dev/null; then
+    load_stop
     docker service ps ${PREFIX}_web | head -20
-    die "the update did not complete within 120s"
+    die "phase $name: \`$*\` did not complete within ${to}s"
   fi
-  log "update done in $(since "$t0")s; 3 s more load"
-  sleep 3
-  kill -INT "$abpid" 2>/dev/null || true
-  wait "$abpid" 2>/dev/null || true
-  grep -E '^(Complete requests|Failed requests|   \(Connect|Non-2xx|Requests per second)' "$out" | sed 's/^/  /' || true
-  log "(Connect/Receive/Exceptions are errors; Length is only the names' lengths)"
+  took=$(since "$t")
+  sleep 2
+  load_stop
+  load_result "$name" "$out" " took=${took}s"
+}
+
+# === phases: what a service goes through, under load through a worker's meshd ===
+
+cmd_phases() {
+  need_demo
+  local full=$((2 * NODES)) half=$NODES ver
+  ver=$(next_version)
+  log "under ab -c 10 -r (a connection per request) to node $NODES's meshd ($(node_addr "$NODES"):$PORT), one step at a time:"
+  log "scale-down: ${PREFIX}_web $full -> $half tasks"
+  phase scale-down 120 docker service scale --detach=false "${PREFIX}_web=$half"
+  # start-first: the new task starts (and meshd admits it when healthy) before the old one
+  # stops; room for it because half the slots (2 per node) are free.
+  log "start-first: ${PREFIX}_web to v$ver, a task at a time, the new one started first"
+  phase start-first 180 docker service update --detach=false --update-order start-first \
+    --update-parallelism 1 --update-delay 1s \
+    --env-add "MESHD_BACKEND_NAME=v$ver-web{{.Task.Slot}}@{{.Node.Hostname}}" ${PREFIX}_web
+  log "scale-up: ${PREFIX}_web $half -> $full tasks"
+  phase scale-up 120 docker service scale --detach=false "${PREFIX}_web=$full"
+  log "stop-first: ${PREFIX}_web to v$((ver + 1)), a task at a time, the old one stopped first"
+  phase stop-first 240 docker service update --detach=false --update-order stop-first \
+    --update-parallelism 1 --update-delay 1s \
+    --env-add "MESHD_BACKEND_NAME=v$((ver + 1))-web{{.Task.Slot}}@{{.Node.Hostname}}" ${PREFIX}_web
+  log "rollback: ${PREFIX}_web back to v$ver (docker service rollback)"
+  phase rollback 240 docker service rollback --detach=false ${PREFIX}_web
   log "answers now:"
-  for _ in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; done | sort | uniq -c | sed 's/^/  /'
+  local target
+  target=$(node_addr "$NODES")
+  for _ in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; echo; done |
+    grep -v '^$' | sort | uniq -c | sed 's/^/  /'
+}
+
+# === update: a rolling update of the demo app under load, through a worker's meshd ===
+
+cmd_update() {
+  need_demo
+  local ver
+  ver=$(next_version)
+  log "ab -c 10 -r (a connection per request) to node $NODES's meshd while ${PREFIX}_web is updated to v$ver (stop-first, one task at a time)"
+  # stop-first: with 2 tasks per node at most (--replicas-max-per-node), a start-first
+  # update of all 2 x NODES tasks cannot place its new task ("no suitable node (max
+  # replicas per node limit exceed)") and never ends; `phases` runs one at half the tasks.
+  phase update 120 docker service update --detach=false --update-order stop-first \
+    --update-parallelism 1 --update-delay 1s \
+    --env-add "MESHD_BACKEND_NAME=v$ver-web{{.Task.Slot}}@{{.Node.Hostname}}" ${PREFIX}_web
+  log "answers now:"
+  local target
+  target=$(node_addr "$NODES")
+  for _ in $(seq 1 $((8 * NODES))); do curl -s -m 2 "http://$target:$PORT/" || echo FAILED; echo; done |
+    grep -v '^$' | sort | uniq -c | sed 's/^/  /'
+}
+
+# === watching the tables: which meshd still routes to a node's tasks ===
+
+# watch_routed MODE PREFIX T0 LIMIT ADDR...: polls /api/v1/services of each ADDR's meshd
+# every 50 ms and prints "ADDR SECONDS" (seconds since the epoch time T0) when it routes
+# to no backend whose address starts with PREFIX (MODE gone), or to at least one (MODE
+# back); "ADDR never" if not within LIMIT s. Routed: active, not down, not ejected.
+watch_routed() {
+  python3 - "$@" <<'EOF'
+import json, sys, time, urllib.request
+mode, prefix, t0, limit = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+left = list(sys.argv[5:])
+while left and time.time() - t0 < limit:
+    for addr in list(left):
+        try:
+            with urllib.request.urlopen(f"http://{addr}/api/v1/services", timeout=1) as r:
+                d = json.load(r)
+        except Exception:
+            continue
+        n = sum(1 for s in d["services"] for b in s["backends"]
+                if b["addr"].startswith(prefix) and b["state"] == "active"
+                and b["health"] != "down" and not b["ejected"])
+        if (n == 0) == (mode == "gone"):
+            print(f"{addr} {time.time() - t0:.2f}", flush=True)
+            left.remove(addr)
+    time.sleep(0.05)
+for addr in left:
+    print(f"{addr} never", flush=True)
+EOF
+}
+
+# The manager whose feed node N's meshd follows ("-": none, it reads its own engine).
+following() {
+  curl -s -m 2 "http://$(node_addr "$1"):$ADMIN/api/v1/services" |
+    python3 -c 'import json, sys; print((json.load(sys.stdin).get("docker") or {}).get("following") or "-")' 2>/dev/null || echo "?"
+}
+
+# The web tasks running on node N, by Swarm's account.
+tasks_on() {
+  docker service ps ${PREFIX}_web -f desired-state=running --format '{{.Node}} {{.CurrentState}}' | grep -c "^$1 Running" || true
 }
 
 # === partition: node 2 cut off and back, under load through the last node's meshd ===
 
 cmd_partition() {
-  need_root
-  [ -f "$STATE" ] || die "not up: run $0 up first"
-  docker service inspect ${PREFIX}_web >/dev/null 2>&1 || die "no demo: run $0 demo first"
-  command -v ab >/dev/null || die "needs ab (apache2-utils)"
-  NODES=$(state_get nodes)
-  local cut=2 target abpid t0 out end host
+  need_demo
+  local cut=2 target t0 out end host n gone back others=()
   target=$(node_addr "$NODES")
   host=lab-node$cut
   out=$RUN/ab-partition.txt
+  for n in $(seq 1 "$NODES"); do [ "$n" = "$cut" ] || others+=("$(node_addr "$n"):$ADMIN"); done
   # the link comes back whatever happens
   trap 'ip -n "$(node_ns '"$cut"')" link set eth0 up 2>/dev/null || true' EXIT
-  log "ab -c 10 -r (a connection per request, at most 100 s) to $target:$PORT; node $cut ($host) cut off, then back"
-  timeout 110 ab -q -r -t 100 -n 10000000 -c 10 -s 5 "http://$target:$PORT/" >"$out" 2>&1 &
-  abpid=$!
+  log "ab -c 10 -r (a connection per request, at most 100 s) to node $NODES's meshd ($target:$PORT); node $cut ($host) cut off, then back"
+  load_start "$target" 100 "$out"
   sleep 3
-  t0=$(now)
   ip -n "$(node_ns "$cut")" link set eth0 down
+  t0=$(now)
   log "node $cut: link down"
+  # every other node's meshd: when it stops routing to node $cut's tasks
+  watch_routed gone "$(node_addr "$cut"):" "$t0" 30 "${others[@]}" >"$RUN/cut-gone.txt" &
+  local watch=$!
   end=$((SECONDS + 60))
   until docker node ls --format '{{.Hostname}} {{.Status}}' | grep -q "^$host Down$"; do
-    [ $SECONDS -lt $end ] || { kill -INT "$abpid" 2>/dev/null; die "Swarm did not mark $host Down within 60s"; }
+    [ $SECONDS -lt $end ] || { load_stop; die "Swarm did not mark $host Down within 60s"; }
     sleep 0.2
   done
-  log "Swarm: $host Down after $(since "$t0")s; its tasks: $(docker service ps ${PREFIX}_web -f desired-state=running --format '{{.Node}}' | sort | uniq -c | awk '{printf "%s%s:%s", (NR>1?" ":""), ($2==""?"pending":$2), $1}')"
+  local down
+  down=$(since "$t0")
+  wait "$watch" || true
+  gone=$(awk '{ printf "%s%s %s", (NR > 1 ? " " : ""), $1, $2 }' "$RUN/cut-gone.txt")
+  log "Swarm: $host Down after ${down}s; its tasks out of every other node's meshd table after (s): $gone"
+  log "result cut: out-of-tables=$(awk '$2 == "never" { n = 1 } $2 > m { m = $2 } END { print (n ? "never" : m "s") }' "$RUN/cut-gone.txt") (the slowest node; each: $gone) swarm-down=${down}s"
   sleep 10
-  t0=$(now)
   ip -n "$(node_ns "$cut")" link set eth0 up
+  t0=$(now)
   log "node $cut: link up again"
+  watch_routed back "$(node_addr "$cut"):" "$t0" 90 "${others[@]}" >"$RUN/cut-back.txt" &
+  watch=$!
   end=$((SECONDS + 90))
-  until [ "$(docker service ps ${PREFIX}_web -f desired-state=running --format '{{.Node}} {{.CurrentState}}' | grep -c "^$host Running")" -ge 2 ]; do
-    [ $SECONDS -lt $end ] || { kill -INT "$abpid" 2>/dev/null; die "no task running on $host again within 90s"; }
+  until [ "$(tasks_on "$host")" -ge 2 ]; do
+    [ $SECONDS -lt $end ] || { load_stop; die "no task running on $host again within 90s"; }
     sleep 0.2
   done
-  log "tasks running on $host again after $(since "$t0")s; 5 s more load"
+  local running
+  running=$(since "$t0")
+  wait "$watch" || true
+  back=$(awk '{ printf "%s%s %s", (NR > 1 ? " " : ""), $1, $2 }' "$RUN/cut-back.txt")
+  log "result rejoin: tasks-running=${running}s routed-again ($back)"
   sleep 5
-  kill -INT "$abpid" 2>/dev/null || true
-  wait "$abpid" 2>/dev/null || true
-  grep -E '^(Complete requests|   \(Connect|Non-2xx|Requests per second| +(99|100)%)' "$out" | sed 's/^/  /' || true
-  log "(Connect/Receive/Exceptions are errors; Length is only the names' lengths; 99% and 100%: the slowest requests, in ms)"
+  load_stop
+  load_result partition "$out"
+  log "(99% and 100%: the slowest requests, in ms)"
   local cid
   cid=$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_meshd" | head -1)
   log "node $NODES's meshd log:"
   [ -n "$cid" ] && dk "$NODES" logs "$cid" 2>&1 | grep -E 'backend (up|down)|endpoint\(s\)' | tail -8 | cut -c1-200
   trap - EXIT
+  return 0
+}
+
+# === failover: a worker's meshd follows another manager when its manager's engine stops ===
+
+# Needs `up --managers 3`. The last node (a worker) follows one of the managers' meshd.
+# The manager it follows must be node 2 or 3 (the lab cannot stop node 1, this machine's
+# engine): while it follows node 1, its meshd container is killed and Swarm restarts it,
+# which picks a manager at random again (at most 8 times, before any load).
+cmd_failover() {
+  need_demo
+  [ "$MANAGERS" = 3 ] || die "failover needs three managers: $0 down; $0 up --managers 3; $0 demo"
+  local w=$NODES f m="" n tries=0 cid end t0 target out
+  target=$(node_addr "$w")
+  while :; do
+    end=$((SECONDS + 30))
+    f=$(following "$w")
+    until [ "$f" != "?" ] && [ "$f" != "-" ]; do
+      [ $SECONDS -lt $end ] || die "node $w's meshd follows no manager after 30 s ($f)"
+      sleep 0.5
+      f=$(following "$w")
+    done
+    for n in 2 3; do [ "$f" = "$(node_addr "$n"):$ADMIN" ] && m=$n; done
+    [ -n "$m" ] && break
+    tries=$((tries + 1))
+    [ $tries -le 8 ] || die "node $w's meshd still follows $f after 8 restarts"
+    log "node $w's meshd follows $f (node 1, which the lab does not stop): restarting it"
+    cid=$(dk "$w" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_meshd" | head -1)
+    [ -n "$cid" ] && dk "$w" kill "$cid" >/dev/null
+    sleep 2
+  done
+  log "node $w's meshd (a worker) follows node $m's meshd ($f)"
+  # every web task answers through the worker first
+  local want=$((2 * NODES)) seen
+  end=$((SECONDS + 60))
+  until [ "$(for _ in $(seq 1 $((8 * want))); do curl -s -m 2 "http://$target:$PORT/" || true; echo; done | grep -v '^$' | sort -u | wc -l)" -ge "$want" ]; do
+    [ $SECONDS -lt $end ] || die "not all $want tasks answer through node $w within 60 s"
+    sleep 1
+  done
+  out=$RUN/ab-failover.txt
+  log "ab -c 10 -r (a connection per request, at most 120 s) to node $w's meshd ($target:$PORT); node $m's engine stopped, then started again"
+  load_start "$target" 120 "$out"
+  sleep 3
+  local pid
+  pid=$(cat "$RUN/node$m/dockerd.pid")
+  t0=$(now)
+  kill -TERM "$pid"
+  log "node $m: dockerd (pid $pid) sent SIGTERM: its containers stop (its meshd and web tasks with it)"
+  watch_routed gone "$(node_addr "$m"):" "$t0" 60 "$target:$ADMIN" >"$RUN/failover-gone.txt" &
+  local watch=$!
+  end=$((SECONDS + 60))
+  f=$(following "$w")
+  until [ "$f" != "$(node_addr "$m"):$ADMIN" ] && [ "$f" != "-" ] && [ "$f" != "?" ]; do
+    [ $SECONDS -lt $end ] || { load_stop; die "node $w's meshd still follows $f 60 s after node $m's engine stopped"; }
+    sleep 0.1
+    f=$(following "$w")
+  done
+  local moved
+  moved=$(since "$t0")
+  end=$((SECONDS + 60))
+  while kill -0 "$pid" 2>/dev/null; do
+    [ $SECONDS -lt $end ] || { log "dockerd of node $m still runs after 60 s: SIGKILL"; kill -KILL "$pid"; }
+    sleep 0.2
+  done
+  local stopped
+  stopped=$(since "$t0")
+  wait "$watch" || true
+  log "result failover-move: follows=$f after=${moved}s (node $m's tasks out of node $w's table after $(awk '{ print $2 }' "$RUN/failover-gone.txt")s; its dockerd exited after ${stopped}s)"
+  sleep 5
+  log "node $m: starting its engine again"
+  t0=$(now)
+  start_engine "$m"
+  end=$((SECONDS + 90))
+  until [ "$(tasks_on "lab-node$m")" -ge 1 ]; do
+    [ $SECONDS -lt $end ] || { load_stop; die "no web task running on node $m again within 90 s"; }
+    sleep 0.2
+  done
+  log "node $m runs web tasks again after $(since "$t0")s; 5 s more load"
+  sleep 5
+  load_stop
+  load_result failover "$out"
+  log "node $w's meshd log:"
+  cid=$(dk "$w" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_meshd" | head -1)
+  [ -n "$cid" ] && dk "$w" logs "$cid" 2>&1 | grep -E 'manager|following' | tail -6 | cut -c1-220
   return 0
 }
 
@@ -583,12 +830,19 @@ cmd_down() {
 
 # === locality: which node answers a worker's clients, per mesh.locality ===
 
-# `total` requests (a connection each) to `target`: prints "N node" per answering node,
-# then "F failed".
+# `total` requests (a connection each) to `target`: prints "N node" per answering node
+# ("N failed" for failed ones), then the step's result line, read by tests/cluster.rs:
+#   swarm-lab: result locality-STEP: lab-node3=200 failed=0
 by_node() {
-  local target=$1 total=$2
-  for _ in $(seq 1 "$total"); do curl -s -m 2 "http://$target:$PORT/" || echo "FAILED@failed"; echo; done |
-    grep -v '^$' | sed 's/.*@//' | sort | uniq -c | sed 's/^/  /'
+  local step=$1 target=$2 total=$3 counts
+  counts=$(for _ in $(seq 1 "$total"); do curl -s -m 2 "http://$target:$PORT/" || echo "FAILED@failed"; echo; done |
+    grep -v '^$' | sed 's/.*@//' | sort | uniq -c)
+  # shellcheck disable=SC2001 # every line's leading blanks
+  echo "$counts" | sed 's/^ */  /'
+  echo "$counts" | awk -v step="$step" '
+    $2 == "failed" { f = $1; next }
+    { line = line " " $2 "=" $1 }
+    END { printf "swarm-lab: result locality-%s:%s failed=%d\n", step, line, f }'
 }
 
 # Waits until node N's meshd has applied the label (its admin API shows the locality).
@@ -609,21 +863,21 @@ cmd_locality() {
   target=$(node_addr "$NODES")
   host=$(dk "$NODES" info -f '{{.Name}}')
   log "any (the default): 200 requests to node $NODES's meshd ($target:$PORT), by answering node:"
-  by_node "$target" 200
+  by_node any "$target" 200
   t0=$(now)
   docker service update --quiet --detach --label-add mesh.locality=prefer_local ${PREFIX}_web >/dev/null
   wait_locality "$target" prefer_local
   log "prefer_local, applied by node $NODES's meshd $(since "$t0")s after the label; 200 requests:"
-  by_node "$target" 200
+  by_node prefer_local "$target" 200
   # One of node N's two tasks killed: half of its tasks are healthy, which is not fewer
   # than half: still local. Then the other: every node's tasks (Swarm restarts them).
   cids=$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_web")
   log "node $NODES ($host) runs $(echo "$cids" | wc -w) tasks; killing one, then 200 requests at once:"
   dk "$NODES" kill "$(echo "$cids" | head -1)" >/dev/null
-  by_node "$target" 200
+  by_node prefer_local-half "$target" 200
   log "killing the other one too, then 200 requests at once:"
   dk "$NODES" kill "$(echo "$cids" | sed -n 2p)" >/dev/null
-  by_node "$target" 200
+  by_node prefer_local-none "$target" 200
   log "waiting for Swarm to restart node $NODES's tasks (at most 60 s)"
   local end=$((SECONDS + 60))
   until [ "$(dk "$NODES" ps -q -f "label=com.docker.swarm.service.name=${PREFIX}_web" | wc -l)" -ge 2 ]; do
@@ -632,11 +886,11 @@ cmd_locality() {
   done
   sleep 3
   log "back: 200 requests:"
-  by_node "$target" 200
+  by_node prefer_local-back "$target" 200
   docker service update --quiet --detach --label-add mesh.locality=local_only ${PREFIX}_web >/dev/null
   wait_locality "$target" local_only
   log "local_only: 200 requests:"
-  by_node "$target" 200
+  by_node local_only "$target" 200
   docker service update --quiet --detach --label-rm mesh.locality ${PREFIX}_web >/dev/null
   wait_locality "$target" any
   log "label removed (any again)"
@@ -650,6 +904,8 @@ case ${1:-} in
   update) cmd_update ;;
   overlay) cmd_overlay ;;
   partition) cmd_partition ;;
+  phases) cmd_phases ;;
+  failover) cmd_failover ;;
   locality) cmd_locality ;;
-  *) echo "usage: $0 up [--managers 1|3] [--image TAG] | status | demo | update | partition | locality | overlay | down" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--managers 1|3] [--nodes N] [--image TAG] | status | demo | update | phases | partition | failover | locality | overlay | down" >&2; exit 2 ;;
 esac
