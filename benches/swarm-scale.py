@@ -225,19 +225,24 @@ def control_cols(before, after):
     held the runtime thread over 5 ms, and the bucket of the slowest."""
     total = over5 = 0
     slowest = 0.0
-    for ev, buckets in after.items():
+    which = []  # the kinds of event over 5 ms, with how many
+    for ev, buckets in sorted(after.items()):
         prev = before.get(ev, {})
         les = sorted(buckets)
         d = {le: buckets[le] - prev.get(le, 0.0) for le in les}
         total += d[les[-1]]
-        over5 += d[les[-1]] - max((d[le] for le in les if le <= 0.005), default=0.0)
+        over = d[les[-1]] - max((d[le] for le in les if le <= 0.005), default=0.0)
+        over5 += over
+        if over:
+            which.append(f"{ev} {over:.0f}")
         below = 0.0
         for le in les:
             if d[le] > below:
                 slowest = max(slowest, le)
             below = d[le]
     top = "> 1 s" if slowest == float("inf") else f"<= {slowest * 1000:g} ms"
-    return f"{total:.0f} | {over5:.0f} | {top}"
+    kinds = f" ({', '.join(which)})" if which else ""
+    return f"{total:.0f} | {over5:.0f}{kinds} | {top}"
 
 
 def wait(what, f, timeout=TIMEOUT):

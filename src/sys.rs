@@ -1,5 +1,5 @@
 //! Process set-up that talks to the OS directly: the crate's `unsafe` system calls outside
-//! the data plane (getrlimit, setrlimit, kill, ioctl), each with a `// SAFETY:` comment.
+//! the data plane (getrlimit, setrlimit, kill, ioctl, setpriority), each with a `// SAFETY:` comment.
 #![allow(unsafe_code)]
 
 /// The soft open-files limit meshd asks for. Docker sets the hard limit near 10^9; nothing
@@ -251,5 +251,91 @@ fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
             )))
         }
         _ => None,
+    }
+}
+
+/// The nice value of the threads that do the control plane's bulk work (see
+/// [`spawn_background`]).
+pub const BACKGROUND_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], once per thread (on
+/// Linux a nice value belongs to a thread, not the process). Best effort: a failure only
+/// leaves the thread at normal priority.
+pub fn background_thread() {
+    thread_local! {
+        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    LOWERED.with(|l| {
+        if !l.replace(true) {
+            // SAFETY: gettid and setpriority take plain integers and touch no memory of
+            // ours; PRIO_PROCESS with a thread ID changes only that thread.
+            let r = unsafe {
+                let tid = libc::gettid();
+                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE)
+            };
+            if r != 0 {
+                tracing::debug!(
+                    "cannot lower a background thread's priority: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    });
+}
+
+/// `spawn_blocking` for the control plane's bulk work (decoding a 15 MB `/tasks`
+/// answer, comparing 10,000 tasks, building a table, freeing the old one), on a thread at
+/// nice [`BACKGROUND_NICE`]. On a small machine that work shares the cores with the
+/// runtime thread that moves bytes: at normal priority a connection arriving while it ran
+/// waited for a core (benches/swarm-scale.py, docs/BENCHMARKS.md). A nice thread still
+/// gets the CPU nobody else wants, and a share under contention (unlike SCHED_IDLE, which
+/// a busy data plane could starve for good). tokio's blocking pool reuses threads, so a
+/// thread lowered here stays lowered for the pool's other work (file reads at a reload, the
+/// upgrade hand-off): none of it is latency-bound.
+pub fn spawn_background<T, F>(f: F) -> tokio::task::JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        background_thread();
+        f()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calling thread's nice value (per thread on Linux).
+    fn thread_nice() -> libc::c_int {
+        // SAFETY: plain integers in, an integer out.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn background_jobs_run_at_a_lower_priority_and_the_runtime_thread_does_not() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let before = thread_nice();
+        let (bg, again) = rt.block_on(async {
+            let bg = spawn_background(thread_nice).await.expect("the job ran");
+            // The same pool thread, lowered already: still nice.
+            let again = spawn_background(thread_nice).await.expect("the job ran");
+            (bg, again)
+        });
+        // Nice 10; only if the tests run at a nicer value already and without
+        // CAP_SYS_NICE (raising a thread's priority back needs it) may it stay there.
+        assert!(
+            bg == BACKGROUND_NICE || (before > BACKGROUND_NICE && bg == before),
+            "a background job ran at nice {bg} (the test thread: {before})"
+        );
+        assert_eq!(again, bg);
+        assert_eq!(
+            thread_nice(),
+            before,
+            "the calling thread keeps its priority"
+        );
     }
 }

@@ -772,7 +772,10 @@ impl Control {
         let old = std::mem::replace(&mut slot.1, services);
         // 1,000 services' worth of memory is freed off the runtime thread too.
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(move || drop(old))),
+            Ok(rt) => drop(rt.spawn_blocking(move || {
+                crate::sys::background_thread();
+                drop(old)
+            })),
             Err(_) => drop(old),
         }
     }

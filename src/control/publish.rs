@@ -128,7 +128,7 @@ impl Control {
             self.publish_built(plan.finish());
             return None;
         }
-        Some(tokio::task::spawn_blocking(move || plan.finish()))
+        Some(crate::sys::spawn_background(move || plan.finish()))
     }
 
     /// Stores a status snapshot with the counters as they are now and the published

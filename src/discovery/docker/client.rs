@@ -198,7 +198,7 @@ impl Client {
         // decoded on a blocking thread: on the runtime thread it held up every connection
         // for that long (benches/swarm-scale.py). A small one is not worth the hop.
         let decoded = if body.len() > DECODE_INLINE_MAX {
-            tokio::task::spawn_blocking(move || serde_json::from_slice::<T>(&body))
+            crate::sys::spawn_background(move || serde_json::from_slice::<T>(&body))
                 .await
                 .map_err(|e| ApiError::Decode {
                     path: shown(path),

@@ -471,7 +471,7 @@ impl Provider {
                 changes,
             }
         };
-        let o = match tokio::task::spawn_blocking(job).await {
+        let o = match crate::sys::spawn_background(job).await {
             Ok(o) => o,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => {
@@ -517,7 +517,7 @@ impl Provider {
         }
         if let Some(list) = replaced {
             // Freeing 10,000 backends is not free either.
-            tokio::task::spawn_blocking(move || drop(list));
+            crate::sys::spawn_background(move || drop(list));
         }
         fast
     }
