@@ -11,7 +11,7 @@ CHURN (a fraction) of the tasks between polls. Measures, on loopback, bounded in
   holds the GIL while it renders an answer);
 - the control loop's own events during each phase, from meshd's
   `meshd_control_event_seconds` histogram: how many, how many held the runtime thread over
-  5 ms, and the bucket of the slowest;
+  5 ms (and of which kind), the bucket of the slowest, and the mean `tick` (every 250 ms);
 - how many polls the fake engine answered (GET /tasks) and how long after a change meshd's
   status showed it (one sampled task per round).
 
@@ -211,6 +211,12 @@ def control_events(admin):
     """meshd_control_event_seconds from /metrics: {event: {le: cumulative count}}."""
     out = {}
     for line in get(admin, "/metrics", timeout=30).decode().splitlines():
+        for part in ("sum", "count"):
+            head = f"meshd_control_event_seconds_{part}{{"
+            if line.startswith(head):
+                labels, value = line[len(head) :].rsplit("} ", 1)
+                ev = dict(p.split("=", 1) for p in labels.split(","))["event"].strip('"')
+                out.setdefault("_" + part, {})[ev] = float(value)
         if not line.startswith("meshd_control_event_seconds_bucket{"):
             continue
         labels, value = line[len("meshd_control_event_seconds_bucket{") :].rsplit("} ", 1)
@@ -227,6 +233,8 @@ def control_cols(before, after):
     slowest = 0.0
     which = []  # the kinds of event over 5 ms, with how many
     for ev, buckets in sorted(after.items()):
+        if ev.startswith("_"):
+            continue
         prev = before.get(ev, {})
         les = sorted(buckets)
         d = {le: buckets[le] - prev.get(le, 0.0) for le in les}
@@ -242,7 +250,11 @@ def control_cols(before, after):
             below = d[le]
     top = "> 1 s" if slowest == float("inf") else f"<= {slowest * 1000:g} ms"
     kinds = f" ({', '.join(which)})" if which else ""
-    return f"{total:.0f} | {over5:.0f}{kinds} | {top}"
+    # the mean `tick` (every 250 ms: the walk over the services with something pending)
+    ticks = after.get("_count", {}).get("tick", 0) - before.get("_count", {}).get("tick", 0)
+    spent = after.get("_sum", {}).get("tick", 0) - before.get("_sum", {}).get("tick", 0)
+    tick = f"{spent / ticks * 1e6:.0f} µs" if ticks else "-"
+    return f"{total:.0f} | {over5:.0f}{kinds} | {top} | {tick}"
 
 
 def wait(what, f, timeout=TIMEOUT):
@@ -423,9 +435,9 @@ def main():
         )
         print(
             "| phase | polls | meshd CPU | CPU per poll | requests to echo | failed | p50 ms | p99 ms"
-            " | max ms | control events | over 5 ms | slowest |"
+            " | max ms | control events | over 5 ms | slowest | mean tick |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, polls, cpu, dt, res, ctl in rows:
             cpu_ms = cpu * 1000 / TICK
             per = f"{cpu_ms / polls:.1f} ms" if polls and res is None else "(with traffic)"

@@ -607,6 +607,27 @@ pub fn tick(
     fx
 }
 
+/// Whether `tick` has anything to do for these backends at `now` or later: a drain to end,
+/// a spared ejection's streak or an ejection's back-off to watch, a slow start still
+/// ramping (the same test as `tick`'s, which only ever turns false as time passes). A
+/// service without any is left out of the ticks until one of its backends changes.
+pub fn tick_pending(
+    backends: &[BackendEntry],
+    cfg: &ServiceConfig,
+    tick: Duration,
+    now: Instant,
+) -> bool {
+    backends.iter().any(|b| {
+        b.drain.is_some()
+            || b.ejected_until.is_some()
+            || b.backend.is_eject_spared()
+            || b.up_since.is_some_and(|up| {
+                !cfg.slow_start.is_zero()
+                    && now.saturating_duration_since(up) <= cfg.slow_start + tick
+            })
+    })
+}
+
 /// The `sources` column of the status API.
 pub fn sources_label(bits: u8) -> &'static str {
     match bits {

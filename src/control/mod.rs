@@ -113,10 +113,24 @@ struct ServiceEntry {
     removed: bool,
     /// Needs a new `ServiceTable`.
     dirty: bool,
+    /// Has something for `tick` (every 250 ms) to do: a draining backend, an ejection or a
+    /// spared ejection to end, a slow start. Set with `dirty` (every change to a
+    /// backend's state makes its service dirty) and by an ejection report; cleared by a
+    /// tick that finds nothing left, so a tick walks only such services, not all 10,000
+    /// backends of a large swarm.
+    tick: bool,
     table: Option<Arc<ServiceTable>>,
     /// Its entry in the last published status, reused while it is not dirty; cleared
     /// where what it shows changes without a new table (listeners: `reconcile`).
     status: Option<Arc<status::ServiceStatus>>,
+}
+
+impl ServiceEntry {
+    /// Its backends changed: a new table, and a look at the next tick.
+    fn touch(&mut self) {
+        self.dirty = true;
+        self.tick = true;
+    }
 }
 
 /// A listen address shared by `[service.tls]` services: owned by none of them (services
@@ -588,7 +602,7 @@ impl Control {
         for &i in &diff.remove {
             let s = &mut self.services[i];
             s.removed = true;
-            s.dirty = true;
+            s.touch();
             for (_, _, stop) in s.listeners.drain(..) {
                 stop.close();
             }
@@ -640,7 +654,7 @@ impl Control {
             let health_changed = self.services[idx].config.health != cfg.health;
             if *self.services[idx].config != *cfg {
                 self.services[idx].config = Arc::new(cfg.clone());
-                self.services[idx].dirty = true;
+                self.services[idx].touch();
             }
             self.services[idx]
                 .state
@@ -747,7 +761,7 @@ impl Control {
             let health_changed = self.services[idx].config.health != cfg.health;
             if *self.services[idx].config != *cfg {
                 self.services[idx].config = Arc::new(cfg.clone());
-                self.services[idx].dirty = true;
+                self.services[idx].touch();
             }
             let wanted = reconcile::endpoints_of(&cfg.backends);
             let s = &mut self.services[idx];
@@ -861,6 +875,7 @@ impl Control {
             backends: Vec::new(),
             removed: false,
             dirty: true,
+            tick: true,
             table: None,
             status: None,
         });
@@ -988,7 +1003,9 @@ impl Control {
     /// checkers.
     fn effects(&mut self, idx: usize, fx: Effects) {
         let s = &mut self.services[idx];
-        s.dirty |= fx.dirty;
+        if fx.dirty {
+            s.touch();
+        }
         for i in fx.start_checkers {
             if let Some(b) = s.backends.get_mut(i) {
                 spawn_checker(b, &s.config, &self.health_tx);
@@ -1028,7 +1045,7 @@ impl Control {
             }
             Health::Unknown => {}
         }
-        s.dirty = true;
+        s.touch();
     }
 
     /// A backend ejected by passive outlier detection (or spared: see
@@ -1046,6 +1063,8 @@ impl Control {
             Instant::now(),
             health::now_ms(),
         );
+        // A spared ejection is not dirty, but its end is the tick's to see.
+        s.tick = true;
         self.effects(si, fx);
     }
 
@@ -1083,10 +1102,13 @@ impl Control {
 
     fn tick(&mut self) {
         let now = Instant::now();
-        for s in &mut self.services {
+        // Only services with something pending: the others' backends would all be
+        // walked for nothing (10,000 of them, every 250 ms, in a large swarm).
+        for s in self.services.iter_mut().filter(|s| s.tick) {
             let fx = lifecycle::tick(&s.state.name, &mut s.backends, &s.config, TICK, now);
             debug_assert!(fx.start_checkers.is_empty());
             s.dirty |= fx.dirty;
+            s.tick = lifecycle::tick_pending(&s.backends, &s.config, TICK, now);
         }
         // Services removed from the config whose backends have all drained.
         let mut k = 0;
@@ -1105,7 +1127,7 @@ impl Control {
     fn mark_all_dirty(&mut self) {
         self.force_publish = true;
         for s in &mut self.services {
-            s.dirty = true;
+            s.touch();
         }
     }
 }
@@ -1347,6 +1369,63 @@ mod tests {
             .iter_mut()
             .for_each(|s| s.removed |= &*s.state.name == "web");
         assert!(delta.plan_in_place(Source::Docker, &gone, &[0]).is_none());
+    }
+
+    #[tokio::test]
+    async fn ticks_walk_only_services_with_something_pending() {
+        let mut c = control();
+        let steady = |c: &Control, task: Option<&str>| {
+            let mut s = swarm_service(c, task);
+            s.slow_start = Duration::ZERO;
+            s
+        };
+        c.provided(Source::Docker, vec![steady(&c, Some("task-a"))]);
+        assert!(
+            c.services[0].tick,
+            "a changed service is looked at by the next tick"
+        );
+        c.tick();
+        assert!(
+            !c.services[0].tick,
+            "nothing pending: left out of the ticks"
+        );
+
+        // Task a stops: its backend drains, which the ticks must finish.
+        c.provided(Source::Docker, vec![steady(&c, None)]);
+        let a = c.services[0]
+            .backends
+            .iter()
+            .find(|b| b.backend.addr_label.as_ref() == "10.0.1.5:80")
+            .map(|b| b.backend.clone())
+            .expect("task a's backend");
+        assert_eq!(a.state(), State::Draining);
+        assert!(c.services[0].tick);
+        c.tick();
+        assert_eq!(
+            a.state(),
+            State::Gone,
+            "no connection left: drained at the tick"
+        );
+        assert_eq!(c.services[0].backends.len(), 1);
+        assert!(!c.services[0].tick);
+
+        // An ejection report (here a spared one: the connection path would not eject the
+        // last usable backend, marked it spared and reported it) is watched by the ticks
+        // until its failure streak ends.
+        let z = c.services[0].backends[0].backend.clone();
+        z.consecutive_failures.store(5, Ordering::Relaxed);
+        assert!(z.mark_eject_spared());
+        c.eject(&z);
+        assert!(c.services[0].tick);
+        c.tick();
+        assert!(c.services[0].tick, "the streak goes on: still pending");
+        z.consecutive_failures.store(0, Ordering::Relaxed);
+        c.tick();
+        assert!(
+            !z.is_eject_spared(),
+            "the streak ended: cleared by the tick"
+        );
+        assert!(!c.services[0].tick);
     }
 
     #[test]
