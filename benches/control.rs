@@ -9,6 +9,9 @@
 //!   provider sends when the services stayed the same): its cost should not grow with the
 //!   services that did not change.
 //!
+//! And `health_transition`: one backend's health check failing or passing, applied and
+//! published, at the same sizes (finding the backend is the part that could grow).
+//!
 //! `cargo bench --bench control`
 
 use std::net::SocketAddr;
@@ -124,5 +127,48 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// A health transition (a task's check failing, then passing again) at 100 / 1,000 /
+/// 5,000 services of TASKS tasks: finding the backend, recording it, publishing the
+/// generation. Finding it should not grow with the other services' backends.
+fn health(c: &mut Criterion) {
+    let config = Config::parse(std::path::Path::new("bench.toml"), "[discovery.docker]\n")
+        .expect("a valid config");
+    let mut group = c.benchmark_group("health_transition");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(5));
+    for n in [100usize, 1_000, 5_000] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let _guard = rt.enter();
+        let listen: Vec<SocketAddr> = (0..n)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+                l.local_addr().expect("its address")
+            })
+            .collect();
+        let mut ctl = control(&config);
+        rt.block_on(ctl.apply_timed(Update::Services(
+            Provider::Docker,
+            services(&config.defaults, &listen, 0),
+        )));
+        // The last service: a scan from the front finds it last.
+        let name = format!("svc-{:05}", n - 1);
+        let mut up = true;
+        group.bench_with_input(BenchmarkId::new("down_up", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                let mut held = Duration::ZERO;
+                for _ in 0..iters {
+                    up = !up;
+                    held += rt.block_on(ctl.health_timed(&name, TASKS - 1, up));
+                }
+                held
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, health);
 criterion_main!(benches);

@@ -156,7 +156,7 @@ pub struct Control {
     generation: u64,
     health_tx: mpsc::UnboundedSender<Transition>,
     health_rx: mpsc::UnboundedReceiver<Transition>,
-    ejected_rx: mpsc::UnboundedReceiver<Arc<Backend>>,
+    ejected_rx: mpsc::UnboundedReceiver<(Arc<ServiceState>, Arc<Backend>)>,
     reloads_ok: u64,
     reloads_err: u64,
     last_reload: Option<ReloadResult>,
@@ -233,7 +233,7 @@ impl Control {
         status: StatusHandle,
         shared: Arc<Shared>,
         tracker: TaskTracker,
-        ejected_rx: mpsc::UnboundedReceiver<Arc<Backend>>,
+        ejected_rx: mpsc::UnboundedReceiver<(Arc<ServiceState>, Arc<Backend>)>,
     ) -> Control {
         let (health_tx, health_rx) = mpsc::unbounded_channel();
         Control {
@@ -297,6 +297,31 @@ impl Control {
         held
     }
 
+    /// A health transition of backend `index` of service `service` (found untimed), as
+    /// the control loop applies it: located, recorded, and the next generation published;
+    /// returns how long that held the calling thread. For benches/control.rs.
+    #[doc(hidden)]
+    pub async fn health_timed(&mut self, service: &str, index: usize, up: bool) -> Duration {
+        let si = self.index_of(service).expect("a running service");
+        let t = Transition {
+            service: self.services[si].state.clone(),
+            backend: self.services[si].backends[index].backend.clone(),
+            health: if up { Health::Up } else { Health::Down },
+        };
+        let start = Instant::now();
+        self.health(t);
+        let job = self.publish_if_dirty();
+        let mut held = start.elapsed();
+        if let Some(job) = job {
+            if let Ok(built) = job.await {
+                let t = Instant::now();
+                self.publish_built(built);
+                held += t.elapsed();
+            }
+        }
+        held
+    }
+
     /// The accept loops' tracker: once `Command::StopListening` is answered, closing it and
     /// waiting returns when every listening socket is closed.
     pub fn accept_loops(&self) -> TaskTracker {
@@ -337,9 +362,9 @@ impl Control {
                     (event, started) = (&held.health, Instant::now());
                     self.health(t)
                 }
-                Some(b) = self.ejected_rx.recv() => {
+                Some((s, b)) = self.ejected_rx.recv() => {
                     (event, started) = (&held.ejection, Instant::now());
-                    self.eject(&b)
+                    self.eject(&s, &b)
                 }
                 _ = tick.tick() => {
                     (event, started) = (&held.tick, Instant::now());
@@ -1008,13 +1033,13 @@ impl Control {
         }
         for i in fx.start_checkers {
             if let Some(b) = s.backends.get_mut(i) {
-                spawn_checker(b, &s.config, &self.health_tx);
+                spawn_checker(&s.state, b, &s.config, &self.health_tx);
             }
         }
     }
 
     fn health(&mut self, t: Transition) {
-        let Some((si, bi)) = self.locate(&t.backend) else {
+        let Some((si, bi)) = self.locate(&t.service, &t.backend) else {
             return;
         };
         let s = &mut self.services[si];
@@ -1050,8 +1075,8 @@ impl Control {
 
     /// A backend ejected by passive outlier detection (or spared: see
     /// `ServiceTable::eject`).
-    fn eject(&mut self, backend: &Arc<Backend>) {
-        let Some((si, bi)) = self.locate(backend) else {
+    fn eject(&mut self, service: &Arc<ServiceState>, backend: &Arc<Backend>) {
+        let Some((si, bi)) = self.locate(service, backend) else {
             return;
         };
         let s = &mut self.services[si];
@@ -1068,13 +1093,33 @@ impl Control {
         self.effects(si, fx);
     }
 
-    fn locate(&self, backend: &Arc<Backend>) -> Option<(usize, usize)> {
-        self.services.iter().enumerate().find_map(|(si, s)| {
-            s.backends
+    /// Where `backend` of `service` is: (index in `services`, index in its backends). The
+    /// service by the name cache (as it is: a removed service, which the cache leaves out,
+    /// is found by a scan of the services, not of their backends), then the backend among
+    /// that service's own. A health transition or an ejection report used to scan every
+    /// backend of every service (10,000 in a large swarm).
+    fn locate(
+        &self,
+        service: &Arc<ServiceState>,
+        backend: &Arc<Backend>,
+    ) -> Option<(usize, usize)> {
+        let mine = |i: &usize| {
+            self.services
+                .get(*i)
+                .is_some_and(|s| Arc::ptr_eq(&s.state, service))
+        };
+        let si = match self.by_name.get(&*service.name).copied().filter(mine) {
+            Some(si) => si,
+            None => self
+                .services
                 .iter()
-                .position(|b| Arc::ptr_eq(&b.backend, backend))
-                .map(|bi| (si, bi))
-        })
+                .position(|s| Arc::ptr_eq(&s.state, service))?,
+        };
+        let bi = self.services[si]
+            .backends
+            .iter()
+            .position(|b| Arc::ptr_eq(&b.backend, backend))?;
+        Some((si, bi))
     }
 
     fn admin(&mut self, service: &str, addr: SocketAddr, op: AdminOp) -> Result<(), AdminError> {
@@ -1134,6 +1179,7 @@ impl Control {
 
 /// Starts `b`'s health checker (stopping the one it had), unless the service has no check.
 fn spawn_checker(
+    service: &Arc<ServiceState>,
     b: &mut BackendEntry,
     cfg: &ServiceConfig,
     tx: &mpsc::UnboundedSender<Transition>,
@@ -1144,6 +1190,7 @@ fn spawn_checker(
     }
     let stop = Arc::new(CloseSignal::new());
     tokio::spawn(health::run_checker(
+        service.clone(),
         b.backend.clone(),
         cfg.health.clone(),
         b.last_pass.clone(),
@@ -1415,7 +1462,8 @@ mod tests {
         let z = c.services[0].backends[0].backend.clone();
         z.consecutive_failures.store(5, Ordering::Relaxed);
         assert!(z.mark_eject_spared());
-        c.eject(&z);
+        let web = c.services[0].state.clone();
+        c.eject(&web, &z);
         assert!(c.services[0].tick);
         c.tick();
         assert!(c.services[0].tick, "the streak goes on: still pending");
@@ -1426,6 +1474,26 @@ mod tests {
             "the streak ended: cleared by the tick"
         );
         assert!(!c.services[0].tick);
+    }
+
+    #[tokio::test]
+    async fn a_backend_is_located_within_its_own_service() {
+        let mut c = control();
+        let named = |c: &Control, name: &str| {
+            let mut s = swarm_service(c, Some("task-a"));
+            s.name = name.into();
+            s
+        };
+        c.provided(Source::Docker, vec![named(&c, "web"), named(&c, "api")]);
+        let (web, api) = (c.services[0].state.clone(), c.services[1].state.clone());
+        let b = c.services[1].backends[1].backend.clone();
+        assert_eq!(c.locate(&api, &b), Some((1, 1)));
+        // The same address in another service is another backend.
+        assert_eq!(c.locate(&web, &b), None);
+        // A removed service (draining, left out of the name cache) is still found.
+        c.provided(Source::Docker, vec![named(&c, "web")]);
+        assert!(c.services[1].removed);
+        assert_eq!(c.locate(&api, &b), Some((1, 1)));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::close::CloseSignal;
 use crate::config::HealthConfig;
-use crate::table::{Backend, Health};
+use crate::table::{Backend, Health, ServiceState};
 
 /// The rise/fall counter. Pure: no I/O, no clock.
 #[derive(Debug, Clone)]
@@ -69,6 +69,9 @@ impl Verdict {
 /// A health transition, reported to the control plane.
 #[derive(Debug)]
 pub struct Transition {
+    /// The backend's service: the control plane finds the backend among that service's
+    /// few, not among every backend it has.
+    pub service: Arc<ServiceState>,
     pub backend: Arc<Backend>,
     pub health: Health,
 }
@@ -90,6 +93,7 @@ pub fn now_ms() -> u64 {
 /// Checks `backend` every `interval` (±10% jitter, so checks of many backends spread out)
 /// until `stop` closes. Writes the backend's health and reports transitions on `tx`.
 pub async fn run_checker(
+    service: Arc<ServiceState>,
     backend: Arc<Backend>,
     cfg: HealthConfig,
     last_pass: Arc<AtomicU64>,
@@ -121,6 +125,7 @@ pub async fn run_checker(
         if let Some(h) = verdict.observe(ok) {
             backend.set_health(h);
             let _ = tx.send(Transition {
+                service: service.clone(),
                 backend: backend.clone(),
                 health: h,
             });

@@ -64,7 +64,7 @@ pub struct Shared {
     pub access_log: AtomicBool,
     /// Backends ejected by passive outlier detection, for the control plane to schedule
     /// their re-admission.
-    pub ejected: mpsc::UnboundedSender<Arc<Backend>>,
+    pub ejected: mpsc::UnboundedSender<(Arc<ServiceState>, Arc<Backend>)>,
     /// The published table: a queued connection (`queue_timeout`) reads its service again
     /// from it before each new round.
     pub table: TableHandle,
@@ -244,7 +244,7 @@ impl Attempts {
         // (`ServiceTable::eject`); panic candidates are not in the eligible set.
         if n >= EJECT_AFTER_FAILURES && k < svc.backends.len() && svc.eject(k) != Ejection::Nothing
         {
-            let _ = shared.ejected.send(b.clone());
+            let _ = shared.ejected.send((svc.state.clone(), b.clone()));
         }
     }
 }

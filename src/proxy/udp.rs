@@ -504,7 +504,7 @@ fn failed(svc: &ServiceTable, b: &Arc<Backend>, e: ConnectError, shared: &Shared
     }
     if let Some(k) = svc.backends.iter().position(|x| Arc::ptr_eq(x, b)) {
         if svc.eject(k) != Ejection::Nothing {
-            let _ = shared.ejected.send(b.clone());
+            let _ = shared.ejected.send((svc.state.clone(), b.clone()));
         }
     }
 }
