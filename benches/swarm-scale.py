@@ -8,10 +8,11 @@ CHURN (a fraction) of the tasks between polls. Measures, on loopback, bounded in
 - the data-plane stall: one HTTP request per connection, one at a time, to a static "echo"
   service through the same meshd (a real `meshd backend` behind it), p50/p99/max and
   failures, quiet and under churn (the client in a process of its own: the fake engine
-  holds the GIL while it renders an answer);
+  holds the GIL while it renders an answer); and the floor: the same client under the
+  same churn straight to the backend (meshd still polls, no connection goes through it);
 - the control loop's own events during each phase, from meshd's
-  `meshd_control_event_seconds` histogram: how many, how many held the runtime thread over
-  5 ms (and of which kind), the bucket of the slowest, and the mean `tick` (every 250 ms);
+  `meshd_control_event_seconds` histogram: how many, how many held the control thread
+  over 5 ms (and of which kind), the bucket of the slowest, and the mean `tick` (every 250 ms);
 - how many polls the fake engine answered (GET /tasks) and how long after a change meshd's
   status showed it (one sampled task per round).
 
@@ -19,8 +20,8 @@ CHURN (a fraction) of the tasks between polls. Measures, on loopback, bounded in
     SERVICES=200 TASKS_PER=5 DUR=5 benches/swarm-scale.py
 
 Knobs (environment): MESHD (default: cargo build --release into CARGO_TARGET_DIR or
-/tmp/bench-target), THREADS=1 (meshd --threads; 1: the runtime thread is the one that moves
-bytes), SERVICES=1000, TASKS_PER=10, CHURN=0.01, POLL=500ms, DUR=10 (s per phase),
+/tmp/bench-target), THREADS=1 (meshd --threads: the proxy's threads; the control plane
+has one more), SERVICES=1000, TASKS_PER=10, CHURN=0.01, POLL=500ms, DUR=10 (s per phase),
 PORT_BASE=21000 (services listen on PORT_BASE + i), TIMEOUT=120 (s, per wait).
 
 The fake engine answers with task documents shaped like the recorded ones in
@@ -228,7 +229,7 @@ def control_events(admin):
 
 def control_cols(before, after):
     """Events the control loop timed during a phase (all kinds): how many, how many
-    held the runtime thread over 5 ms, and the bucket of the slowest."""
+    held the control thread over 5 ms, and the bucket of the slowest."""
     total = over5 = 0
     slowest = 0.0
     which = []  # the kinds of event over 5 ms, with how many
@@ -379,10 +380,11 @@ def main():
         rows = []
         seen = []
 
-        def phase(label, churn, with_load):
+        def phase(label, churn, with_load, target=echo):
             """DUR seconds; `churn`: CHURN of the tasks replaced after every poll meshd
             makes; `with_load`: the echo client runs (else meshd does control-plane work
-            only, and its CPU is the control plane's)."""
+            only, and its CPU is the control plane's), against `target` (meshd's echo
+            listener, or the backend itself for the floor)."""
             stop_churn = threading.Event()
 
             def churner():
@@ -400,7 +402,7 @@ def main():
             if churn:
                 th.start()
             if with_load:
-                res = load_apart(echo, DUR)
+                res = load_apart(target, DUR)
             else:
                 time.sleep(DUR)
                 res = None
@@ -414,6 +416,9 @@ def main():
         phase("churn, no traffic", True, False)
         phase("same answer, echo load", False, True)
         phase("churn, echo load", True, True)
+        # The floor: the same client and churn, straight to the backend. What meshd adds
+        # to the maxima is the difference with the row above.
+        phase("churn, echo load, no meshd (floor)", True, True, backend)
 
         # the last change: how long until meshd's status lists it
         changed_at, svc, addr = seen[-1]

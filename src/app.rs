@@ -59,8 +59,14 @@ pub struct App {
 impl App {
     /// Takes over the listeners of the meshd at `takeover` (or `[upgrade] socket`), then
     /// binds the admin address and every service's listeners: a port in use is an error
-    /// here, before anything is served.
-    pub async fn build(config: Config, takeover: Option<PathBuf>) -> anyhow::Result<App> {
+    /// here, before anything is served. The data plane (accept loops, connections, UDP
+    /// flows) runs on `data`; everything else on the runtime that calls this (the binary
+    /// gives each its own threads; a test may pass `Handle::current()`).
+    pub async fn build(
+        config: Config,
+        takeover: Option<PathBuf>,
+        data: tokio::runtime::Handle,
+    ) -> anyhow::Result<App> {
         let info = Arc::new(ProcessInfo::current());
         // A predecessor's listeners first: every bind below takes them instead of binding.
         let from = match (takeover, &config.upgrade.socket) {
@@ -133,6 +139,7 @@ impl App {
             admin_listener.as_fd(),
         )?;
         let mut control = Control::new(table, status.clone(), shared, tracker.clone(), ejected_rx);
+        control.set_data_runtime(data);
         control.start(&config).map_err(anyhow::Error::msg)?;
         control.publish();
         Ok(App {

@@ -21,7 +21,8 @@ struct Cli {
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
     /// Worker threads for the proxy (default: one per core). 1 runs a single-threaded
-    /// event loop, like HAProxy's `nbthread 1`.
+    /// event loop, like HAProxy's `nbthread 1`. The control plane (discovery, health
+    /// checks, the admin API) runs on one more thread of its own.
     #[arg(long, global = true, env = "MESHD_THREADS")]
     threads: Option<usize>,
     /// Log format (overrides [log] format).
@@ -186,14 +187,31 @@ fn main() -> ExitCode {
                 None => cfg.log.format,
             };
             init_logging(format);
-            block_on(cli.threads, serve(cfg, cli.takeover))
+            // The data plane (accept loops, connections, UDP flows) runs on a runtime of
+            // its own; the control plane, admin API, discovery, health checks and signals
+            // on this thread. A control-plane burst (a 15 MB discovery answer, a table of
+            // 10,000 backends published) then never holds a thread a connection waits on.
+            let data = match DataRuntime::start(cli.threads) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("meshd: cannot start the proxy's runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let code = block_on(Some(1), serve(cfg, cli.takeover, data.handle()));
+            data.stop();
+            code
         }
     }
 }
 
 /// Runs meshd until SIGTERM/SIGINT or a hand-off to a successor, then drains. Signals
 /// are handled here and only here: SIGHUP reloads, SIGUSR2 upgrades.
-async fn serve(cfg: Config, takeover: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    takeover: Option<PathBuf>,
+    data: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before anything is bound: a signal that arrives once meshd serves must
@@ -203,7 +221,10 @@ async fn serve(cfg: Config, takeover: Option<PathBuf>) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
 
-    let mut running = meshd::app::App::build(cfg, takeover).await?.spawn().await?;
+    let mut running = meshd::app::App::build(cfg, takeover, data)
+        .await?
+        .spawn()
+        .await?;
     let why = loop {
         tokio::select! {
             _ = term.recv() => {
@@ -229,6 +250,69 @@ async fn serve(cfg: Config, takeover: Option<PathBuf>) -> anyhow::Result<()> {
     let grace = running.drain_timeout();
     running.shutdown(grace).await;
     Ok(())
+}
+
+/// The data plane's runtime: `--threads` workers named `meshd-proxy` (one per core by
+/// default); with `--threads 1`, a single-threaded event loop on a thread of its own
+/// (HAProxy's `nbthread 1`), beside the control plane's thread.
+enum DataRuntime {
+    Multi(tokio::runtime::Runtime),
+    Single {
+        handle: tokio::runtime::Handle,
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    },
+}
+
+impl DataRuntime {
+    fn start(threads: Option<usize>) -> std::io::Result<DataRuntime> {
+        if threads == Some(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = rt.handle().clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name("meshd-proxy".into())
+                .spawn(move || {
+                    // A current-thread runtime runs its tasks only inside block_on: this
+                    // thread drives them until the process stops.
+                    let _ = rt.block_on(stopped);
+                    rt.shutdown_background();
+                })?;
+            return Ok(DataRuntime::Single {
+                handle,
+                stop,
+                thread,
+            });
+        }
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = threads {
+            b.worker_threads(n.max(1));
+        }
+        Ok(DataRuntime::Multi(
+            b.thread_name("meshd-proxy").enable_all().build()?,
+        ))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match self {
+            DataRuntime::Multi(rt) => rt.handle().clone(),
+            DataRuntime::Single { handle, .. } => handle.clone(),
+        }
+    }
+
+    /// After the shutdown sequence (every connection has ended or was closed): drops
+    /// what is left without waiting for it.
+    fn stop(self) {
+        match self {
+            DataRuntime::Multi(rt) => rt.shutdown_background(),
+            DataRuntime::Single { stop, thread, .. } => {
+                let _ = stop.send(());
+                let _ = thread.join();
+            }
+        }
+    }
 }
 
 fn block_on(

@@ -106,7 +106,9 @@ fn start_counted(
         .build()
         .unwrap();
     let running = rt.block_on(async move {
-        let app = meshd::app::App::build(cfg, None).await.unwrap();
+        let app = meshd::app::App::build(cfg, None, tokio::runtime::Handle::current())
+            .await
+            .unwrap();
         app.spawn().await.unwrap()
     });
     assert!(wait_until(Duration::from_secs(10), || {

@@ -86,7 +86,9 @@ async fn an_app_started_in_process_serves_reloads_and_shuts_down_releasing_its_p
 
     for round in 0..2 {
         let config = Config::load(&path).unwrap();
-        let app = App::build(config, None).await.expect("build");
+        let app = App::build(config, None, tokio::runtime::Handle::current())
+            .await
+            .expect("build");
         assert_eq!(app.admin_addr().unwrap(), admin);
         let running = app.spawn().await.expect("spawn");
         let first = if round == 0 { "one" } else { "two" };

@@ -150,6 +150,9 @@ pub struct Control {
     tracker: TaskTracker,
     /// The accept loops (a shutdown waits for them: their sockets are closed then).
     accepts: TaskTracker,
+    /// The runtime the data plane runs on (accept loops and what they spawn), when it is
+    /// not the control plane's own.
+    data: Option<tokio::runtime::Handle>,
     services: Vec<ServiceEntry>,
     free_slots: Vec<usize>,
     next_slot: usize,
@@ -242,6 +245,7 @@ impl Control {
             shared,
             tracker,
             accepts: TaskTracker::new(),
+            data: None,
             services: Vec::new(),
             by_name: HashMap::new(),
             free_slots: Vec::new(),
@@ -268,6 +272,30 @@ impl Control {
         }
     }
 
+    /// Runs the data plane on `data`: listeners are registered with its reactor and their
+    /// accept loops spawned on it, so that the control plane's work (decoding a discovery
+    /// answer, publishing a table) never holds a thread a connection waits on.
+    pub fn set_data_runtime(&mut self, data: tokio::runtime::Handle) {
+        self.data = Some(data);
+    }
+
+    /// Enters the data plane's runtime, if it has its own: a socket converted from std
+    /// meanwhile registers with that runtime's reactor.
+    fn enter_data(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
+        self.data.as_ref().map(|h| h.enter())
+    }
+
+    /// Spawns an accept loop on the data plane's runtime.
+    fn spawn_accept<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.data {
+            Some(h) => drop(self.accepts.spawn_on(task, h)),
+            None => drop(self.accepts.spawn(task)),
+        }
+    }
+
     /// Applies the first config: binds every listener (any failure is fatal and nothing is
     /// left bound), then publishes generation 1.
     pub fn start(&mut self, config: &Config) -> Result<(), ControlError> {
@@ -276,7 +304,7 @@ impl Control {
     }
 
     /// Applies a provider's update and publishes the next table generation as `run` does,
-    /// and returns how long this took on the calling thread (the runtime thread, in `run`;
+    /// and returns how long this took on the calling thread (the control thread, in `run`;
     /// selectors built on a blocking thread excluded): the stall the data plane sees.
     /// Then, untimed, a tick (drained backends with no connection leave). For
     /// benches/control.rs.
@@ -341,8 +369,9 @@ impl Control {
         // state finishing late never replaces a newer one. Changes that arrive meanwhile
         // mark their services dirty and go into the next plan.
         let mut building: Option<JoinHandle<Built>> = None;
-        // How long each event holds this task, and so the runtime thread it shares with
-        // connections: the data plane's stall, as `meshd_control_event_seconds`.
+        // How long each event holds this task, as `meshd_control_event_seconds`. In the
+        // binary the data plane has threads of its own; where both share a runtime (a
+        // library user's single one), this is how long connections on it waited.
         let held = EventTimers::new();
         loop {
             let (event, started);
@@ -912,8 +941,12 @@ impl Control {
             Bound::Tcp(l) => l,
             Bound::Udp(u) => return self.start_udp(idx, addr, u),
         };
+        let listener = {
+            let _data = self.enter_data();
+            tokio::net::TcpListener::from_std(l)
+        };
         let s = &mut self.services[idx];
-        let listener = match tokio::net::TcpListener::from_std(l) {
+        let listener = match listener {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(service = &*s.state.name, listen = %addr, error = %e, "cannot register listener");
@@ -937,7 +970,11 @@ impl Control {
 
     /// An SNI listener: its accept loop starts once a published table holds its routes.
     fn start_sni_listener(&mut self, addr: SocketAddr, l: std::net::TcpListener) {
-        let listener = match tokio::net::TcpListener::from_std(l) {
+        let listener = {
+            let _data = self.enter_data();
+            tokio::net::TcpListener::from_std(l)
+        };
+        let listener = match listener {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(listen = %addr, error = %e, "cannot register SNI listener");
@@ -962,8 +999,12 @@ impl Control {
     }
 
     fn start_udp(&mut self, idx: usize, addr: SocketAddr, u: std::net::UdpSocket) {
+        let socket = {
+            let _data = self.enter_data();
+            tokio::net::UdpSocket::from_std(u)
+        };
         let s = &mut self.services[idx];
-        let socket = match tokio::net::UdpSocket::from_std(u) {
+        let socket = match socket {
             Ok(u) => u,
             Err(e) => {
                 tracing::error!(service = &*s.state.name, listen = %addr, error = %e, "cannot register UDP listener");
@@ -1002,7 +1043,8 @@ impl Control {
                     .service(&l.service)
                     .is_some_and(|s| !s.backends.is_empty())
             {
-                self.accepts.spawn(self.pending_udp.swap_remove(k).run());
+                let l = self.pending_udp.swap_remove(k);
+                self.spawn_accept(l.run());
             } else {
                 k += 1;
             }
@@ -1015,7 +1057,8 @@ impl Control {
                 Route::Sni(addr) => table.sni(*addr).is_some(),
             };
             if l.stop.is_closed() || routed {
-                self.accepts.spawn(self.pending_accept.swap_remove(k).run());
+                let l = self.pending_accept.swap_remove(k);
+                self.spawn_accept(l.run());
             } else {
                 k += 1;
             }

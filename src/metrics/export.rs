@@ -40,7 +40,7 @@ const CONNECT_BUCKETS: &[f64] = &[
     2.5, 5.0,
 ];
 
-/// The control loop's events: 100 µs to 1 s (the runtime thread is held that long).
+/// The control loop's events: 100 µs to 1 s (the control thread is held that long).
 const CONTROL_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
@@ -115,7 +115,7 @@ fn describe() {
         Unit::Seconds,
         "Time the control plane spent on one event (a command, a discovery update, a health \
          transition, an ejection, a tick, a finished table build) and the publish it caused, \
-         on the runtime thread it shares with connections."
+         on the control plane's thread."
     );
     describe_counter!(CONFIG_RELOADS, "Configuration reloads, by result.");
     describe_gauge!(TABLE_GENERATION, "Generation of the routing table in use.");
