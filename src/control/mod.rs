@@ -279,10 +279,11 @@ impl Control {
         self.data = Some(data);
     }
 
-    /// Enters the data plane's runtime, if it has its own: a socket converted from std
-    /// meanwhile registers with that runtime's reactor.
-    fn enter_data(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
-        self.data.as_ref().map(|h| h.enter())
+    /// Runs `f` inside the data plane's runtime, if it has its own: a socket converted
+    /// from std there registers with that runtime's reactor.
+    fn on_data<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _entered = self.data.as_ref().map(|h| h.enter());
+        f()
     }
 
     /// Spawns an accept loop on the data plane's runtime.
@@ -941,10 +942,7 @@ impl Control {
             Bound::Tcp(l) => l,
             Bound::Udp(u) => return self.start_udp(idx, addr, u),
         };
-        let listener = {
-            let _data = self.enter_data();
-            tokio::net::TcpListener::from_std(l)
-        };
+        let listener = self.on_data(|| tokio::net::TcpListener::from_std(l));
         let s = &mut self.services[idx];
         let listener = match listener {
             Ok(l) => l,
@@ -970,10 +968,7 @@ impl Control {
 
     /// An SNI listener: its accept loop starts once a published table holds its routes.
     fn start_sni_listener(&mut self, addr: SocketAddr, l: std::net::TcpListener) {
-        let listener = {
-            let _data = self.enter_data();
-            tokio::net::TcpListener::from_std(l)
-        };
+        let listener = self.on_data(|| tokio::net::TcpListener::from_std(l));
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
@@ -999,10 +994,7 @@ impl Control {
     }
 
     fn start_udp(&mut self, idx: usize, addr: SocketAddr, u: std::net::UdpSocket) {
-        let socket = {
-            let _data = self.enter_data();
-            tokio::net::UdpSocket::from_std(u)
-        };
+        let socket = self.on_data(|| tokio::net::UdpSocket::from_std(u));
         let s = &mut self.services[idx];
         let socket = match socket {
             Ok(u) => u,
