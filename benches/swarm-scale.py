@@ -12,7 +12,8 @@ CHURN (a fraction) of the tasks between polls. Measures, on loopback, bounded in
   same churn straight to the backend (meshd still polls, no connection goes through it);
 - the control loop's own events during each phase, from meshd's
   `meshd_control_event_seconds` histogram: how many, how many held the control thread
-  over 5 ms (and of which kind), the bucket of the slowest, and the mean `tick` (every 250 ms);
+  over 5 ms (and of which kind), the bucket of the slowest, the mean `tick` (every 250 ms)
+  and the mean `discovery` event (an update applied and its generation published);
 - how many polls the fake engine answered (GET /tasks) and how long after a change meshd's
   status showed it (one sampled task per round).
 
@@ -251,11 +252,15 @@ def control_cols(before, after):
             below = d[le]
     top = "> 1 s" if slowest == float("inf") else f"<= {slowest * 1000:g} ms"
     kinds = f" ({', '.join(which)})" if which else ""
+
+    def mean(ev):
+        n = after.get("_count", {}).get(ev, 0) - before.get("_count", {}).get(ev, 0)
+        spent = after.get("_sum", {}).get(ev, 0) - before.get("_sum", {}).get(ev, 0)
+        return f"{spent / n * 1e6:.0f} µs" if n else "-"
+
     # the mean `tick` (every 250 ms: the walk over the services with something pending)
-    ticks = after.get("_count", {}).get("tick", 0) - before.get("_count", {}).get("tick", 0)
-    spent = after.get("_sum", {}).get("tick", 0) - before.get("_sum", {}).get("tick", 0)
-    tick = f"{spent / ticks * 1e6:.0f} µs" if ticks else "-"
-    return f"{total:.0f} | {over5:.0f}{kinds} | {top} | {tick}"
+    # and the mean `discovery` event (a poll's update applied and its generation published)
+    return f"{total:.0f} | {over5:.0f}{kinds} | {top} | {mean('tick')} | {mean('discovery')}"
 
 
 def wait(what, f, timeout=TIMEOUT):
@@ -440,9 +445,9 @@ def main():
         )
         print(
             "| phase | polls | meshd CPU | CPU per poll | requests to echo | failed | p50 ms | p99 ms"
-            " | max ms | control events | over 5 ms | slowest | mean tick |"
+            " | max ms | control events | over 5 ms | slowest | mean tick | mean discovery |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, polls, cpu, dt, res, ctl in rows:
             cpu_ms = cpu * 1000 / TICK
             per = f"{cpu_ms / polls:.1f} ms" if polls and res is None else "(with traffic)"

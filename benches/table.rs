@@ -49,11 +49,12 @@ fn table(state: &Arc<ServiceState>, balance: Balance, n: usize, generation: u64)
         Arc::new(service_config(balance)),
         &candidates(n),
     );
-    RoutingTable {
+    let mut table = RoutingTable {
         generation,
-        services: vec![Some(Arc::new(svc))],
         ..RoutingTable::default()
-    }
+    };
+    table.services.set(state.slot, Some(Arc::new(svc)));
+    table
 }
 
 /// What the accept path does per connection with the table.

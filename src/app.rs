@@ -684,6 +684,7 @@ async fn warm_up(status: &crate::control::StatusHandle, max: Duration) {
             .load()
             .services
             .iter()
+            .flatten()
             .flat_map(|s| s.backends.iter())
             .any(|b| b.backend.health() == crate::table::Health::Unknown);
         if !pending || tokio::time::Instant::now() >= end {

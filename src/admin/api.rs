@@ -137,7 +137,12 @@ pub fn services(st: &Status) -> ServicesDto<'_> {
             }),
             last_error: st.last_reload.as_ref().and_then(|r| r.error.clone()),
         },
-        services: st.services.iter().map(|s| service(s, now)).collect(),
+        services: st
+            .services
+            .iter()
+            .flatten()
+            .map(|s| service(s, now))
+            .collect(),
     }
 }
 

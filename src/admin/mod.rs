@@ -573,7 +573,7 @@ fn metrics(state: &AdminState) -> Resp {
         return error(StatusCode::NOT_FOUND, "metrics are disabled");
     };
     let st = state.status.load();
-    for s in st.services.iter() {
+    for s in st.services.iter().flatten() {
         s.metrics.sync(&s.state);
         for b in &s.backends {
             b.metrics.sync(&b.backend);

@@ -155,6 +155,8 @@ pub struct Control {
     data: Option<tokio::runtime::Handle>,
     services: Vec<ServiceEntry>,
     free_slots: Vec<usize>,
+    /// Slots freed since the last plan: the next one empties them in the table and status.
+    cleared_slots: Vec<usize>,
     next_slot: usize,
     generation: u64,
     health_tx: mpsc::UnboundedSender<Transition>,
@@ -189,8 +191,8 @@ pub struct Control {
     /// A plan is being finished on a blocking thread (it will publish `generation + 1`).
     building: bool,
     /// The next plan must be published even if no service is dirty: set with
-    /// `mark_all_dirty`, which also covers the last service going away (no service is
-    /// left to be dirty, but its slot must be emptied and the status updated).
+    /// `mark_all_dirty` and when a service is purged (no service may be left to be dirty,
+    /// but its slot must be emptied and the status updated).
     force_publish: bool,
     /// Counters changed that no table holds (a rejected reload, a failed discovery poll):
     /// publish the status snapshot alone, keeping the generation.
@@ -249,6 +251,7 @@ impl Control {
             services: Vec::new(),
             by_name: HashMap::new(),
             free_slots: Vec::new(),
+            cleared_slots: Vec::new(),
             next_slot: 0,
             generation: 0,
             health_tx,
@@ -1196,8 +1199,10 @@ impl Control {
             if self.services[k].removed && self.services[k].backends.is_empty() {
                 let s = self.services.swap_remove(k);
                 self.free_slots.push(s.state.slot);
-                // Its slot must be emptied in the next table.
-                self.mark_all_dirty();
+                // Its slot must be emptied in the next table and status (even if no
+                // service is left to be dirty).
+                self.cleared_slots.push(s.state.slot);
+                self.force_publish = true;
             } else {
                 k += 1;
             }
@@ -1529,6 +1534,119 @@ mod tests {
         c.provided(Source::Docker, vec![named(&c, "web")]);
         assert!(c.services[1].removed);
         assert_eq!(c.locate(&api, &b), Some((1, 1)));
+    }
+
+    /// The published table and status, by slot: (service name, table, status entry).
+    #[allow(clippy::type_complexity)]
+    fn published(
+        c: &Control,
+    ) -> Vec<(
+        usize,
+        Option<Arc<ServiceTable>>,
+        Option<Arc<status::ServiceStatus>>,
+    )> {
+        let (t, st) = (c.table.load(), c.status.load());
+        (0..c.next_slot)
+            .map(|i| {
+                let table = t.services.get(i).cloned().flatten();
+                (i, table, st.services.get(i).cloned().flatten())
+            })
+            .collect()
+    }
+
+    /// What a rebuild of every slot would publish: each service's own table (unless
+    /// removed) and status entry in its slot, nothing in a free slot.
+    fn assert_published_matches_services(c: &Control) {
+        for (slot, table, status) in published(c) {
+            match c.services.iter().find(|s| s.state.slot == slot) {
+                Some(s) => {
+                    let want = s.table.as_ref().filter(|_| !s.removed);
+                    assert_eq!(table.is_some(), want.is_some(), "slot {slot}");
+                    if let (Some(t), Some(w)) = (&table, want) {
+                        assert!(Arc::ptr_eq(t, w), "slot {slot}: not its table");
+                    }
+                    let st = status.expect("a status entry");
+                    assert!(Arc::ptr_eq(&st, s.status.as_ref().unwrap()), "slot {slot}");
+                    assert!(Arc::ptr_eq(&st.state, &s.state));
+                }
+                None => assert!(table.is_none() && status.is_none(), "free slot {slot}"),
+            }
+        }
+    }
+
+    /// Both set and the same `Arc`.
+    fn same<T>(x: &Option<Arc<T>>, y: &Option<Arc<T>>) -> bool {
+        matches!((x, y), (Some(x), Some(y)) if Arc::ptr_eq(x, y))
+    }
+
+    async fn publish(c: &mut Control) {
+        if let Some(job) = c.publish_if_dirty() {
+            let built = job.await.unwrap();
+            c.publish_built(built);
+        }
+    }
+
+    /// A publish rewrites only the slots of the services that changed (the others are
+    /// the last generation's, shared), empties a purged service's slot, and fills a slot
+    /// taken again: always what a rebuild of every slot would give.
+    #[tokio::test]
+    async fn a_publish_rewrites_only_the_slots_that_changed() {
+        let mut c = control();
+        let named = |c: &Control, name: &str, task: &str| {
+            let mut s = swarm_service(c, Some(task));
+            s.name = name.into();
+            s
+        };
+        let list = |c: &Control, b_task: &str| {
+            ["a", "b", "c"].map(|n| named(c, n, if n == "b" { b_task } else { "task-a" }))
+        };
+        c.provided(Source::Docker, list(&c, "task-a").into());
+        publish(&mut c).await;
+        assert_published_matches_services(&c);
+        let before = published(&c);
+        assert!(before.iter().all(|(_, t, s)| t.is_some() && s.is_some()));
+
+        // Service b's task is replaced (a poll's delta; a whole reconcile rebuilds every
+        // status entry, listeners may have changed): its slot changes, the others' are
+        // shared.
+        c.provided_changed(Source::Docker, list(&c, "task-b").into(), &[1]);
+        publish(&mut c).await;
+        assert_published_matches_services(&c);
+        let b = c.services.iter().find(|s| &*s.state.name == "b").unwrap();
+        let b_slot = b.state.slot;
+        for ((slot, t0, s0), (_, t1, s1)) in before.iter().zip(&published(&c)) {
+            assert_eq!(same(t0, t1), *slot != b_slot, "table of slot {slot}");
+            assert_eq!(same(s0, s1), *slot != b_slot, "status of slot {slot}");
+        }
+
+        // b withdrawn: no longer routed, still shown while its backends drain.
+        let withdrawn = [named(&c, "a", "task-a"), named(&c, "c", "task-a")];
+        c.provided(Source::Docker, withdrawn.to_vec());
+        publish(&mut c).await;
+        assert_published_matches_services(&c);
+        assert!(published(&c)[b_slot].1.is_none());
+        assert!(published(&c)[b_slot].2.is_some());
+        // Drained (no connection), purged: its slot is emptied in both.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.services.len() == 3 {
+            assert!(Instant::now() < deadline, "b was never purged");
+            c.tick();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        publish(&mut c).await;
+        assert_published_matches_services(&c);
+        assert!(published(&c)[b_slot].2.is_none());
+        assert_eq!(c.status.load().services.iter().flatten().count(), 2);
+
+        // A new service takes the free slot.
+        let mut again = withdrawn.to_vec();
+        again.push(named(&c, "d", "task-a"));
+        c.provided(Source::Docker, again);
+        publish(&mut c).await;
+        assert_published_matches_services(&c);
+        let d = c.services.iter().find(|s| &*s.state.name == "d").unwrap();
+        assert_eq!(d.state.slot, b_slot);
+        assert_eq!(c.status.load().services.iter().flatten().count(), 3);
     }
 
     #[test]

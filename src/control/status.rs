@@ -10,16 +10,17 @@ use arc_swap::ArcSwap;
 
 use crate::config::ServiceConfig;
 use crate::metrics::{BackendMetrics, ServiceMetrics};
+use crate::table::slots::Slots;
 use crate::table::{Backend, ServiceState};
 
 #[derive(Debug, Default)]
 pub struct Status {
     pub generation: u64,
-    /// Shared: a status published without a new table (a counter changed) reuses it, and
-    /// at 10,000 backends a copy costs milliseconds of the runtime thread.
-    /// Each service's entry is shared too: a plan rebuilds only the services that
-    /// changed (O(what changed) per publish, not O(every backend)).
-    pub services: Arc<Vec<Arc<ServiceStatus>>>,
+    /// By service slot (`None`: a free slot; `iter().flatten()` gives the services). Shared
+    /// chunk by chunk with the last snapshot: a plan rewrites only the entries of the
+    /// services that changed, and a status published without a new table (a counter
+    /// changed) shares them all.
+    pub services: Slots<Option<Arc<ServiceStatus>>>,
     pub reloads_ok: u64,
     pub reloads_err: u64,
     pub last_reload: Option<ReloadResult>,

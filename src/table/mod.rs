@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod outlier;
+pub mod slots;
 pub mod sni;
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -500,8 +501,9 @@ fn eligible(locality: Locality, candidates: &[Candidate]) -> Split {
 pub struct RoutingTable {
     /// Increases by one with every published table.
     pub generation: u64,
-    /// Indexed by `ServiceState::slot`; `None` for a free slot.
-    pub services: Vec<Option<Arc<ServiceTable>>>,
+    /// Indexed by `ServiceState::slot`; `None` for a free slot. The next generation shares
+    /// every chunk of slots it does not change (`slots`).
+    pub services: slots::Slots<Option<Arc<ServiceTable>>>,
     /// The routes of each listen address shared by `[service.tls]` services (a few: the
     /// accept loop finds its own by a scan).
     pub sni: Vec<Arc<sni::SniRoutes>>,
