@@ -436,6 +436,11 @@ fn a_drained_or_removed_backend_gets_no_new_flows() {
     for id in 0..100u16 {
         assert_eq!(ask(listen, id), Some(TWO), "query {id}");
     }
+    // With no flow left it has drained, and stays listed for the operator's enable.
+    let b_s = b.addr.to_string();
+    assert!(wait_until(Duration::from_secs(5), || m
+        .backend("dns", &b_s)["status"]
+        == "drained"));
     let enable = format!("/api/v1/services/dns/backends/{}/enable", b.addr);
     assert_eq!(
         http_request(m.admin, "POST", &enable, &[], "").unwrap().0,

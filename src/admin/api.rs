@@ -186,6 +186,8 @@ fn backend(b: &BackendStatus, now: Instant) -> BackendDto<'_> {
     let state = be.state();
     let health = be.health();
     let status = match (state, health) {
+        // An operator's drain that has finished: kept until enabled.
+        (State::Draining, _) if b.drain.is_none() => "drained",
         (State::Draining, _) => "draining",
         (State::Gone, _) => "gone",
         _ if b.ejected => "ejected",

@@ -188,6 +188,29 @@ impl BackendEntry {
         self.stop_checker();
     }
 
+    /// No source lists it any more: an active backend drains; one an operator drained
+    /// and that finished draining (kept for an `enable`) leaves at the next tick. Returns
+    /// whether anything changed.
+    pub fn retire(&mut self, drain_timeout: Duration, now: Instant) -> bool {
+        match self.backend.state() {
+            State::Active => {
+                self.start_drain(drain_timeout, now);
+                true
+            }
+            State::Draining if self.drain.is_none() => {
+                self.drain = Some((now, now));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An operator's drain that has finished: kept (listed, in no table, not even as a
+    /// panic-routing candidate) until enabled.
+    pub fn kept_drained(&self) -> bool {
+        self.backend.state() == State::Draining && self.drain.is_none()
+    }
+
     /// Draining → Active (listed again, or an operator's enable). The caller starts its
     /// health checker again.
     fn reactivate(&mut self) {
@@ -297,8 +320,7 @@ pub fn set_source(
             if b.set_local(bit, false) {
                 fx.dirty = true;
             }
-            if b.sources == 0 && b.backend.state() == State::Active {
-                b.start_drain(cfg.drain_timeout, now);
+            if b.sources == 0 && b.retire(cfg.drain_timeout, now) {
                 fx.dirty = true;
                 tracing::info!(
                     service = &**service,
@@ -548,7 +570,18 @@ pub fn tick(
     for b in backends.iter_mut() {
         // Drains: done when the last connection ends; survivors closed at the deadline.
         if let Some((_, deadline)) = b.drain {
-            if b.backend.active() == 0 {
+            if b.backend.active() == 0 && b.operator_drained && b.sources != 0 {
+                // Drained for maintenance and still listed: kept, with no connection and
+                // no check, until the operator enables it or its source drops it (an
+                // `enable` must find it, however long the maintenance).
+                b.drain = None;
+                fx.dirty = true;
+                tracing::info!(
+                    service,
+                    backend = &*b.backend.addr_label,
+                    "backend drained (operator): kept until enabled"
+                );
+            } else if b.backend.active() == 0 {
                 b.backend.set_state(State::Gone);
                 gone = true;
                 tracing::info!(

@@ -49,7 +49,7 @@ use crate::proxy::conn::Shared;
 use crate::proxy::listener::{self, AcceptLoop, Route};
 use crate::proxy::udp::{self, UdpLoop};
 use crate::table::sni::{SniRoutes, SniStats};
-use crate::table::{Backend, Health, ServiceState, ServiceTable, State, TableHandle};
+use crate::table::{Backend, Health, ServiceState, ServiceTable, TableHandle};
 pub use lifecycle::{AdminError, AdminOp, Endpoint, Endpoints, Source};
 use lifecycle::{BackendEntry, Effects};
 use publish::Built;
@@ -666,9 +666,7 @@ impl Control {
             }
             for b in &mut s.backends {
                 b.sources = 0;
-                if b.backend.state() == State::Active {
-                    b.start_drain(s.config.drain_timeout, now);
-                }
+                b.retire(s.config.drain_timeout, now);
             }
             tracing::info!(
                 service = &*s.state.name,
@@ -1269,6 +1267,7 @@ pub fn bind_error(service: &str, addr: SocketAddr, e: &std::io::Error) -> String
 mod tests {
     use super::*;
     use crate::table::outlier::EJECT_MAX;
+    use crate::table::State;
 
     /// A control plane with no config: services come from a provider only.
     fn control() -> Control {

@@ -200,6 +200,7 @@ impl Control {
                         .backends
                         .iter()
                         .zip(&weights)
+                        .filter(|(b, _)| !b.kept_drained())
                         .map(|(b, &w)| Candidate {
                             backend: b.backend.clone(),
                             weight: w,

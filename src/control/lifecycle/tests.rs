@@ -174,6 +174,67 @@ fn operator_drain_enable_and_weight() {
     assert_eq!(b[1].backend.state(), State::Draining);
 }
 
+/// An operator's drain that finishes keeps the backend (an `enable` must find it after
+/// the maintenance, however long); a drain that finishes after its source dropped it
+/// removes it, as does its source dropping a backend already drained.
+#[test]
+fn an_operator_drain_that_finishes_keeps_the_backend_until_enabled() {
+    let cfg = service_config(CheckKind::Tcp);
+    let t0 = Instant::now();
+    let mut b = listed(&cfg, &[1, 2], t0);
+    b[0].backend.active.store(1, Ordering::Relaxed);
+    let _ = admin("web", &mut b, &cfg, addr(1), AdminOp::Drain, t0).unwrap();
+    assert!(!b[0].kept_drained());
+    assert!(tick_pending(&b, &cfg, TICK, t0));
+
+    // Its last connection ends: drained, kept, nothing left for a tick to do.
+    b[0].backend.active.store(0, Ordering::Relaxed);
+    assert!(tick("web", &mut b, &cfg, TICK, t0 + secs(1)).dirty);
+    assert_eq!(state_of(&b), [State::Draining, State::Active]);
+    assert!(b[0].kept_drained() && b[0].drain.is_none());
+    assert!(!tick_pending(&b, &cfg, TICK, t0 + secs(1)));
+    assert!(!tick("web", &mut b, &cfg, TICK, t0 + secs(3600)).dirty);
+    assert_eq!(b.len(), 2);
+
+    // Listed again by its source: still drained (the operator's word holds).
+    let _ = set_source(
+        &name(),
+        &mut b,
+        &cfg,
+        Source::Static,
+        &endpoints(&[1, 2]),
+        t0,
+    );
+    assert!(b[0].kept_drained());
+
+    // Enabled an hour later: active, with its checker.
+    let t1 = t0 + secs(3600);
+    let fx = admin("web", &mut b, &cfg, addr(1), AdminOp::Enable, t1).unwrap();
+    assert_eq!(fx.start_checkers, [0]);
+    assert_eq!(state_of(&b), [State::Active, State::Active]);
+
+    // Drained again and kept; then its source drops it: it leaves at the next tick.
+    let _ = admin("web", &mut b, &cfg, addr(1), AdminOp::Drain, t1).unwrap();
+    let _ = tick("web", &mut b, &cfg, TICK, t1);
+    assert!(b[0].kept_drained());
+    let fx = set_source(&name(), &mut b, &cfg, Source::Static, &endpoints(&[2]), t1);
+    assert!(fx.dirty);
+    assert!(tick_pending(&b, &cfg, TICK, t1));
+    let gone = b[0].backend.clone();
+    assert!(tick("web", &mut b, &cfg, TICK, t1).dirty);
+    assert_eq!(gone.state(), State::Gone);
+    assert_eq!(b.len(), 1);
+
+    // Dropped by its source while an operator's drain runs: it leaves when the drain ends.
+    let mut b = listed(&cfg, &[1], t0);
+    b[0].backend.active.store(1, Ordering::Relaxed);
+    let _ = admin("web", &mut b, &cfg, addr(1), AdminOp::Drain, t0).unwrap();
+    let _ = set_source(&name(), &mut b, &cfg, Source::Static, &[], t0);
+    b[0].backend.active.store(0, Ordering::Relaxed);
+    assert!(tick("web", &mut b, &cfg, TICK, t0 + secs(1)).dirty);
+    assert!(b.is_empty());
+}
+
 #[test]
 fn slow_start_ramps_from_near_zero_to_full() {
     let mut cfg = service_config(CheckKind::None);
