@@ -503,7 +503,21 @@ pub fn service_toml(
 /// The inode of the socket bound to `addr` in `/proc/net/{table}` (`tcp` or `udp`; IPv4),
 /// in socket state `state` when given (`"0A"`: listening): the same inode before and after
 /// an upgrade is the same socket, handed over, never re-bound.
+///
+/// Looked for in up to 20 reads, 10 ms apart: the kernel renders these tables a page at
+/// a time, and sockets opened and closed between two pages (parallel tests make
+/// thousands) shift the rest, so one read can skip the socket sought.
 pub fn socket_inode(table: &str, addr: SocketAddr, state: Option<&str>) -> Option<u64> {
+    for _ in 0..20 {
+        if let Some(inode) = socket_inode_once(table, addr, state) {
+            return Some(inode);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn socket_inode_once(table: &str, addr: SocketAddr, state: Option<&str>) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/net/{table}")).ok()?;
     let SocketAddr::V4(a) = addr else { return None };
     let want = format!(
