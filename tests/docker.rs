@@ -1798,11 +1798,16 @@ fn swarm_meshd_on_the_host_network_updates_itself_start_first() {
     // keep-alive connections (which ab never ends) until drain_timeout, then closes it,
     // and a request in flight on it fails (ab does not retry). At most one per connection
     // per update; a refused or reset listener would fail thousands (stop-first: 12,946).
-    let cut_at_most = 2 * AB_CLIENTS.parse::<u64>().expect("AB_CLIENTS");
+    // ab may count one cut request twice: a reset read (`Receive`, with -r) then closes
+    // the connection, which counts a `Length` failure too when part of the answer had
+    // arrived (ab.c, `close_connection`): seen in CI as 45 = Receive 11 + Length 20 +
+    // Exceptions 14 for 20 connections. So the bound is two counts per connection per
+    // update.
+    let cut_at_most = 2 * 2 * AB_CLIENTS.parse::<u64>().expect("AB_CLIENTS");
     assert_eq!(ka.non_2xx, 0, "keep-alive: {}", ka.breakdown);
     assert!(
         ka.failed <= cut_at_most,
-        "keep-alive: {} failed, more than one per connection cut at drain_timeout ({cut_at_most}): {}",
+        "keep-alive: {} failed, more than one per connection cut at drain_timeout, counted twice by ab ({cut_at_most}): {}",
         ka.failed,
         ka.breakdown
     );
